@@ -1,0 +1,47 @@
+"""In-process engine: shard states in a list, maps run one after the other.
+
+Used for in-memory fits (``atlasfit.tl``), tests and as the reference for the Dask engine: both
+must give the same bits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from ._protocol import ShardSpec
+
+
+class SerialEngine:
+    """Run shard functions in this process, in shard order.
+
+    Examples
+    --------
+    >>> from atlasfit.engine import SerialEngine, plan_shards
+    >>> eng = SerialEngine(plan_shards(["a", "b"], [2, 3]))
+    >>> eng.setup(lambda spec: {"n": sum(spec.n_cells)})
+    >>> eng.map(lambda state, k: state["n"] * k, 10)
+    [20, 30]
+    """
+
+    def __init__(self, shards: Sequence[ShardSpec]):
+        self.shards = list(shards)
+        self._states: list[dict] | None = None
+
+    def setup(self, load_fn: Callable[..., dict], *args: Any, **kwargs: Any) -> None:
+        self._states = [load_fn(spec, *args, **kwargs) for spec in self.shards]
+
+    def map(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> list[Any]:
+        if self._states is None:
+            raise RuntimeError("SerialEngine.map called before setup()")
+        return [fn(state, *args, **kwargs) for state in self._states]
+
+    @property
+    def states(self) -> list[dict]:
+        """The shard states (in-process only; useful in tests)."""
+        if self._states is None:
+            raise RuntimeError("SerialEngine has no state before setup()")
+        return self._states
+
+    def close(self) -> None:
+        self._states = None
