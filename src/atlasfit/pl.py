@@ -1,0 +1,142 @@
+"""Plots for fitted models: convergence, embeddings, metagenes / top features, variance explained.
+
+Functions take a fitted :class:`atlasfit.MultiGEDI` (or its pieces) and return the matplotlib Axes.
+matplotlib is imported lazily (extra ``plot``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def _axes(ax, figsize=(5, 4)):
+    import matplotlib.pyplot as plt
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=figsize)
+    return ax
+
+
+def _finish(ax, show):
+    if show:
+        import matplotlib.pyplot as plt
+
+        plt.show()
+    return ax
+
+
+def convergence(model, which: str = "sigma2", *, ax=None, show: bool = True):
+    """Plot the per-iteration trace of ``which`` (``"sigma2"``, ``"dZ"`` or ``"objective"``) per modality.
+
+    Parameters
+    ----------
+    model
+        A fitted model with a ``history_`` DataFrame (columns ``iteration``, ``modality`` and the
+        traced quantities), or that DataFrame itself.
+    which
+        Column of the history to plot; ``dZ`` and ``objective`` use a log scale.
+
+    Examples
+    --------
+    >>> import pandas as pd, matplotlib
+    >>> matplotlib.use("Agg")
+    >>> h = pd.DataFrame({"iteration": [1, 2, 1, 2], "modality": ["a", "a", "b", "b"],
+    ...                   "sigma2": [1.0, 0.5, 2.0, 1.5]})
+    >>> ax = convergence(h, show=False)
+    """
+    hist = getattr(model, "history_", model)
+    if which not in hist.columns:
+        raise ValueError(f"convergence: {which!r} is not traced; choose one of "
+                         f"{[c for c in hist.columns if c not in ('iteration', 'modality')]}")
+    ax = _axes(ax)
+    for mod, sub in hist.groupby("modality", sort=False):
+        ax.plot(sub["iteration"], sub[which], marker="o", ms=3, label=str(mod))
+    if which in ("dZ", "objective") and (hist[which] > 0).all():
+        ax.set_yscale("log")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel(which)
+    ax.set_title(f"MultiGEDI convergence: {which}")
+    ax.legend(fontsize=8)
+    return _finish(ax, show)
+
+
+def embedding(coords, labels=None, *, ax=None, title: str | None = None, s: float = 3.0,
+              show: bool = True, max_legend: int = 30):
+    """Scatter 2-D coordinates (e.g. the first two columns of ``X_multigedi_pca``, or a UMAP).
+
+    Examples
+    --------
+    >>> import numpy as np, matplotlib
+    >>> matplotlib.use("Agg")
+    >>> ax = embedding(np.random.default_rng(0).normal(size=(50, 2)), np.repeat(["a", "b"], 25),
+    ...                show=False)
+    """
+    coords = np.asarray(coords)
+    if coords.ndim != 2 or coords.shape[1] < 2:
+        raise ValueError(f"embedding: coords must be (cells, >=2), got shape {coords.shape}")
+    ax = _axes(ax)
+    if labels is None:
+        ax.scatter(coords[:, 0], coords[:, 1], s=s, lw=0)
+    else:
+        labels = np.asarray(labels).astype(str)
+        cats = list(dict.fromkeys(labels.tolist()))
+        import matplotlib.pyplot as plt
+
+        cmap = plt.get_cmap("tab20" if len(cats) > 10 else "tab10")
+        for i, c in enumerate(cats):
+            m = labels == c
+            ax.scatter(coords[m, 0], coords[m, 1], s=s, lw=0, color=cmap(i % cmap.N), label=c)
+        if len(cats) <= max_legend:
+            ax.legend(fontsize=6, markerscale=3, ncol=2 if len(cats) > 12 else 1, frameon=False,
+                      loc="center left", bbox_to_anchor=(1.0, 0.5))
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_title(title or "embedding")
+    return _finish(ax, show)
+
+
+def top_features(model, modality: str, n_top: int = 10):
+    """Top features per factor of ``modality`` by |Z D| (a DataFrame: factors x rank).
+
+    Examples
+    --------
+    See :func:`metagenes`.
+    """
+    import pandas as pd
+
+    Z = np.asarray(model.get_Z(modality)) * np.asarray(model.get_D(modality))[None, :]
+    names = np.asarray(model.feature_names(modality))
+    order = np.argsort(-np.abs(Z), axis=0)[:n_top]
+    return pd.DataFrame(
+        {f"factor{k}": [f"{names[j]} ({Z[j, k]:+.2f})" for j in order[:, k]] for k in range(Z.shape[1])}
+    ).T
+
+
+def metagenes(model, modality: str, n_top: int = 5, *, ax=None, show: bool = True):
+    """Heatmap of Z·diag(D) of ``modality`` restricted to the top features of every factor."""
+    Z = np.asarray(model.get_Z(modality)) * np.asarray(model.get_D(modality))[None, :]
+    names = np.asarray(model.feature_names(modality))
+    idx = list(dict.fromkeys(np.argsort(-np.abs(Z), axis=0)[:n_top].T.ravel().tolist()))
+    ax = _axes(ax, figsize=(0.5 * Z.shape[1] + 2, 0.18 * len(idx) + 1.5))
+    lim = np.abs(Z[idx]).max() or 1.0
+    im = ax.imshow(Z[idx], aspect="auto", cmap="RdBu_r", vmin=-lim, vmax=lim)
+    ax.set_yticks(range(len(idx)))
+    ax.set_yticklabels(names[idx], fontsize=6)
+    ax.set_xticks(range(Z.shape[1]))
+    ax.set_xticklabels([str(k) for k in range(Z.shape[1])], fontsize=7)
+    ax.set_xlabel("factor")
+    ax.set_title(f"{modality}: metagenes (Z·D), top {n_top} per factor")
+    ax.figure.colorbar(im, ax=ax, shrink=0.6)
+    return _finish(ax, show)
+
+
+def variance_explained(model, *, ax=None, show: bool = True):
+    """Bar plot of the share d_k² / Σ d² of each joint singular value (spec §7.1)."""
+    d = np.asarray(model.singular_values_)
+    share = d**2 / np.sum(d**2)
+    ax = _axes(ax)
+    ax.bar(np.arange(len(d)), share)
+    ax.set_xlabel("joint component")
+    ax.set_ylabel("d² / Σd²")
+    ax.set_title("variance explained per component")
+    return _finish(ax, show)
