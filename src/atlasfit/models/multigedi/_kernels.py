@@ -1,0 +1,337 @@
+"""MultiGEDI block updates, one short function per update, written once against ``xp``.
+
+Notation of ``shared/specs/multigedi.md``: for one sample i of one modality, Y is J x N_i (features x
+cells), DB = diag(D) B (K x N_i), o and o_i are J-vectors, s_i is an N_i-vector. Shared updates
+(``update_Z_*``, ``update_o``, ``update_sigma2``, ``update_hyperpriors``) run on the driver in NumPy
+on reduced statistics; local ones run on the shard's arrays (NumPy or CuPy).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..._xp import get_xp, is_cupy
+
+NORM_EPS = 1e-10  # norms <= this are not inverted (spec §2.2, §3.4)
+LOG_EPS = 1e-10  # lower Y bound for counts: log(M + 1e-10) (spec §2.10)
+
+
+def densify(block, xp=np, dtype=np.float64):
+    """Dense ``xp`` array of ``block`` (NumPy/CuPy array, scipy.sparse or cupyx.scipy.sparse).
+
+    Examples
+    --------
+    >>> import scipy.sparse as sp
+    >>> densify(sp.csr_matrix([[0, 2]])).tolist()
+    [[0.0, 2.0]]
+    """
+    if hasattr(block, "toarray") and not isinstance(block, np.ndarray) and not is_cupy(block):
+        block = block.toarray()
+    return xp.asarray(block, dtype=dtype)
+
+
+def _special(xp):
+    if xp is np:
+        import scipy.special as sc
+    else:  # pragma: no cover - GPU only
+        import cupyx.scipy.special as sc  # noqa: PLC0415
+    return sc
+
+
+# ---------------------------------------------------------------------------------------------
+# Round A: shared B, normalisation, D
+# ---------------------------------------------------------------------------------------------
+
+
+def solve_shared_B(W_list, Yt_list, inv_sigma2_list):
+    """Shared embedding of one global sample (spec §3.3).
+
+    B_g = ( I_K + Σ_m σ_m⁻² W_mᵀ W_m )⁻¹ ( Σ_m σ_m⁻² W_mᵀ Ỹ_m ),  W_m = (Z_m + Q_m) diag(D_m),
+    Ỹ_m = Y_m − (o_m + o_m,i)1ᵀ − 1 s_m,iᵀ.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> W = np.eye(2); Yt = np.array([[2.0], [4.0]])
+    >>> solve_shared_B([W], [Yt], [1.0]).ravel().tolist()
+    [1.0, 2.0]
+    """
+    xp = get_xp(W_list[0])
+    K = W_list[0].shape[1]
+    L = xp.eye(K, dtype=W_list[0].dtype)
+    R = None
+    for W, Yt, w in zip(W_list, Yt_list, inv_sigma2_list):
+        L = L + (W.T @ W) * w
+        r = (W.T @ Yt) * w
+        R = r if R is None else R + r
+    return xp.linalg.solve(L, R)
+
+
+def normalize_B_columns(B):
+    """Bsphere: scale every cell column of B to unit norm (columns with norm <= 1e-10 kept), §3.4.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> normalize_B_columns(np.array([[3.0, 0.0], [4.0, 0.0]])).tolist()
+    [[0.6, 0.0], [0.8, 0.0]]
+    """
+    xp = get_xp(B)
+    nrm = xp.sqrt(xp.sum(B * B, axis=0))
+    scale = xp.where(nrm > NORM_EPS, 1.0 / xp.where(nrm > NORM_EPS, nrm, 1.0), 1.0)
+    return B * scale[None, :].astype(B.dtype)
+
+
+def row_sumsq(B):
+    """ρ = row sums of squares of B (K-vector), the per-sample statistic of §2.2."""
+    xp = get_xp(B)
+    return xp.sum(B * B, axis=1)
+
+
+def inv_sqrt_guard(rho):
+    """c_k = 1/sqrt(ρ_k) if sqrt(ρ_k) > 1e-10 else 1 (spec §2.2); driver-side, NumPy.
+
+    Examples
+    --------
+    >>> inv_sqrt_guard(np.array([4.0, 0.0])).tolist()
+    [0.5, 1.0]
+    """
+    r = np.sqrt(np.asarray(rho, dtype=np.float64))
+    out = np.ones_like(r)
+    ok = r > NORM_EPS
+    out[ok] = 1.0 / r[ok]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Round B: Z
+# ---------------------------------------------------------------------------------------------
+
+
+def z_statistics(Y, Q, DB, o, oi, si, need_H):
+    """Per-sample statistics of the Z update (§2.3): G_i = R^Z_i DB_iᵀ, H_i = DB_i DB_iᵀ.
+
+    R^Z_i = Y_i − Q_i DB_i − (o + o_i)1ᵀ − 1 s_iᵀ.
+    """
+    Rz = Y - Q @ DB - (o + oi)[:, None] - si[None, :]
+    G = Rz @ DB.T
+    H = DB @ DB.T if need_H else None
+    return G, H
+
+
+def update_Z_ortho(G, S_old, lamZ=1.0):
+    """Orthogonal Z update (§2.3a), driver-side.
+
+    U₁ Σ V₁ᵀ = svd(G diag(S_old));  U := U₁ V₁ᵀ;  S_k := u_kᵀ g_k / (1 + λ_Z);  Z := U diag(S).
+
+    Returns
+    -------
+    U, S, Z
+
+    Examples
+    --------
+    >>> G = np.array([[2.0, 0.0], [0.0, 4.0], [0.0, 0.0]])
+    >>> U, S, Z = update_Z_ortho(G, np.ones(2))
+    >>> S.tolist()
+    [1.0, 2.0]
+    """
+    G = np.asarray(G, dtype=np.float64)
+    U1, _, V1t = np.linalg.svd(G * np.asarray(S_old, dtype=np.float64)[None, :], full_matrices=False)
+    U = U1 @ V1t
+    S = np.sum(U * G, axis=0) / (1.0 + lamZ)
+    return U, S, U * S[None, :]
+
+
+def update_Z_regular(G, H, lamZ=1.0):
+    """Ridge Z update (§2.3b), driver-side:  Z := G (H + λ_Z I_K)⁻¹.
+
+    Examples
+    --------
+    >>> update_Z_regular(np.array([[2.0]]), np.array([[1.0]])).tolist()
+    [[1.0]]
+    """
+    G = np.asarray(G, dtype=np.float64)
+    H = np.asarray(H, dtype=np.float64)
+    K = H.shape[0]
+    return np.linalg.solve(H + lamZ * np.eye(K), G.T).T
+
+
+# ---------------------------------------------------------------------------------------------
+# Round C: Q_i, o_i, s_i and the o statistic
+# ---------------------------------------------------------------------------------------------
+
+
+def update_Q(Y, ZDB, DB, o, oi, si, lamQ):
+    """Sample metagene deviation (§2.4), with the new Z and previous o, o_i, s_i.
+
+    Q_i := R^Q_i DB_iᵀ (DB_i DB_iᵀ + λ_Qi I_K)⁻¹,  R^Q_i = Y_i − Z DB_i − (o + o_i)1ᵀ − 1 s_iᵀ.
+    """
+    xp = get_xp(Y)
+    K = DB.shape[0]
+    R = Y - ZDB - (o + oi)[:, None] - si[None, :]
+    A = DB @ DB.T + lamQ * xp.eye(K, dtype=DB.dtype)
+    return xp.linalg.solve(A, DB @ R.T).T
+
+
+def update_oi(T, o, si, lamO):
+    """Sample feature offset (§2.5): o_i := rowsum(Y_i − (Z + Q_i)DB_i − o1ᵀ − 1s_iᵀ)/(N_i + λ_oi).
+
+    ``T`` is Y_i − (Z + Q_i) DB_i (or Y_i alone when the caches are taken as zero, §5.3 step 1).
+    """
+    N = T.shape[1]
+    return (T - o[:, None] - si[None, :]).sum(axis=1) / (N + lamO)
+
+
+def update_si(T, o, oi, si0, lamS):
+    """Per-cell offset (§2.6): s_i := (colsum(Y_i − (Z + Q_i)DB_i − (o + o_i)1ᵀ) + λ_s s_i0)/(J + λ_s)."""
+    J = T.shape[0]
+    return ((T - (o + oi)[:, None]).sum(axis=0) + lamS * si0) / (J + lamS)
+
+
+def o_statistic(T, oi, si):
+    """Per-sample statistic of the o update (§2.7): v_i = rowsum(Y_i − (Z + Q_i)DB_i − o_i1ᵀ − 1s_iᵀ)."""
+    return (T - oi[:, None] - si[None, :]).sum(axis=1)
+
+
+def update_o(v_sum, N, lam_o, o0):
+    """Global feature offset (§2.7), driver-side: o := (Σ_i v_i + λ_o o_0)/(N + λ_o).
+
+    Examples
+    --------
+    >>> update_o(np.array([6.0]), 2, 1.0, np.array([0.0])).tolist()
+    [2.0]
+    """
+    return (np.asarray(v_sum, dtype=np.float64) + lam_o * np.asarray(o0, dtype=np.float64)) / (N + lam_o)
+
+
+# ---------------------------------------------------------------------------------------------
+# Round D: Y, sigma2, hyperpriors
+# ---------------------------------------------------------------------------------------------
+
+
+def _halley(f, fp, fpp):
+    return 2.0 * f * fp / (2.0 * fp * fp - f * fpp)
+
+
+def update_Y_counts(Y, Yhat, M, sigma2):
+    """One safeguarded Halley step for Poisson-log-normal Y (§2.10, obs type M).
+
+    Root of g(y) = y − Ŷ − σ²M + σ²eʸ from y₀ = Y:  y₁ = y₀ − 2ff′/(2f′² − ff″), with
+    a = y₀ − Ŷ − σ²M and (y₀ > 0) f = σ² + e^{−y₀}a, f′ = σ² + e^{−y₀}, f″ = σ²;
+    (y₀ <= 0) f = σ²e^{y₀} + a, f′ = σ²e^{y₀} + 1, f″ = σ²e^{y₀}. Then clamp y₁ to
+    [min(ℓ, Ŷ), max(ℓ, Ŷ)], ℓ = log(M + 1e-10).
+
+    Examples
+    --------
+    >>> y = update_Y_counts(np.array([1.0]), np.array([1.0]), np.array([3.0]), 0.5)
+    >>> bool(np.log(3.0 + 1e-10) > y[0] > 1.0)
+    True
+    """
+    xp = get_xp(Y)
+    a = Y - Yhat - sigma2 * M
+    pos = Y > 0
+    e = xp.exp(xp.where(pos, -Y, Y))  # e^{-y} if y > 0 else e^{y}; never overflows
+    f = xp.where(pos, sigma2 + e * a, sigma2 * e + a)
+    fp = xp.where(pos, sigma2 + e, sigma2 * e + 1.0)
+    fpp = xp.where(pos, sigma2, sigma2 * e)
+    y1 = Y - _halley(f, fp, fpp)
+    ell = xp.log(M + LOG_EPS)
+    return xp.clip(y1, xp.minimum(ell, Yhat), xp.maximum(ell, Yhat))
+
+
+def update_Y_paired(Y, Yhat, M1, M2, sigma2):
+    """One safeguarded Halley step for binomial-logit-normal Y (§2.10, obs type M_list).
+
+    α = Ŷ − σ²M2, β = Ŷ + σ²M1; root of F(y) = (y − α) + e^{−y}(y − β). For y₀ > 0:
+    f = y₀ − α + (y₀ − β)e^{−y₀}, f′ = 1 + e^{−y₀}(β − y₀ + 1), f″ = e^{−y₀}(y₀ − β − 2);
+    else (scaled by e^{y₀}): f = e^{y₀}(y₀ − α) + y₀ − β, f′ = e^{y₀} + β − y₀ + 1, f″ = y₀ − β − 2.
+    Halley step, then clamp to [α, β].
+
+    Examples
+    --------
+    >>> y = update_Y_paired(np.array([0.0]), np.array([0.0]), np.array([5.0]), np.array([1.0]), 1.0)
+    >>> bool(-1.0 <= y[0] <= 5.0)
+    True
+    """
+    xp = get_xp(Y)
+    alpha = Yhat - sigma2 * M2
+    beta = Yhat + sigma2 * M1
+    pos = Y > 0
+    e = xp.exp(xp.where(pos, -Y, Y))
+    f = xp.where(pos, Y - alpha + (Y - beta) * e, e * (Y - alpha) + Y - beta)
+    fp = xp.where(pos, 1.0 + e * (beta - Y + 1.0), e + beta - Y + 1.0)
+    fpp = xp.where(pos, e * (Y - beta - 2.0), Y - beta - 2.0)
+    y1 = Y - _halley(f, fp, fpp)
+    return xp.clip(y1, xp.minimum(alpha, beta), xp.maximum(alpha, beta))
+
+
+def update_Y_binary(Yhat, X):
+    """Probit Y (§2.10, obs type X): Y := E[Y* | X, Ŷ], Y* ~ N(Ŷ, 1).
+
+    X = 1: Ŷ + φ(Ŷ)/Φ(Ŷ);  X = 0: Ŷ − φ(Ŷ)/Φ(−Ŷ);  any other value (NaN): Ŷ.
+    The ratios are evaluated as exp(log φ − log Φ) with ``log_ndtr`` (no underflow).
+
+    Examples
+    --------
+    >>> from scipy.stats import truncnorm
+    >>> y = update_Y_binary(np.array([0.3]), np.array([1.0]))
+    >>> bool(abs(y[0] - truncnorm.mean(-0.3, np.inf, loc=0.3)) < 1e-12)
+    True
+    """
+    xp = get_xp(Yhat)
+    sc = _special(xp)
+    log_phi = -0.5 * Yhat * Yhat - 0.5 * np.log(2.0 * np.pi)
+    up = Yhat + xp.exp(log_phi - sc.log_ndtr(Yhat))
+    down = Yhat - xp.exp(log_phi - sc.log_ndtr(-Yhat))
+    return xp.where(X == 1, up, xp.where(X == 0, down, Yhat))
+
+
+def variance_counts(Y, sigma2_old):
+    """Laplace correction of σ² for obs type M (§2.11): V = Σ 1/(e^Y + 1/σ²_old)."""
+    xp = get_xp(Y)
+    return xp.sum(1.0 / (xp.exp(Y) + 1.0 / sigma2_old))
+
+
+def variance_paired(Y, M1, M2, sigma2_old):
+    """Laplace correction for M_list (§2.11): V = Σ 1/((M1+M2) q + 1/σ²_old), q = e^{−|Y|}/(1+e^{−|Y|})²."""
+    xp = get_xp(Y)
+    e = xp.exp(-xp.abs(Y))
+    q = e / ((1.0 + e) * (1.0 + e))
+    return xp.sum(1.0 / ((M1 + M2) * q + 1.0 / sigma2_old))
+
+
+def update_sigma2(Z_sqnorm, e_sum, dof, lamZ=1.0):
+    """Residual variance (§2.11), driver-side: σ² := (‖Z‖²/S_Z + Σ_i e_i) / dof.
+
+    e_i = λ_oi‖o_i‖² + λ_Qi‖Q_i‖² + ‖E_i‖² + V_i;  dof = J(N + I) + IJK + KJ.
+
+    Examples
+    --------
+    >>> update_sigma2(1.0, 9.0, 5)
+    2.0
+    """
+    return float((lamZ * Z_sqnorm + e_sum) / dof)
+
+
+def update_hyperpriors(o, sigma2, t_sum, N):
+    """Hyperpriors (§2.12), driver-side.
+
+    ō = mean(o); o_0 := ō 1; S_o := (‖o − ō1‖² + 2)/(σ²(J + 2)); S_si := (Σ_i‖s_i − s_i0‖²/σ² + 2)/(N + 2).
+
+    Returns
+    -------
+    o0, S_o, S_si
+
+    Examples
+    --------
+    >>> o0, S_o, S_si = update_hyperpriors(np.array([1.0, 3.0]), 1.0, 2.0, 2)
+    >>> o0.tolist(), S_o, S_si
+    ([2.0, 2.0], 1.0, 1.0)
+    """
+    o = np.asarray(o, dtype=np.float64)
+    J = o.size
+    obar = o.mean()
+    d = o - obar
+    S_o = (float(d @ d) + 2.0) / (sigma2 * (J + 2))
+    S_si = (t_sum / sigma2 + 2.0) / (N + 2)
+    return np.full(J, obar), float(S_o), float(S_si)

@@ -1,0 +1,587 @@
+"""Shard-side code: the loader and every shard function of a MultiGEDI fit.
+
+A shard holds whole global samples. Its state is a dict::
+
+    {"samples": (g, ...),                      # global sample order
+     "B": {g: K x N_g},                        # shared embedding of each sample
+     "mods": {m: {g: {"Y": J x N_g, "raw": {...}, "Q": J x K, "oi": J, "si": N_g, "si0": N_g,
+                      "lamQ": N_g / N_m, "lamO": N_g}}},
+     "tmp": {}}                                # initialisation scratch (removed afterwards)
+
+Y is stored features x cells (J x N_g) as in the spec. Every shard function returns statistics
+**per sample**, as a list of ``(sample, stats)`` in the shard's sample order, so the driver can reduce
+them in global sample order: the same bits whatever the grouping of samples into shards.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..._xp import get_xp, to_numpy
+from ._config import FitConfig, SamplePlan
+from ._kernels import (
+    densify,
+    normalize_B_columns,
+    o_statistic,
+    row_sumsq,
+    solve_shared_B,
+    update_oi,
+    update_Q,
+    update_si,
+    update_Y_binary,
+    update_Y_counts,
+    update_Y_paired,
+    variance_counts,
+    variance_paired,
+    z_statistics,
+)
+
+# ---------------------------------------------------------------------------------------------
+# loading
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_counts(block, mod, sample, what):
+    data = block.data if hasattr(block, "data") and not isinstance(block, np.ndarray) else block
+    data = to_numpy(data)
+    bad = ~np.isfinite(data) | (data < 0)
+    if np.any(bad):
+        dense = to_numpy(densify(block))
+        bad2 = ~np.isfinite(dense) | (dense < 0)
+        r, c = np.argwhere(bad2)[0]
+        raise ValueError(
+            f"modality {mod!r} has negative or non-finite {what} in sample {sample!r} (first at cell "
+            f"row {r} of the sample, feature {c}); MultiGEDI obs_type "
+            f"{'M' if what == 'counts' else 'M_list'} needs finite counts >= 0"
+        )
+
+
+def _read(reader, mod, sample, layer, n_cells, J):
+    block = reader.read_block(mod, sample, layer=layer)
+    if block.shape != (n_cells, J):
+        raise ValueError(
+            f"modality {mod!r} sample {sample!r} (layer {layer!r}): reader returned a block of shape "
+            f"{block.shape}, expected (cells, features) = {(n_cells, J)}"
+        )
+    return block
+
+
+def _transpose_raw(block, dtype):
+    """Features x cells copy of a cells x features block (sparse stays sparse)."""
+    if hasattr(block, "tocsr") and not isinstance(block, np.ndarray):
+        return block.T.tocsr().astype(dtype)
+    xp = get_xp(block)
+    return xp.ascontiguousarray(xp.asarray(block, dtype=dtype).T)
+
+
+def load_shard(spec, reader, plan: SamplePlan, config: FitConfig, array_module=None) -> dict:
+    """Create the local state of one shard (engine ``setup`` loader).
+
+    Reads every (modality, sample) block of the shard through ``reader.read_block``, validates it,
+    and builds the starting Y (§1.2): M: log(1 + M); M_list: log((M1 + 1)/(M2 + 1));
+    X: +1 / −1 / 0 for 1 / 0 / NaN. Q_i, o_i, B start at zero (set by :func:`initialize`).
+
+    Parameters
+    ----------
+    spec
+        The shard's :class:`~atlasfit.engine.ShardSpec`.
+    reader
+        Object with ``read_block(mod, sample, layer=None)`` (cells x features block).
+    plan, config
+        From :func:`make_plan` and :class:`FitConfig`.
+    array_module
+        ``None`` for NumPy; ``"cupy"`` to keep the state on the GPU.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from atlasfit.engine import plan_shards
+    >>> from atlasfit.models.multigedi import FitConfig, ModalityConfig, InMemoryReader, make_plan
+    >>> lab = ["a"] * 4
+    >>> plan = make_plan({"rna": lab}, {"rna": 3})
+    >>> st = load_shard(plan_shards(["a"], [4])[0], InMemoryReader({"rna": np.ones((4, 3))},
+    ...                 {"rna": lab}), plan, FitConfig(K=2, modalities=[ModalityConfig("rna")]))
+    >>> st["mods"]["rna"]["a"]["Y"].shape
+    (3, 4)
+    """
+    if array_module == "cupy":  # pragma: no cover - GPU only
+        import cupy as xp  # noqa: PLC0415
+    else:
+        xp = np
+    dt = config.dtype
+    K = config.K
+    state = {"samples": tuple(spec.samples), "B": {}, "mods": {m: {} for m in config.names}, "tmp": {}}
+    for g in spec.samples:
+        if g not in plan.n_cells:
+            raise ValueError(f"shard sample {g!r} is not in the sample plan")
+        n = plan.n_cells[g]
+        state["B"][g] = xp.zeros((K, n), dtype=dt)
+        for mc in config.modalities:
+            m = mc.name
+            if g not in plan.mod_samples[m]:
+                continue
+            J = plan.n_features[m]
+            if mc.obs_type == "M":
+                blk = _read(reader, m, g, mc.layer, n, J)
+                _check_counts(blk, m, g, "counts")
+                raw = {"M": _transpose_raw(blk, dt)}
+                Md = densify(raw["M"], xp, dt)
+                Y = xp.log(1.0 + Md)
+            elif mc.obs_type == "M_list":
+                b1 = _read(reader, m, g, mc.layers[0], n, J)
+                b2 = _read(reader, m, g, mc.layers[1], n, J)
+                _check_counts(b1, m, g, f"counts in layer {mc.layers[0]!r}")
+                _check_counts(b2, m, g, f"counts in layer {mc.layers[1]!r}")
+                raw = {"M1": _transpose_raw(b1, dt), "M2": _transpose_raw(b2, dt)}
+                Y = xp.log((densify(raw["M1"], xp, dt) + 1.0) / (densify(raw["M2"], xp, dt) + 1.0))
+            else:
+                blk = _read(reader, m, g, mc.layer, n, J)
+                if hasattr(blk, "toarray") and not isinstance(blk, np.ndarray):
+                    blk = blk.toarray()
+                X = xp.ascontiguousarray(densify(blk, xp, dt).T)
+                Y = xp.where(xp.isnan(X), 0.0, xp.where(X == 0, -1.0, 1.0)).astype(dt)
+                raw = {"X": X}
+            if mc.obs_type != "X":
+                for name, arr in raw.items():
+                    raw[name] = arr if xp is np else densify(arr, xp, dt)
+            state["mods"][m][g] = {
+                "Y": xp.ascontiguousarray(Y.astype(dt)),
+                "raw": raw,
+                "Q": xp.zeros((J, K), dtype=dt),
+                "oi": xp.zeros(J, dtype=dt),
+                "si": xp.zeros(n, dtype=dt),
+                "si0": xp.zeros(n, dtype=dt),
+                "lamQ": n / plan.N(m),
+                "lamO": float(n),
+            }
+    return state
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------------------
+
+
+def _p(xp, a, dtype):
+    """Broadcast parameter -> array of the shard's module and dtype."""
+    return xp.asarray(a, dtype=dtype)
+
+
+def _f64(a):
+    return np.asarray(to_numpy(a), dtype=np.float64)
+
+
+def _items(state):
+    """(g, m, local dict) over the shard's samples in order, modalities in registration order."""
+    for g in state["samples"]:
+        for m, per in state["mods"].items():
+            if g in per:
+                yield g, m, per[g]
+
+
+def _ytilde(loc, o, xp, dt):
+    """Ỹ = Y − (o + o_i)1ᵀ − 1 s_iᵀ."""
+    return loc["Y"] - (_p(xp, o, dt) + loc["oi"])[:, None] - loc["si"][None, :]
+
+
+def _raw_dense(loc, name, xp, dt):
+    return densify(loc["raw"][name], xp, dt)
+
+
+# ---------------------------------------------------------------------------------------------
+# initialisation: priors (§5.1)
+# ---------------------------------------------------------------------------------------------
+
+
+def prior_pass1(state, obs_types):
+    """Per sample and count modality: s̃ = (colsum M + 0.01)/J kept locally; returns Σ_n M_jn / s̃_n."""
+    out = []
+    for g, m, loc in _items(state):
+        ot = obs_types[m]
+        if ot == "X":
+            continue
+        Y = loc["Y"]
+        xp, dt = get_xp(Y), Y.dtype
+        J = Y.shape[0]
+        names = ("M",) if ot == "M" else ("M1", "M2")
+        sums = []
+        for nm in names:
+            Md = _raw_dense(loc, nm, xp, dt)
+            st = (Md.sum(axis=0) + 0.01) / J
+            state["tmp"][("stilde", m, g, nm)] = st
+            sums.append(_f64((Md / st[None, :]).sum(axis=1)))
+        out.append((g, m, sums))
+    return out
+
+
+def prior_pass2(state, o0):
+    """Set s_i0 = s_i = s_0 slice (§5.1); return the per-sample SSR Σ(Y − s_0 − o_0)²."""
+    out = []
+    for g, m, loc in _items(state):
+        Y = loc["Y"]
+        xp, dt = get_xp(Y), Y.dtype
+        if m not in o0:  # obs type X: s_0 = 0
+            continue
+        if ("stilde", m, g, "M") in state["tmp"]:
+            s0 = xp.log(state["tmp"].pop(("stilde", m, g, "M")))
+        else:
+            s1 = state["tmp"].pop(("stilde", m, g, "M1"))
+            s2 = state["tmp"].pop(("stilde", m, g, "M2"))
+            s0 = xp.log(s1 / s2)
+        loc["si0"] = s0.astype(dt)
+        loc["si"] = s0.astype(dt).copy()
+        R = Y - s0[None, :] - _p(xp, o0[m], dt)[:, None]
+        out.append((g, m, float(_f64(xp.sum(R * R)))))
+    return out
+
+
+def apply_init_state(state, init_state, K):
+    """Set Q_i, o_i, s_i, s_i0 and B of the shard's samples from a flat ``init_state`` dict."""
+    for g in state["samples"]:
+        key = f"B/{g}"
+        if key in init_state:
+            B = state["B"][g]
+            state["B"][g] = _p(get_xp(B), init_state[key], B.dtype).reshape(B.shape).copy()
+    for g, m, loc in _items(state):
+        xp, dt = get_xp(loc["Y"]), loc["Y"].dtype
+        for name, key in (("Q", "Q"), ("oi", "o_i"), ("si", "s_i"), ("si0", "s_i0")):
+            k = f"{m}/{key}/{g}"
+            if k in init_state:
+                arr = _p(xp, init_state[k], dt)
+                if arr.shape != loc[name].shape:
+                    raise ValueError(
+                        f"init_state[{k!r}] has shape {arr.shape}, expected {loc[name].shape}"
+                    )
+                loc[name] = arr.copy()
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# initialisation: randomised SVD (§5.3), distributed
+# ---------------------------------------------------------------------------------------------
+
+
+def rsvd_set_oi(state, m, o):
+    """§5.3 step 1 / §5.4 step 5: o_i := rowsum(Y_i − o1ᵀ − 1s_iᵀ)/(N_i + λ_oi) (caches zero)."""
+    for g, mm, loc in _items(state):
+        if m is not None and mm != m:
+            continue
+        Y = loc["Y"]
+        xp, dt = get_xp(Y), Y.dtype
+        loc["oi"] = update_oi(Y, _p(xp, o[mm], dt), loc["si"], loc["lamO"])
+    return None
+
+
+def rsvd_project(state, m, o, mat):
+    """Flipped rSVD: local rows of A·mat = Ỹ_gᵀ mat (N_g x l), kept; returns their Gram matrices."""
+    out = []
+    for g, mm, loc in _items(state):
+        if mm != m:
+            continue
+        xp, dt = get_xp(loc["Y"]), loc["Y"].dtype
+        Yg = _ytilde(loc, o, xp, dt).T @ _p(xp, mat, dt)
+        state["tmp"][("rs", g)] = Yg
+        out.append((g, _f64(Yg.T @ Yg)))
+    return out
+
+
+def rsvd_rescale(state, m, rinv):
+    """Flipped rSVD: Y_g ← Y_g R⁻¹ (first pass of the tall orthonormalisation); returns Grams."""
+    out = []
+    for g, mm, loc in _items(state):
+        if mm != m:
+            continue
+        xp = get_xp(loc["Y"])
+        Yg = state["tmp"][("rs", g)] @ _p(xp, rinv, loc["Y"].dtype)
+        state["tmp"][("rs", g)] = Yg
+        out.append((g, _f64(Yg.T @ Yg)))
+    return out
+
+
+def rsvd_back(state, m, o, rinv):
+    """Flipped rSVD: Q_g = Y_g R⁻¹ (orthonormal rows block); returns Aᵀ-contribution Ỹ_g Q_g (J x l)."""
+    out = []
+    for g, mm, loc in _items(state):
+        if mm != m:
+            continue
+        xp, dt = get_xp(loc["Y"]), loc["Y"].dtype
+        Qg = state["tmp"].pop(("rs", g)) @ _p(xp, rinv, dt)
+        out.append((g, _f64(_ytilde(loc, o, xp, dt) @ Qg)))
+    return out
+
+
+def omega_rows(seed32, offset, n, ncol):
+    """Rows [offset, offset + n) of RandomState(seed32).standard_normal((N, ncol)), drawn locally.
+
+    The legacy generator fills row by row, so earlier rows are drawn and discarded in chunks.
+
+    Examples
+    --------
+    >>> full = np.random.RandomState(7).standard_normal((5, 3))
+    >>> bool(np.array_equal(omega_rows(7, 2, 2, 3), full[2:4]))
+    True
+    """
+    rs = np.random.RandomState(seed32)
+    left = offset
+    while left > 0:
+        k = min(left, 65536)
+        rs.standard_normal((k, ncol))
+        left -= k
+    return rs.standard_normal((n, ncol))
+
+
+def rsvd_nf_start(state, m, o, seed32, offsets, ncol):
+    """Non-flipped rSVD (J >= N): Ỹ_g Ω_g (J x l) with Ω_g this sample's rows of the test matrix."""
+    out = []
+    for g, mm, loc in _items(state):
+        if mm != m:
+            continue
+        xp, dt = get_xp(loc["Y"]), loc["Y"].dtype
+        om = _p(xp, omega_rows(seed32, offsets[g], loc["Y"].shape[1], ncol), dt)
+        out.append((g, _f64(_ytilde(loc, o, xp, dt) @ om)))
+    return out
+
+
+def rsvd_nf_left(state, m, o, Q):
+    """Non-flipped rSVD: this sample's rows of AᵀQ = Ỹ_gᵀ Q (N_g x l)."""
+    out = []
+    for g, mm, loc in _items(state):
+        if mm != m:
+            continue
+        xp, dt = get_xp(loc["Y"]), loc["Y"].dtype
+        out.append((g, _f64(_ytilde(loc, o, xp, dt).T @ _p(xp, Q, dt))))
+    return out
+
+
+def rsvd_nf_right(state, m, o, Qp, offsets):
+    """Non-flipped rSVD: Ỹ_g Q'_g (J x l), Q'_g = this sample's rows of Q'."""
+    out = []
+    for g, mm, loc in _items(state):
+        if mm != m:
+            continue
+        xp, dt = get_xp(loc["Y"]), loc["Y"].dtype
+        n = loc["Y"].shape[1]
+        rows = _p(xp, np.asarray(Qp)[offsets[g] : offsets[g] + n], dt)
+        out.append((g, _f64(_ytilde(loc, o, xp, dt) @ rows)))
+    return out
+
+
+def init_B(state, params, init_mods, largest, mode):
+    """§5.3 steps 4-5 and §5.4 step 3: Q_i := Z for initialised modalities; B_g by least squares.
+
+    B_g := (WᵀW)⁻¹ WᵀỸ_g with W = 2 Z diag(D_init) of g's largest modality; Bsphere: unit columns.
+    Returns ρ_g = row sums of squares of B_g.
+    """
+    for g, m, loc in _items(state):
+        if m in init_mods:
+            xp, dt = get_xp(loc["Y"]), loc["Y"].dtype
+            loc["Q"] = _p(xp, params[m]["Z"], dt).copy()
+    out = []
+    for g in state["samples"]:
+        m = largest[g]
+        loc = state["mods"][m][g]
+        xp, dt = get_xp(loc["Y"]), loc["Y"].dtype
+        W = 2.0 * _p(xp, params[m]["Z"], dt) * _p(xp, params[m]["D"], dt)[None, :]
+        B = xp.linalg.solve(W.T @ W, W.T @ _ytilde(loc, params[m]["o"], xp, dt))
+        if mode == "Bsphere":
+            B = normalize_B_columns(B)
+        state["B"][g] = B.astype(dt)
+        out.append((g, _f64(row_sumsq(B))))
+    return out
+
+
+def init_finish(state, scale, o):
+    """Bl2: B_g ← diag(c) B_g; then every spoke recomputes o_i with zero caches (§5.4 step 5)."""
+    if scale is not None:
+        for g in state["samples"]:
+            B = state["B"][g]
+            state["B"][g] = B * _p(get_xp(B), scale, B.dtype)[:, None]
+    rsvd_set_oi(state, None, o)
+    state["tmp"].clear()
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# one BCD iteration: rounds A-D (Appendix A)
+# ---------------------------------------------------------------------------------------------
+
+
+def round_A(state, params, mode):
+    """Shared B solve for every sample of the shard (§3.3), Bsphere column step (§3.4); returns ρ_g."""
+    out = []
+    for g in state["samples"]:
+        Ws, Yts, ws = [], [], []
+        for m, per in state["mods"].items():
+            if g not in per:
+                continue
+            loc = per[g]
+            xp, dt = get_xp(loc["Y"]), loc["Y"].dtype
+            pm = params[m]
+            Ws.append((_p(xp, pm["Z"], dt) + loc["Q"]) * _p(xp, pm["D"], dt)[None, :])
+            Yts.append(_ytilde(loc, pm["o"], xp, dt))
+            ws.append(1.0 / pm["sigma2"])
+        B = solve_shared_B(Ws, Yts, ws)
+        if mode == "Bsphere":
+            B = normalize_B_columns(B)
+        state["B"][g] = B
+        out.append((g, _f64(row_sumsq(B))))
+    return out
+
+
+def round_B(state, params, scale, need_H):
+    """Apply the Bl2 row scale lazily; return G_mg = R^Z DBᵀ (and H_mg = DB DBᵀ) per (g, m) (§2.3)."""
+    if scale is not None:
+        for g in state["samples"]:
+            B = state["B"][g]
+            state["B"][g] = B * _p(get_xp(B), scale, B.dtype)[:, None]
+    out = []
+    for g, m, loc in _items(state):
+        xp, dt = get_xp(loc["Y"]), loc["Y"].dtype
+        pm = params[m]
+        DB = _p(xp, pm["D"], dt)[:, None] * state["B"][g]
+        G, H = z_statistics(loc["Y"], loc["Q"], DB, _p(xp, pm["o"], dt), loc["oi"], loc["si"], need_H[m])
+        out.append((g, m, _f64(G), None if H is None else _f64(H)))
+    return out
+
+
+def round_C(state, params):
+    """Q_i (§2.4), then o_i (§2.5), then s_i (§2.6, unless fixed); returns v_mg for o (§2.7)."""
+    out = []
+    for g, m, loc in _items(state):
+        xp, dt = get_xp(loc["Y"]), loc["Y"].dtype
+        pm = params[m]
+        o = _p(xp, pm["o"], dt)
+        DB = _p(xp, pm["D"], dt)[:, None] * state["B"][g]
+        ZDB = _p(xp, pm["Z"], dt) @ DB
+        Y = loc["Y"]
+        Q = update_Q(Y, ZDB, DB, o, loc["oi"], loc["si"], loc["lamQ"])
+        T = Y - ZDB - Q @ DB
+        oi = update_oi(T, o, loc["si"], loc["lamO"])
+        if not pm["is_si_fixed"]:
+            loc["si"] = update_si(T, o, oi, loc["si0"], pm["lam_s"])
+        loc["Q"], loc["oi"] = Q, oi
+        out.append((g, m, _f64(o_statistic(T, oi, loc["si"]))))
+    return out
+
+
+def round_D(state, params):
+    """Y update (§2.10) with the new o and the old σ²; returns e_mg (§2.11), t_mg (§2.12), ‖E‖²."""
+    out = []
+    for g, m, loc in _items(state):
+        xp, dt = get_xp(loc["Y"]), loc["Y"].dtype
+        pm = params[m]
+        s2 = pm["sigma2"]
+        DB = _p(xp, pm["D"], dt)[:, None] * state["B"][g]
+        Yhat = (_p(xp, pm["Z"], dt) + loc["Q"]) @ DB + (_p(xp, pm["o"], dt) + loc["oi"])[:, None]
+        Yhat = Yhat + loc["si"][None, :]
+        ot = pm["obs_type"]
+        if ot == "M":
+            Md = _raw_dense(loc, "M", xp, dt)
+            Y = update_Y_counts(loc["Y"], Yhat, Md, s2)
+            V = variance_counts(Y, s2)
+        elif ot == "M_list":
+            M1 = _raw_dense(loc, "M1", xp, dt)
+            M2 = _raw_dense(loc, "M2", xp, dt)
+            Y = update_Y_paired(loc["Y"], Yhat, M1, M2, s2)
+            V = variance_paired(Y, M1, M2, s2)
+        else:
+            Y = update_Y_binary(Yhat, loc["raw"]["X"])
+            V = 0.0
+        loc["Y"] = Y.astype(dt)
+        E = Y - Yhat
+        esq = float(_f64(xp.sum(E * E)))
+        oi, Q = loc["oi"], loc["Q"]
+        e = (
+            loc["lamO"] * float(_f64(xp.sum(oi * oi)))
+            + loc["lamQ"] * float(_f64(xp.sum(Q * Q)))
+            + esq
+            + float(_f64(V))
+        )
+        ds = loc["si"] - loc["si0"]
+        out.append((g, m, e, float(_f64(xp.sum(ds * ds))), esq))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# outputs and checkpoints
+# ---------------------------------------------------------------------------------------------
+
+
+def b_gram(state):
+    """Per-sample B_g B_gᵀ (K x K), for the joint SVD (§7.1)."""
+    return [(g, _f64(state["B"][g] @ state["B"][g].T)) for g in state["samples"]]
+
+
+def store_pca_rows(state, T):
+    """Leave this shard's joint-PCA rows B_gᵀ T (N_g x K) in ``state["pca"][g]`` for a store writer."""
+    state["pca"] = {}
+    for g in state["samples"]:
+        B = state["B"][g]
+        state["pca"][g] = B.T @ _p(get_xp(B), T, B.dtype)
+    return None
+
+
+def collect_local(state, T=None):
+    """Per-sample Q_i, o_i, s_i and B_g (and PCA rows B_gᵀ T when ``T`` is given) as float64 NumPy."""
+    out = []
+    for g in state["samples"]:
+        d = {"B": _f64(state["B"][g])}
+        if T is not None:
+            d["pca"] = _f64(state["B"][g]).T @ np.asarray(T, dtype=np.float64)
+        for m, per in state["mods"].items():
+            if g in per:
+                loc = per[g]
+                d[f"{m}/Q"] = _f64(loc["Q"])
+                d[f"{m}/o_i"] = _f64(loc["oi"])
+                d[f"{m}/s_i"] = _f64(loc["si"])
+        out.append((g, d))
+    return out
+
+
+def dump_local(state) -> dict:
+    """Checkpoint payload of a shard: ``{sample: {name: array}}`` (B, and per modality Y, Q, o_i, s_i, s_i0).
+
+    Y is included: it cannot be rebuilt from the small state. Raw data are not (re-read from the store).
+
+    Examples
+    --------
+    >>> st = {"samples": ("a",), "B": {"a": np.zeros((2, 3))}, "mods": {}, "tmp": {}}
+    >>> sorted(dump_local(st)["a"])
+    ['B']
+    """
+    out = {}
+    for g in state["samples"]:
+        d = {"B": to_numpy(state["B"][g]).copy()}
+        for m, per in state["mods"].items():
+            if g in per:
+                for name in ("Y", "Q", "oi", "si", "si0"):
+                    d[f"{m}/{name}"] = to_numpy(per[g][name]).copy()
+        out[g] = d
+    return out
+
+
+def restore_local(state, data: dict) -> None:
+    """Inverse of :func:`dump_local`: overwrite the shard's local arrays from ``data``.
+
+    Examples
+    --------
+    >>> st = {"samples": ("a",), "B": {"a": np.zeros((2, 3))}, "mods": {}, "tmp": {}}
+    >>> restore_local(st, {"a": {"B": np.ones((2, 3))}}); float(st["B"]["a"].sum())
+    6.0
+    """
+    for g in state["samples"]:
+        if g not in data:
+            raise KeyError(f"restore_local: checkpoint has no sample {g!r}")
+        d = data[g]
+        B = state["B"][g]
+        state["B"][g] = _p(get_xp(B), d["B"], B.dtype)
+        for m, per in state["mods"].items():
+            if g in per:
+                loc = per[g]
+                xp, dt = get_xp(loc["Y"]), loc["Y"].dtype
+                for name in ("Y", "Q", "oi", "si", "si0"):
+                    key = f"{m}/{name}"
+                    if key not in d:
+                        raise KeyError(f"restore_local: checkpoint of sample {g!r} lacks {key!r}")
+                    loc[name] = _p(xp, d[key], dt)
+    return None
