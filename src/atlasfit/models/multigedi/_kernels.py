@@ -230,13 +230,15 @@ def update_Y_counts(Y, Yhat, M, sigma2):
     xp = get_xp(Y)
     a = Y - Yhat - sigma2 * M
     pos = Y > 0
-    e = xp.exp(xp.where(pos, -Y, Y))  # e^{-y} if y > 0 else e^{y}; never overflows
-    f = xp.where(pos, sigma2 + e * a, sigma2 * e + a)
-    fp = xp.where(pos, sigma2 + e, sigma2 * e + 1.0)
-    fpp = xp.where(pos, sigma2, sigma2 * e)
-    y1 = Y - _halley(f, fp, fpp)
+    e = xp.exp(-xp.abs(Y))  # e^{-y} if y > 0 else e^{y}; never overflows
+    c1 = xp.where(pos, 1.0, e)  # the two branches as one expression (exact: 1*x == x)
+    c2 = xp.where(pos, e, 1.0)
+    s1 = sigma2 * c1
+    f = s1 + c2 * a
+    fp = s1 + c2
+    y1 = Y - _halley(f, fp, s1)
     ell = xp.log(M + LOG_EPS)
-    return xp.clip(y1, xp.minimum(ell, Yhat), xp.maximum(ell, Yhat))
+    return xp.minimum(xp.maximum(y1, xp.minimum(ell, Yhat)), xp.maximum(ell, Yhat))
 
 
 def update_Y_paired(Y, Yhat, M1, M2, sigma2):
@@ -257,12 +259,16 @@ def update_Y_paired(Y, Yhat, M1, M2, sigma2):
     alpha = Yhat - sigma2 * M2
     beta = Yhat + sigma2 * M1
     pos = Y > 0
-    e = xp.exp(xp.where(pos, -Y, Y))
-    f = xp.where(pos, Y - alpha + (Y - beta) * e, e * (Y - alpha) + Y - beta)
-    fp = xp.where(pos, 1.0 + e * (beta - Y + 1.0), e + beta - Y + 1.0)
-    fpp = xp.where(pos, e * (Y - beta - 2.0), Y - beta - 2.0)
+    e = xp.exp(-xp.abs(Y))
+    c1 = xp.where(pos, 1.0, e)  # y > 0: (c1, c2) = (1, e^{-y}); else (e^{y}, 1)
+    c2 = xp.where(pos, e, 1.0)
+    a = Y - alpha
+    b = Y - beta
+    f = c1 * a + c2 * b
+    fp = c1 + c2 * (1.0 - b)
+    fpp = c2 * (b - 2.0)
     y1 = Y - _halley(f, fp, fpp)
-    return xp.clip(y1, xp.minimum(alpha, beta), xp.maximum(alpha, beta))
+    return xp.minimum(xp.maximum(y1, alpha), beta)  # alpha <= beta since M1, M2 >= 0, sigma2 > 0
 
 
 def update_Y_binary(Yhat, X):
