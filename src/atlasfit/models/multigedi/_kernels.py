@@ -78,8 +78,7 @@ def normalize_B_columns(B):
     """
     xp = get_xp(B)
     nrm = xp.sqrt(xp.sum(B * B, axis=0))
-    scale = xp.where(nrm > NORM_EPS, 1.0 / xp.where(nrm > NORM_EPS, nrm, 1.0), 1.0)
-    return B * scale[None, :].astype(B.dtype)
+    return B / xp.where(nrm > NORM_EPS, nrm, 1.0)[None, :]
 
 
 def row_sumsq(B):
