@@ -36,6 +36,18 @@ class SerialEngine:
             raise RuntimeError("SerialEngine.map called before setup()")
         return [fn(state, *args, **kwargs) for state in self._states]
 
+    def map_spec(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> list[Any]:
+        """Like :meth:`map` but calls ``fn(state, spec, *args, **kwargs)`` (spec: the ShardSpec)."""
+        if self._states is None:
+            raise RuntimeError("SerialEngine.map_spec called before setup()")
+        return [fn(state, spec, *args, **kwargs) for state, spec in zip(self._states, self.shards)]
+
+    def recover(self) -> list[int]:
+        """Nothing is ever lost in process: returns ``[]`` (same interface as DaskEngine)."""
+        if self._states is None:
+            raise RuntimeError("SerialEngine.recover called before setup()")
+        return []
+
     @property
     def states(self) -> list[dict]:
         """The shard states (in-process only; useful in tests)."""

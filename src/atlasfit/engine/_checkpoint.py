@@ -1,0 +1,351 @@
+"""Atomic, pickle-free checkpoints of a fit: shared state on the driver, local state per sample.
+
+Layout of a checkpoint directory (it may live anywhere, e.g. ``<store>/atlasfit/checkpoint``)::
+
+    LATEST.json                 pointer: {"version": "v000000010-<token>", "iteration": 10}
+    v000000010-<token>/         one complete version (a Zarr group)
+        manifest.json           shared scalars/strings/structure + names of the local arrays
+        shared.npz              shared arrays (np.savez, loaded with allow_pickle=False)
+        local/<sample>/<array>  one Zarr array per sample and array, written by the owning worker
+
+A save writes a new version directory, then replaces ``LATEST.json`` atomically
+(:func:`os.replace`), then deletes older versions: a crash at any point leaves the previous
+complete checkpoint readable. Workers write only their own samples' arrays, so no two workers
+ever write the same chunk. The directory must be reachable from every worker (local disk for a
+LocalCluster, a shared file system on HPC).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import numpy as np
+
+from .._xp import to_numpy
+
+_POINTER = "LATEST.json"
+_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """What one :meth:`Checkpoint.save` wrote.
+
+    Attributes
+    ----------
+    iteration
+        Iterations completed at the checkpoint (the loop resumes at this iteration).
+    n_bytes
+        Bytes on disk of the new version (shared + all local arrays + metadata).
+    seconds
+        Wall-clock seconds of the save (including the pointer flip and cleanup).
+    path
+        Directory of the new version.
+    """
+
+    iteration: int
+    n_bytes: int
+    seconds: float
+    path: str
+
+
+def _sample_key(name: str) -> str:
+    return "s_" + quote(str(name), safe="")
+
+
+def _check_array_name(sample: str, name: Any) -> str:
+    if not isinstance(name, str) or not name or "/" in name or name.startswith((".", "__")):
+        raise ValueError(
+            f"checkpoint: dump_local returned array name {name!r} for sample {sample!r}; names "
+            "must be non-empty strings without '/' and not starting with '.' or '__'"
+        )
+    return name
+
+
+# --------------------------------------------------------------------------- shared (driver)
+
+
+def _flatten_shared(obj: Mapping, arrays: dict, path: str) -> dict:
+    if not isinstance(obj, Mapping):
+        raise TypeError(f"checkpoint: shared state at {path or '<root>'!r} must be a dict")
+    out: dict[str, Any] = {}
+    for k, v in obj.items():
+        if not isinstance(k, str):
+            raise TypeError(f"checkpoint: shared key {k!r} at {path or '<root>'!r} is not a string")
+        where = f"{path}/{k}" if path else k
+        if isinstance(v, Mapping):
+            out[k] = {"t": "dict", "v": _flatten_shared(v, arrays, where)}
+        elif isinstance(v, (np.ndarray, np.generic)) or type(v).__module__.startswith("cupy"):
+            a = to_numpy(v)
+            if a.dtype.hasobject:
+                raise TypeError(
+                    f"checkpoint: shared array {where!r} has dtype object; checkpoints are "
+                    "pickle-free, convert it to a numeric or fixed-width string dtype"
+                )
+            name = f"a{len(arrays)}"
+            arrays[name] = a
+            out[k] = {"t": "scalar" if isinstance(v, np.generic) else "array", "v": name}
+        elif v is None or isinstance(v, (bool, int, float, str)):
+            out[k] = {"t": "json", "v": v}
+        elif isinstance(v, (list, tuple)) and all(
+            x is None or isinstance(x, (bool, int, float, str)) for x in v
+        ):
+            out[k] = {"t": "tuple" if isinstance(v, tuple) else "list", "v": list(v)}
+        else:
+            raise TypeError(
+                f"checkpoint: shared value {where!r} has type {type(v).__name__}; allowed are "
+                "dicts, NumPy/CuPy arrays and scalars, bool/int/float/str/None and flat lists of those"
+            )
+    return out
+
+
+def _unflatten_shared(tree: dict, arrays) -> dict:
+    out: dict[str, Any] = {}
+    for k, node in tree.items():
+        t, v = node["t"], node["v"]
+        if t == "dict":
+            out[k] = _unflatten_shared(v, arrays)
+        elif t == "array":
+            out[k] = arrays[v]
+        elif t == "scalar":
+            out[k] = arrays[v][()]
+        elif t == "tuple":
+            out[k] = tuple(v)
+        else:
+            out[k] = v
+    return out
+
+
+# --------------------------------------------------------------------------- local (workers)
+
+
+def _write_local(state: dict, spec, local_dir: str, dump_local: Callable) -> dict:
+    import zarr
+
+    dumped = dump_local(state)
+    if not isinstance(dumped, Mapping):
+        raise TypeError("checkpoint: dump_local(state) must return {sample_name: {array_name: array}}")
+    meta: dict[str, dict] = {}
+    for sample, arrs in dumped.items():
+        if sample not in spec.samples:
+            raise ValueError(
+                f"checkpoint: dump_local returned sample {sample!r}, which is not in shard "
+                f"{spec.index} (samples {list(spec.samples)}); key the dump by the shard's own sample names"
+            )
+        grp = zarr.open_group(os.path.join(local_dir, _sample_key(sample)), mode="w")
+        meta[sample] = {}
+        for name, arr in arrs.items():
+            _check_array_name(sample, name)
+            a = np.ascontiguousarray(to_numpy(arr))
+            if a.dtype.hasobject:
+                raise TypeError(
+                    f"checkpoint: local array {name!r} of sample {sample!r} has dtype object; "
+                    "use a numeric dtype"
+                )
+            z = grp.create_array(name, shape=a.shape, dtype=a.dtype, chunks=_chunks(a), compressors=None)
+            if a.size:
+                z[...] = a
+            meta[sample][name] = [list(a.shape), a.dtype.str]
+    return meta
+
+
+def _chunks(a: np.ndarray) -> tuple[int, ...]:
+    # One chunk per array, split along the first axis into pieces of at most ~128 MiB.
+    shape = tuple(max(1, int(n)) for n in a.shape)
+    if not shape:
+        return ()
+    row = max(1, a.itemsize * int(np.prod(shape[1:])))
+    return (max(1, min(shape[0], (128 * 2**20) // row)),) + shape[1:]
+
+
+def _read_local(state: dict, spec, local_dir: str, manifest: dict, restore_local: Callable) -> None:
+    import zarr
+
+    data: dict[str, dict[str, np.ndarray]] = {}
+    for sample in spec.samples:
+        names = manifest.get(sample)
+        if names is None:
+            continue
+        base = os.path.join(local_dir, _sample_key(sample))
+        data[sample] = {}
+        for name, (shape, dtype) in names.items():
+            if int(np.prod(shape)) == 0:
+                data[sample][name] = np.zeros(shape, dtype=np.dtype(dtype))
+            else:
+                data[sample][name] = zarr.open_array(os.path.join(base, name), mode="r")[...]
+    restore_local(state, data)
+
+
+def _du(path: Path) -> int:
+    total = 0
+    for root, _, files in os.walk(path):
+        for f in files:
+            try:
+                total += os.path.getsize(os.path.join(root, f))
+            except OSError:
+                pass
+    return total
+
+
+# --------------------------------------------------------------------------- public class
+
+
+class Checkpoint:
+    """A checkpoint directory: save the fit state atomically, load it back.
+
+    Parameters
+    ----------
+    path
+        Directory (created when missing), reachable from the driver and every worker.
+
+    Examples
+    --------
+    >>> import tempfile, numpy as np
+    >>> from atlasfit.engine import Checkpoint, SerialEngine, plan_shards
+    >>> eng = SerialEngine(plan_shards(["a", "b"], [2, 3]))
+    >>> eng.setup(lambda spec: {"y": np.arange(sum(spec.n_cells), dtype=float)})
+    >>> ck = Checkpoint(tempfile.mkdtemp())
+    >>> dump = lambda st: {"a" if len(st["y"]) == 2 else "b": {"y": st["y"]}}
+    >>> info = ck.save(eng, 3, {"v": np.ones(2), "lr": 0.1}, dump)
+    >>> it, shared = ck.load_shared()
+    >>> it, shared["lr"], shared["v"].tolist()
+    (3, 0.1, [1.0, 1.0])
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.last_info: CheckpointInfo | None = None
+        # iteration of the version this object saved or restored (safe to roll back to)
+        self.owned_iteration: int | None = None
+
+    # ------------------------------------------------------------------ pointer
+
+    def latest(self) -> dict | None:
+        """The pointer ``{"version", "iteration"}`` of the last complete save, or ``None``."""
+        p = self.path / _POINTER
+        if not p.is_file():
+            return None
+        with open(p) as fh:
+            return json.load(fh)
+
+    @property
+    def iteration(self) -> int | None:
+        """Iteration of the last complete checkpoint (``None`` when there is none)."""
+        ptr = self.latest()
+        return None if ptr is None else int(ptr["iteration"])
+
+    def _version_dir(self) -> Path:
+        ptr = self.latest()
+        if ptr is None:
+            raise FileNotFoundError(
+                f"checkpoint {str(self.path)!r} has no complete version ({_POINTER} missing); "
+                "start the fit from scratch"
+            )
+        return self.path / ptr["version"]
+
+    def _manifest(self) -> dict:
+        with open(self._version_dir() / "manifest.json") as fh:
+            return json.load(fh)
+
+    # ------------------------------------------------------------------ save / load
+
+    def save(self, engine, iteration: int, shared: Mapping, dump_local: Callable | None) -> CheckpointInfo:
+        """Write ``shared`` (driver) and every shard's ``dump_local(state)`` (owning workers).
+
+        Parameters
+        ----------
+        engine
+            An engine with ``map_spec`` (:class:`SerialEngine` or :class:`DaskEngine`).
+        iteration
+            Iterations completed (the loop resumes here).
+        shared
+            Dict of arrays / scalars / strings / nested dicts (no pickles).
+        dump_local
+            ``dump_local(state) -> {sample_name: {array_name: ndarray}}``; ``None`` saves no
+            local state.
+
+        Returns
+        -------
+        CheckpointInfo
+            Bytes written and seconds taken (also kept as :attr:`last_info`).
+        """
+        import zarr
+
+        t0 = time.perf_counter()
+        self.path.mkdir(parents=True, exist_ok=True)
+        version = f"v{int(iteration):09d}-{uuid.uuid4().hex[:8]}"
+        vdir = self.path / version
+        arrays: dict[str, np.ndarray] = {}
+        tree = _flatten_shared(shared, arrays, "")
+        root = zarr.open_group(str(vdir), mode="w")
+        root.create_group("local")
+        np.savez(vdir / "shared.npz", **arrays)
+        local_meta: dict[str, dict] = {}
+        if dump_local is not None:
+            parts = engine.map_spec(_write_local, str(vdir / "local"), dump_local)
+            for part in parts:
+                local_meta.update(part)
+        manifest = {
+            "format": _FORMAT,
+            "iteration": int(iteration),
+            "shared": tree,
+            "local": local_meta,
+            "shards": [list(s.samples) for s in engine.shards],
+        }
+        with open(vdir / "manifest.json", "w") as fh:
+            json.dump(manifest, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        tmp = self.path / f".{_POINTER}.{uuid.uuid4().hex[:8]}"
+        with open(tmp, "w") as fh:
+            json.dump({"version": version, "iteration": int(iteration)}, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, self.path / _POINTER)
+        for old in self.path.iterdir():
+            if old.is_dir() and old.name.startswith("v") and old.name != version:
+                shutil.rmtree(old, ignore_errors=True)
+        n_bytes = _du(vdir)
+        self.owned_iteration = int(iteration)
+        self.last_info = CheckpointInfo(int(iteration), n_bytes, time.perf_counter() - t0, str(vdir))
+        return self.last_info
+
+    def load_shared(self) -> tuple[int, dict]:
+        """Return ``(iteration, shared)`` of the last complete checkpoint."""
+        vdir = self._version_dir()
+        man = self._manifest()
+        with np.load(vdir / "shared.npz", allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+        return int(man["iteration"]), _unflatten_shared(man["shared"], arrays)
+
+    def restore(self, engine, restore_local: Callable | None) -> tuple[int, dict]:
+        """Restore every shard's local state and return ``(iteration, shared)``.
+
+        ``restore_local(state, {sample_name: {array_name: ndarray}})`` runs on each shard's owner
+        with the arrays of the shard's samples (NumPy; convert to CuPy inside if needed).
+        """
+        man = self._manifest()
+        shards = [list(s.samples) for s in engine.shards]
+        if shards != man["shards"]:
+            raise ValueError(
+                f"checkpoint {str(self.path)!r} was written with a different shard plan "
+                f"({len(man['shards'])} shards) than the engine's ({len(shards)} shards); "
+                "re-create the engine with the same plan_shards(...) arguments"
+            )
+        if restore_local is not None:
+            engine.map_spec(_read_local, str(self._version_dir() / "local"), man["local"], restore_local)
+        it, shared = self.load_shared()
+        self.owned_iteration = it
+        return it, shared
+
+    def __repr__(self) -> str:
+        return f"Checkpoint({str(self.path)!r}, iteration={self.iteration})"

@@ -1,0 +1,386 @@
+"""Dask engine: shard state resident on its owning worker, one task per worker per round.
+
+Mechanism (chosen by measurement, see ``docs/engine.md`` and
+``benchmarks/bench_engine_overhead.py``): every worker process keeps a registry (a dict attached
+to its :class:`distributed.Worker`) of the shard states it owns, keyed by ``(engine id, shard
+index)``. A map round submits one task per owning worker, pinned there with
+``workers=[owner], allow_other_workers=False, pure=False``; the task runs the shard function on
+each of that worker's shards in shard order and returns the small statistics. State never travels
+to the driver and is never serialised.
+
+While waiting for a round the driver polls the scheduler for the owners; a lost owner (or a
+restarted worker without the state) makes :meth:`DaskEngine.map` raise
+:class:`~atlasfit.engine.ShardLostError` rather than wait forever for a task that can only run
+on a dead worker. :meth:`DaskEngine.recover` then re-places and re-loads the lost shards.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from concurrent.futures import CancelledError
+from typing import Any
+
+import distributed
+from dask.sizeof import sizeof
+from distributed.comm.core import CommClosedError
+from distributed.scheduler import KilledWorker
+
+from ._errors import ShardLostError, StateMissingError
+from ._protocol import ShardSpec
+
+_REGISTRY_ATTR = "_atlasfit_shard_states"
+# Used only when a task runs outside a Dask worker (never in normal use).
+_PROCESS_REGISTRY: dict = {}
+
+_LOSS_ERRORS = (KilledWorker, CommClosedError, StateMissingError, CancelledError, ConnectionError)
+
+
+# --------------------------------------------------------------------------- worker-side functions
+
+
+def _registry(worker=None) -> dict:
+    if worker is None:
+        try:
+            worker = distributed.get_worker()
+        except ValueError:
+            return _PROCESS_REGISTRY
+    reg = getattr(worker, _REGISTRY_ATTR, None)
+    if reg is None:
+        reg = {}
+        setattr(worker, _REGISTRY_ATTR, reg)
+    return reg
+
+
+def _w_setup(eid: str, specs: Sequence[ShardSpec], load_fn, args, kwargs) -> list[int]:
+    reg = _registry()
+    for spec in specs:
+        reg[(eid, spec.index)] = load_fn(spec, *args, **kwargs)
+    return [s.index for s in specs]
+
+
+def _w_map(eid: str, items: Sequence, fn, payload, with_spec: bool) -> list:
+    args, kwargs = payload
+    reg = _registry()
+    out = []
+    for item in items:
+        index = item.index if with_spec else item
+        try:
+            state = reg[(eid, index)]
+        except KeyError:
+            raise StateMissingError(
+                f"shard {index} of engine {eid!r} has no state on this worker "
+                "(the worker restarted?)",
+                index,
+            ) from None
+        out.append(fn(state, item, *args, **kwargs) if with_spec else fn(state, *args, **kwargs))
+    return out
+
+
+def _w_held(eid: str, dask_worker=None) -> list[int]:
+    return sorted(i for (e, i) in _registry(dask_worker) if e == eid)
+
+
+def _w_drop(eid: str, dask_worker=None) -> int:
+    reg = _registry(dask_worker)
+    keys = [k for k in reg if k[0] == eid]
+    for k in keys:
+        del reg[k]
+    return len(keys)
+
+
+def _s_workers(dask_scheduler=None) -> list[str]:
+    return sorted(
+        addr for addr, ws in dask_scheduler.workers.items() if str(ws.status) in ("running", "Status.running")
+    )
+
+
+# --------------------------------------------------------------------------- placement
+
+
+def place_shards(
+    shards: Sequence[ShardSpec],
+    workers: Sequence[str],
+    load: dict[str, float] | None = None,
+) -> dict[int, str]:
+    """Assign shards to workers, balancing cell counts; deterministic given the inputs.
+
+    Shards are taken largest first (ties by shard index) and each goes to the worker with the
+    fewest cells so far (ties by worker address order).
+
+    Parameters
+    ----------
+    shards
+        The shards to place.
+    workers
+        Candidate worker addresses (sorted internally).
+    load
+        Cells already held per worker (e.g. shards kept after a failure).
+
+    Returns
+    -------
+    dict
+        Shard index -> worker address.
+
+    Examples
+    --------
+    >>> from atlasfit.engine import plan_shards, place_shards
+    >>> sh = plan_shards(["a", "b", "c"], [10, 6, 5])
+    >>> place_shards(sh, ["tcp://w2", "tcp://w1"])
+    {0: 'tcp://w1', 1: 'tcp://w2', 2: 'tcp://w2'}
+    """
+    ws = sorted(workers)
+    if not ws:
+        raise RuntimeError("place_shards: no worker to place shards on; is the cluster running?")
+    acc = {w: float((load or {}).get(w, 0.0)) for w in ws}
+    order = sorted(shards, key=lambda s: (-max(1, sum(s.n_cells)), s.index))
+    out: dict[int, str] = {}
+    for s in order:
+        w = min(ws, key=lambda a: (acc[a], ws.index(a)))
+        out[s.index] = w
+        acc[w] += max(1, sum(s.n_cells))
+    return dict(sorted(out.items()))
+
+
+# --------------------------------------------------------------------------- engine
+
+
+class DaskEngine:
+    """Run shard functions on Dask workers that hold the shards' state.
+
+    Parameters
+    ----------
+    client
+        A connected :class:`distributed.Client` (see :func:`atlasfit.cluster.get_client`).
+    shards
+        The fixed shard plan (:func:`~atlasfit.engine.plan_shards`); ``shards[k].index == k``.
+    name
+        A readable prefix for task keys and the registry (a unique suffix is added).
+    mode
+        ``"per-worker"`` (default): one task per worker per round runs all of that worker's
+        shards. ``"per-shard"``: one task per shard (kept for the overhead benchmark).
+    broadcast_threshold
+        Arguments of a round larger than this many bytes (by :func:`dask.sizeof.sizeof`) are
+        scattered once to the owners (``broadcast=True, hash=False``) instead of being sent
+        inline with each task.
+    poll_interval
+        Seconds between checks that the owners are alive while a round is running.
+
+    Examples
+    --------
+    >>> import distributed
+    >>> from atlasfit.engine import DaskEngine, plan_shards
+    >>> client = distributed.Client(processes=False, n_workers=1)  # doctest: +SKIP
+    >>> eng = DaskEngine(client, plan_shards(["a", "b"], [2, 3]))  # doctest: +SKIP
+    >>> eng.setup(lambda spec: {"n": sum(spec.n_cells)})  # doctest: +SKIP
+    >>> eng.map(lambda state, k: state["n"] * k, 10)  # doctest: +SKIP
+    [20, 30]
+    """
+
+    def __init__(
+        self,
+        client: distributed.Client,
+        shards: Sequence[ShardSpec],
+        *,
+        name: str | None = None,
+        mode: str = "per-worker",
+        broadcast_threshold: int = 8 * 2**20,
+        poll_interval: float = 0.5,
+    ):
+        if mode not in ("per-worker", "per-shard"):
+            raise ValueError(f"DaskEngine: mode must be 'per-worker' or 'per-shard', got {mode!r}")
+        self.client = client
+        self.shards = list(shards)
+        for k, s in enumerate(self.shards):
+            if s.index != k:
+                raise ValueError(
+                    f"DaskEngine: shards[{k}].index is {s.index}; pass the list from plan_shards "
+                    "unchanged (shard k must have index k)"
+                )
+        self.name = name or "atlasfit"
+        self.id = f"{self.name}-{uuid.uuid4().hex[:10]}"
+        self.mode = mode
+        self.broadcast_threshold = int(broadcast_threshold)
+        self.poll_interval = float(poll_interval)
+        self.owners: dict[int, str] = {}
+        self._setup_call: tuple | None = None
+        self._round = 0
+
+    # ------------------------------------------------------------------ helpers
+
+    def live_workers(self) -> list[str]:
+        """Addresses of the running workers, sorted (asked from the scheduler)."""
+        return self.client.run_on_scheduler(_s_workers)
+
+    def _submit(self, func, *args, worker: str, tag: str):
+        self._round += 1
+        return self.client.submit(
+            func,
+            *args,
+            key=f"{self.id}-{tag}-{self._round}-{worker.rsplit(':', 1)[-1]}",
+            workers=[worker],
+            allow_other_workers=False,
+            pure=False,
+        )
+
+    def _groups(self, indices: Sequence[int] | None = None) -> list[tuple[str, list[int]]]:
+        idx = range(len(self.shards)) if indices is None else indices
+        if self.mode == "per-shard":
+            return [(self.owners[i], [i]) for i in idx]
+        groups: dict[str, list[int]] = {}
+        for i in idx:
+            groups.setdefault(self.owners[i], []).append(i)
+        return sorted(groups.items())
+
+    def _collect(self, futs: list, owners: list[str]) -> list:
+        """Wait for ``futs`` (one per owner); raise ShardLostError if an owner goes away."""
+        while True:
+            try:
+                distributed.wait(futs, timeout=self.poll_interval)
+                break
+            except TimeoutError:
+                alive = set(self.live_workers())
+                dead = sorted(set(owners) - alive)
+                if dead:
+                    self._abort(futs, owners, alive)
+                    lost = tuple(i for i, w in sorted(self.owners.items()) if w in dead)
+                    raise ShardLostError(
+                        f"engine {self.id!r}: worker(s) {dead} left the cluster during a round; "
+                        f"shards {list(lost)} lost",
+                        lost,
+                    ) from None
+        try:
+            return self.client.gather(futs)
+        except _LOSS_ERRORS as e:
+            alive = set(self.live_workers())
+            self._abort(futs, owners, alive)
+            shard = getattr(e, "shard", -1)
+            raise ShardLostError(
+                f"engine {self.id!r}: a round failed because shard state was lost "
+                f"({type(e).__name__}: {e})",
+                (shard,) if shard >= 0 else (),
+            ) from e
+
+    def _abort(self, futs: list, owners: list[str], alive: set) -> None:
+        # Let tasks on surviving workers finish (so they do not touch state after a rollback),
+        # then drop every future of the round.
+        live = [f for f, w in zip(futs, owners) if w in alive and not f.done()]
+        if live:
+            try:
+                distributed.wait(live, timeout=60)
+            except TimeoutError:
+                pass
+        self.client.cancel(futs)
+
+    def _run(self, fn, args, kwargs, *, with_spec: bool) -> list:
+        if not self.owners or self._setup_call is None:
+            raise RuntimeError(f"DaskEngine {self.id!r}: map called before setup()")
+        payload: Any = (args, kwargs)
+        groups = self._groups()
+        scattered = None
+        if (args or kwargs) and sizeof(payload) > self.broadcast_threshold:
+            scattered = self.client.scatter(
+                payload, workers=sorted({w for w, _ in groups}), broadcast=True, hash=False
+            )
+            payload = scattered
+        futs, owners = [], []
+        for w, idx in groups:
+            items = [self.shards[i] for i in idx] if with_spec else idx
+            futs.append(self._submit(_w_map, self.id, items, fn, payload, with_spec, worker=w, tag="map"))
+            owners.append(w)
+        try:
+            parts = self._collect(futs, owners)
+        finally:
+            if scattered is not None:
+                self.client.cancel([scattered])
+        out: list = [None] * len(self.shards)
+        for (_, idx), res in zip(groups, parts):
+            for i, r in zip(idx, res):
+                out[i] = r
+        return out
+
+    # ------------------------------------------------------------------ protocol
+
+    def setup(self, load_fn: Callable[..., dict], *args: Any, **kwargs: Any) -> None:
+        """Create every shard's state as ``load_fn(spec, *args, **kwargs)`` on its owner.
+
+        Shards are placed on the running workers (balanced by cell count, deterministic by
+        worker address order); the call is remembered so lost shards can be re-loaded.
+        """
+        if self.owners:
+            self.client.run(_w_drop, self.id, on_error="ignore")
+        self.client.wait_for_workers(1, timeout=120)
+        self.owners = place_shards(self.shards, self.live_workers())
+        self._setup_call = (load_fn, args, kwargs)
+        self._load(list(range(len(self.shards))))
+
+    def _load(self, indices: list[int]) -> None:
+        load_fn, args, kwargs = self._setup_call
+        groups: dict[str, list[int]] = {}
+        for i in indices:
+            groups.setdefault(self.owners[i], []).append(i)
+        futs, owners = [], []
+        for w, idx in sorted(groups.items()):
+            specs = [self.shards[i] for i in idx]
+            futs.append(self._submit(_w_setup, self.id, specs, load_fn, args, kwargs, worker=w, tag="setup"))
+            owners.append(w)
+        self._collect(futs, owners)
+
+    def map(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> list[Any]:
+        """Run ``fn(state, *args, **kwargs)`` on every shard's owner; results in shard order."""
+        return self._run(fn, args, kwargs, with_spec=False)
+
+    def map_spec(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> list[Any]:
+        """Like :meth:`map` but calls ``fn(state, spec, *args, **kwargs)`` (spec: the ShardSpec)."""
+        return self._run(fn, args, kwargs, with_spec=True)
+
+    def recover(self, timeout: float = 120.0) -> list[int]:
+        """Re-place and re-load shards whose state is gone; return their indices.
+
+        A shard is lost when its owner is no longer running or no longer holds its state (a
+        restarted worker). Lost shards go to the running workers, balanced by cells on top of
+        the shards kept; their state is rebuilt with the ``load_fn`` given to :meth:`setup`.
+        The caller then restores every shard's mutable state (e.g. from a checkpoint).
+        """
+        if self._setup_call is None:
+            raise RuntimeError(f"DaskEngine {self.id!r}: recover called before setup()")
+        deadline = time.monotonic() + timeout
+        while True:
+            self.client.wait_for_workers(1, timeout=max(1.0, deadline - time.monotonic()))
+            alive = self.live_workers()
+            held = self.client.run(_w_held, self.id, workers=alive, on_error="return")
+            usable = [w for w in alive if isinstance(held.get(w), list)]
+            if usable:
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"DaskEngine {self.id!r}: no reachable worker after {timeout} s")
+            time.sleep(0.2)
+        lost = [
+            i for i, w in sorted(self.owners.items()) if w not in usable or i not in set(held[w])
+        ]
+        if lost:
+            load: dict[str, float] = {}
+            for i, w in self.owners.items():
+                if i not in lost:
+                    load[w] = load.get(w, 0.0) + max(1, sum(self.shards[i].n_cells))
+            self.owners.update(place_shards([self.shards[i] for i in lost], usable, load))
+            self._load(lost)
+        return lost
+
+    def close(self) -> None:
+        """Drop this engine's shard states from every worker."""
+        if self.owners and self.client.status == "running":
+            self.client.run(_w_drop, self.id, on_error="ignore")
+        self.owners = {}
+        self._setup_call = None
+
+    def __enter__(self) -> DaskEngine:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        n_w = len(set(self.owners.values()))
+        return f"DaskEngine(id={self.id!r}, shards={len(self.shards)}, workers={n_w}, mode={self.mode!r})"
