@@ -122,25 +122,43 @@ def test_shared_B_solve_is_stationary():
     """Gradient of Σ_m σ_m⁻²‖Ỹ_m − W_m B‖² + ‖B‖² vanishes at the solution (normal equations)."""
     K, n = 4, 30
     Ws = [RNG.normal(size=(20, K)), RNG.normal(size=(12, K))]
-    Yts = [RNG.normal(size=(20, n)), RNG.normal(size=(12, n))]
+    Ys = [RNG.normal(size=(20, n)), RNG.normal(size=(12, n))]
+    oo = [RNG.normal(size=20), RNG.normal(size=12)]
+    si = [RNG.normal(size=n), RNG.normal(size=n)]
+    Yts = [Y - o[:, None] - s[None, :] for Y, o, s in zip(Ys, oo, si)]
     w = [1 / 0.5, 1 / 2.0]
-    B = kn.solve_shared_B(Ws, Yts, w)
+    WtYt = [kn.project_Ytilde(W, Y, o, s) for W, Y, o, s in zip(Ws, Ys, oo, si)]
+    for a, W, Yt in zip(WtYt, Ws, Yts):  # expanded projection = explicit one
+        np.testing.assert_allclose(a, W.T @ Yt, rtol=1e-12, atol=1e-12)
+    B = kn.solve_shared_B(Ws, WtYt, w)
     grad = B + sum(wi * W.T @ (W @ B - Yt) for W, Yt, wi in zip(Ws, Yts, w))
     assert np.max(np.abs(grad)) < 1e-12
 
 
-def test_update_Q_and_Z_regular_are_stationary():
+def test_update_Q_Z_and_offsets_are_stationary():
+    """Q_i, ridge Z: normal equations hold; o_i, s_i, v from the expanded sums equal the explicit
+    residual formulas of §2.5-2.7."""
     J, K, n = 15, 3, 40
     Y, DB = RNG.normal(size=(J, n)), RNG.normal(size=(K, n))
     Z, o, oi, si = RNG.normal(size=(J, K)), RNG.normal(size=J), RNG.normal(size=J), RNG.normal(size=n)
     lam = 0.3
-    Q = kn.update_Q(Y, Z @ DB, DB, o, oi, si, lam)
+    mom = kn.sample_moments(Y, DB, si)
+    Q = kn.update_Q(mom, Z, o, oi, lam)
     R = Y - Z @ DB - (o + oi)[:, None] - si[None, :]
     assert np.max(np.abs((Q @ DB - R) @ DB.T + lam * Q)) < 1e-11
-    G, H = kn.z_statistics(Y, Q, DB, o, oi, si, True)
-    Zr = kn.update_Z_regular(G, H, 1.0)
+    G = kn.z_statistics(mom, Q, o, oi)
+    Zr = kn.update_Z_regular(G, mom["H"], 1.0)
     Rz = Y - Q @ DB - (o + oi)[:, None] - si[None, :]
+    np.testing.assert_allclose(G, Rz @ DB.T, rtol=1e-12, atol=1e-12)
     assert np.max(np.abs((Zr @ DB - Rz) @ DB.T + Zr)) < 1e-11
+    T = Y - (Z + Q) @ DB
+    rT, cT = T.sum(1), T.sum(0)
+    oi2 = kn.update_oi(rT, n, o, si, float(n))  # λ_oi = N_i: 50 % shrinkage
+    np.testing.assert_allclose(oi2, (T - o[:, None] - si[None, :]).sum(1) / (2 * n), rtol=1e-12)
+    si2 = kn.update_si(cT, J, o, oi2, si, 7.0)
+    np.testing.assert_allclose(si2, ((T - (o + oi2)[:, None]).sum(0) + 7.0 * si) / (J + 7.0), rtol=1e-12)
+    v = kn.o_statistic(rT, n, oi2, si2)
+    np.testing.assert_allclose(v, (T - oi2[:, None] - si2[None, :]).sum(1), rtol=1e-12, atol=1e-12)
 
 
 def test_update_Z_ortho_polar_and_diagonal_step():
@@ -160,10 +178,6 @@ def test_normalisation_guards_and_offsets():
     np.testing.assert_allclose(out[:, 0], [0.6, 0.8], rtol=1e-15)
     assert np.array_equal(out[:, 1:], B[:, 1:])  # norms <= 1e-10 are left unchanged
     assert kn.inv_sqrt_guard(np.array([4.0, 1e-22])).tolist() == [0.5, 1.0]
-    T = RNG.normal(size=(6, 5))
-    o, si = RNG.normal(size=6), RNG.normal(size=5)
-    oi = kn.update_oi(T, o, si, 5.0)  # (rowsum residual) / (N + λ_oi): 50 % shrinkage at λ_oi = N
-    np.testing.assert_allclose(oi, (T - o[:, None] - si[None, :]).sum(1) / 10.0, rtol=1e-14)
     o0, S_o, S_si = kn.update_hyperpriors(np.array([1.0, 2.0, 6.0]), 2.0, 4.0, 8)
     assert o0.tolist() == [3.0] * 3
     assert S_o == pytest.approx((4 + 1 + 9 + 2) / (2.0 * 5))  # "+2" inside the 1/σ² factor (§9.2)

@@ -43,26 +43,39 @@ def _special(xp):
 # ---------------------------------------------------------------------------------------------
 
 
-def solve_shared_B(W_list, Yt_list, inv_sigma2_list):
-    """Shared embedding of one global sample (spec §3.3).
-
-    B_g = ( I_K + Σ_m σ_m⁻² W_mᵀ W_m )⁻¹ ( Σ_m σ_m⁻² W_mᵀ Ỹ_m ),  W_m = (Z_m + Q_m) diag(D_m),
-    Ỹ_m = Y_m − (o_m + o_m,i)1ᵀ − 1 s_m,iᵀ.
+def project_Ytilde(W, Y, o_oi, si):
+    """Wᵀ Ỹ without forming Ỹ (§3.3): Wᵀ Y − (Wᵀ(o + o_i)) 1ᵀ − (Wᵀ 1_J) s_iᵀ.
 
     Examples
     --------
     >>> import numpy as np
-    >>> W = np.eye(2); Yt = np.array([[2.0], [4.0]])
-    >>> solve_shared_B([W], [Yt], [1.0]).ravel().tolist()
+    >>> W, Y = np.eye(2), np.array([[3.0], [5.0]])
+    >>> project_Ytilde(W, Y, np.array([1.0, 1.0]), np.array([1.0])).ravel().tolist()
+    [1.0, 3.0]
+    """
+    return W.T @ Y - (W.T @ o_oi)[:, None] - W.sum(axis=0)[:, None] * si[None, :]
+
+
+def solve_shared_B(W_list, WtYt_list, inv_sigma2_list):
+    """Shared embedding of one global sample (spec §3.3).
+
+    B_g = ( I_K + Σ_m σ_m⁻² W_mᵀ W_m )⁻¹ ( Σ_m σ_m⁻² W_mᵀ Ỹ_m ),  W_m = (Z_m + Q_m) diag(D_m),
+    Ỹ_m = Y_m − (o_m + o_m,i)1ᵀ − 1 s_m,iᵀ  (W_mᵀỸ_m given, see :func:`project_Ytilde`).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> W = np.eye(2); WtYt = np.array([[2.0], [4.0]])
+    >>> solve_shared_B([W], [WtYt], [1.0]).ravel().tolist()
     [1.0, 2.0]
     """
     xp = get_xp(W_list[0])
     K = W_list[0].shape[1]
     L = xp.eye(K, dtype=W_list[0].dtype)
     R = None
-    for W, Yt, w in zip(W_list, Yt_list, inv_sigma2_list):
+    for W, WtYt, w in zip(W_list, WtYt_list, inv_sigma2_list):
         L = L + (W.T @ W) * w
-        r = (W.T @ Yt) * w
+        r = WtYt * w
         R = r if R is None else R + r
     return xp.linalg.solve(L, R)
 
@@ -107,15 +120,25 @@ def inv_sqrt_guard(rho):
 # ---------------------------------------------------------------------------------------------
 
 
-def z_statistics(Y, Q, DB, o, oi, si, need_H):
-    """Per-sample statistics of the Z update (§2.3): G_i = R^Z_i DB_iᵀ, H_i = DB_i DB_iᵀ.
+def sample_moments(Y, DB, si):
+    """Small products of one sample reused by the Z and Q_i updates (Y and DB fixed in between).
 
-    R^Z_i = Y_i − Q_i DB_i − (o + o_i)1ᵀ − 1 s_iᵀ.
+    Returns Y DBᵀ (J x K), H = DB DBᵀ (K x K), DB 1 (K) and DB s_i (K).
     """
-    Rz = Y - Q @ DB - (o + oi)[:, None] - si[None, :]
-    G = Rz @ DB.T
-    H = DB @ DB.T if need_H else None
-    return G, H
+    return {"YDBt": Y @ DB.T, "H": DB @ DB.T, "DB1": DB.sum(axis=1), "DBs": DB @ si}
+
+
+def residual_DBt(mom, X, o_oi):
+    """(Y − X DB − (o + o_i)1ᵀ − 1 s_iᵀ) DBᵀ = Y DBᵀ − X H − (o + o_i)(DB1)ᵀ − 1_J (DB s_i)ᵀ."""
+    return mom["YDBt"] - X @ mom["H"] - o_oi[:, None] * mom["DB1"][None, :] - mom["DBs"][None, :]
+
+
+def z_statistics(mom, Q, o, oi):
+    """Per-sample statistic of the Z update (§2.3): G_i = R^Z_i DB_iᵀ (H_i = DB_i DB_iᵀ is ``mom["H"]``).
+
+    R^Z_i = Y_i − Q_i DB_i − (o + o_i)1ᵀ − 1 s_iᵀ (expanded, :func:`residual_DBt`).
+    """
+    return residual_DBt(mom, Q, o + oi)
 
 
 def update_Z_ortho(G, S_old, lamZ=1.0):
@@ -160,36 +183,42 @@ def update_Z_regular(G, H, lamZ=1.0):
 # ---------------------------------------------------------------------------------------------
 
 
-def update_Q(Y, ZDB, DB, o, oi, si, lamQ):
+def update_Q(mom, Z, o, oi, lamQ):
     """Sample metagene deviation (§2.4), with the new Z and previous o, o_i, s_i.
 
-    Q_i := R^Q_i DB_iᵀ (DB_i DB_iᵀ + λ_Qi I_K)⁻¹,  R^Q_i = Y_i − Z DB_i − (o + o_i)1ᵀ − 1 s_iᵀ.
+    Q_i := R^Q_i DB_iᵀ (DB_i DB_iᵀ + λ_Qi I_K)⁻¹,  R^Q_i = Y_i − Z DB_i − (o + o_i)1ᵀ − 1 s_iᵀ
+    (R^Q_i DB_iᵀ expanded, :func:`residual_DBt`).
     """
-    xp = get_xp(Y)
-    K = DB.shape[0]
-    R = Y - ZDB - (o + oi)[:, None] - si[None, :]
-    A = DB @ DB.T + lamQ * xp.eye(K, dtype=DB.dtype)
-    return xp.linalg.solve(A, DB @ R.T).T
+    xp = get_xp(Z)
+    H = mom["H"]
+    A = H + lamQ * xp.eye(H.shape[0], dtype=H.dtype)
+    return xp.linalg.solve(A, residual_DBt(mom, Z, o + oi).T).T
 
 
-def update_oi(T, o, si, lamO):
+def update_oi(rT, N, o, si, lamO):
     """Sample feature offset (§2.5): o_i := rowsum(Y_i − (Z + Q_i)DB_i − o1ᵀ − 1s_iᵀ)/(N_i + λ_oi).
 
-    ``T`` is Y_i − (Z + Q_i) DB_i (or Y_i alone when the caches are taken as zero, §5.3 step 1).
+    ``rT`` is rowsum(Y_i − (Z + Q_i) DB_i) (rowsum(Y_i) when the caches are taken as zero, §5.3).
+
+    Examples
+    --------
+    >>> update_oi(np.array([10.0]), 2, np.array([1.0]), np.array([1.0, 2.0]), 2.0).tolist()
+    [1.25]
     """
-    N = T.shape[1]
-    return (T - o[:, None] - si[None, :]).sum(axis=1) / (N + lamO)
+    return (rT - N * o - si.sum()) / (N + lamO)
 
 
-def update_si(T, o, oi, si0, lamS):
-    """Per-cell offset (§2.6): s_i := (colsum(Y_i − (Z + Q_i)DB_i − (o + o_i)1ᵀ) + λ_s s_i0)/(J + λ_s)."""
-    J = T.shape[0]
-    return ((T - (o + oi)[:, None]).sum(axis=0) + lamS * si0) / (J + lamS)
+def update_si(cT, J, o, oi, si0, lamS):
+    """Per-cell offset (§2.6): s_i := (colsum(Y_i − (Z + Q_i)DB_i − (o + o_i)1ᵀ) + λ_s s_i0)/(J + λ_s).
+
+    ``cT`` is colsum(Y_i − (Z + Q_i) DB_i).
+    """
+    return (cT - (o + oi).sum() + lamS * si0) / (J + lamS)
 
 
-def o_statistic(T, oi, si):
+def o_statistic(rT, N, oi, si):
     """Per-sample statistic of the o update (§2.7): v_i = rowsum(Y_i − (Z + Q_i)DB_i − o_i1ᵀ − 1s_iᵀ)."""
-    return (T - oi[:, None] - si[None, :]).sum(axis=1)
+    return rT - N * oi - si.sum()
 
 
 def update_o(v_sum, N, lam_o, o0):
@@ -285,7 +314,7 @@ def update_Y_binary(Yhat, X):
     """
     xp = get_xp(Yhat)
     sc = _special(xp)
-    log_phi = -0.5 * Yhat * Yhat - 0.5 * np.log(2.0 * np.pi)
+    log_phi = -0.5 * Yhat * Yhat - float(0.5 * np.log(2.0 * np.pi))
     up = Yhat + xp.exp(log_phi - sc.log_ndtr(Yhat))
     down = Yhat - xp.exp(log_phi - sc.log_ndtr(-Yhat))
     return xp.where(X == 1, up, xp.where(X == 0, down, Yhat))

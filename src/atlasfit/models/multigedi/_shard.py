@@ -23,7 +23,9 @@ from ._kernels import (
     densify,
     normalize_B_columns,
     o_statistic,
+    project_Ytilde,
     row_sumsq,
+    sample_moments,
     solve_shared_B,
     update_oi,
     update_Q,
@@ -141,9 +143,12 @@ def load_shard(spec, reader, plan: SamplePlan, config: FitConfig, array_module=N
                 X = xp.ascontiguousarray(densify(blk, xp, dt).T)
                 Y = xp.where(xp.isnan(X), 0.0, xp.where(X == 0, -1.0, 1.0)).astype(dt)
                 raw = {"X": X}
-            if mc.obs_type != "X":
+            if xp is not np and mc.obs_type != "X":  # pragma: no cover - GPU only
+                import cupyx.scipy.sparse as csp  # noqa: PLC0415
+
                 for name, arr in raw.items():
-                    raw[name] = arr if xp is np else densify(arr, xp, dt)
+                    sparse = hasattr(arr, "tocsr") and not isinstance(arr, np.ndarray)
+                    raw[name] = csp.csr_matrix(arr) if sparse else xp.asarray(arr, dtype=dt)
             state["mods"][m][g] = {
                 "Y": xp.ascontiguousarray(Y.astype(dt)),
                 "raw": raw,
@@ -268,7 +273,7 @@ def rsvd_set_oi(state, m, o):
             continue
         Y = loc["Y"]
         xp, dt = get_xp(Y), Y.dtype
-        loc["oi"] = update_oi(Y, _p(xp, o[mm], dt), loc["si"], loc["lamO"])
+        loc["oi"] = update_oi(Y.sum(axis=1), Y.shape[1], _p(xp, o[mm], dt), loc["si"], loc["lamO"])
     return None
 
 
@@ -410,17 +415,18 @@ def round_A(state, params, mode):
     """Shared B solve for every sample of the shard (§3.3), Bsphere column step (§3.4); returns ρ_g."""
     out = []
     for g in state["samples"]:
-        Ws, Yts, ws = [], [], []
+        Ws, WtYts, ws = [], [], []
         for m, per in state["mods"].items():
             if g not in per:
                 continue
             loc = per[g]
             xp, dt = get_xp(loc["Y"]), loc["Y"].dtype
             pm = params[m]
-            Ws.append((_p(xp, pm["Z"], dt) + loc["Q"]) * _p(xp, pm["D"], dt)[None, :])
-            Yts.append(_ytilde(loc, pm["o"], xp, dt))
+            W = (_p(xp, pm["Z"], dt) + loc["Q"]) * _p(xp, pm["D"], dt)[None, :]
+            Ws.append(W)
+            WtYts.append(project_Ytilde(W, loc["Y"], _p(xp, pm["o"], dt) + loc["oi"], loc["si"]))
             ws.append(1.0 / pm["sigma2"])
-        B = solve_shared_B(Ws, Yts, ws)
+        B = solve_shared_B(Ws, WtYts, ws)
         if mode == "Bsphere":
             B = normalize_B_columns(B)
         state["B"][g] = B
@@ -429,7 +435,10 @@ def round_A(state, params, mode):
 
 
 def round_B(state, params, scale, need_H):
-    """Apply the Bl2 row scale lazily; return G_mg = R^Z DBᵀ (and H_mg = DB DBᵀ) per (g, m) (§2.3)."""
+    """Apply the Bl2 row scale lazily; return G_mg = R^Z DBᵀ (and H_mg = DB DBᵀ) per (g, m) (§2.3).
+
+    The sample moments (Y DBᵀ, DB DBᵀ, DB1, DBs) are kept for round C (Y, B, s_i unchanged).
+    """
     if scale is not None:
         for g in state["samples"]:
             B = state["B"][g]
@@ -439,28 +448,38 @@ def round_B(state, params, scale, need_H):
         xp, dt = get_xp(loc["Y"]), loc["Y"].dtype
         pm = params[m]
         DB = _p(xp, pm["D"], dt)[:, None] * state["B"][g]
-        G, H = z_statistics(loc["Y"], loc["Q"], DB, _p(xp, pm["o"], dt), loc["oi"], loc["si"], need_H[m])
-        out.append((g, m, _f64(G), None if H is None else _f64(H)))
+        mom = sample_moments(loc["Y"], DB, loc["si"])
+        state["tmp"][("mom", g, m)] = mom
+        G = z_statistics(mom, loc["Q"], _p(xp, pm["o"], dt), loc["oi"])
+        out.append((g, m, _f64(G), _f64(mom["H"]) if need_H[m] else None))
     return out
 
 
 def round_C(state, params):
-    """Q_i (§2.4), then o_i (§2.5), then s_i (§2.6, unless fixed); returns v_mg for o (§2.7)."""
+    """Q_i (§2.4), then o_i (§2.5), then s_i (§2.6, unless fixed); returns v_mg for o (§2.7).
+
+    Row and column sums of T = Y − (Z + Q_i)DB_i are formed as rowsum(Y) − (Z + Q_i)(DB1) and
+    colsum(Y) − (1ᵀ(Z + Q_i)) DB, without a J x N_i temporary.
+    """
     out = []
     for g, m, loc in _items(state):
         xp, dt = get_xp(loc["Y"]), loc["Y"].dtype
         pm = params[m]
         o = _p(xp, pm["o"], dt)
+        Z = _p(xp, pm["Z"], dt)
         DB = _p(xp, pm["D"], dt)[:, None] * state["B"][g]
-        ZDB = _p(xp, pm["Z"], dt) @ DB
+        mom = state["tmp"].pop(("mom", g, m))
         Y = loc["Y"]
-        Q = update_Q(Y, ZDB, DB, o, loc["oi"], loc["si"], loc["lamQ"])
-        T = Y - ZDB - Q @ DB
-        oi = update_oi(T, o, loc["si"], loc["lamO"])
+        J, N = Y.shape
+        Q = update_Q(mom, Z, o, loc["oi"], loc["lamQ"])
+        ZQ = Z + Q
+        rT = Y.sum(axis=1) - ZQ @ mom["DB1"]
+        oi = update_oi(rT, N, o, loc["si"], loc["lamO"])
         if not pm["is_si_fixed"]:
-            loc["si"] = update_si(T, o, oi, loc["si0"], pm["lam_s"])
+            cT = Y.sum(axis=0) - ZQ.sum(axis=0) @ DB
+            loc["si"] = update_si(cT, J, o, oi, loc["si0"], pm["lam_s"])
         loc["Q"], loc["oi"] = Q, oi
-        out.append((g, m, _f64(o_statistic(T, oi, loc["si"]))))
+        out.append((g, m, _f64(o_statistic(rT, N, oi, loc["si"]))))
     return out
 
 
