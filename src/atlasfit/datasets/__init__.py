@@ -1,0 +1,31 @@
+"""Data sets: a synthetic multi-sample, multi-modal atlas with planted ground truth, and a small
+bundled real data set.
+
+Examples
+--------
+>>> from atlasfit import datasets
+>>> mdata = datasets.synthetic_mudata(n_cells=400, n_samples=2, features={"rna": 30})
+>>> mdata["rna"].shape
+(400, 30)
+"""
+
+from __future__ import annotations
+
+from ._real import multigedi_real_5k, real_data_path
+from ._synthetic import (
+    SyntheticParams,
+    iter_synthetic_atlas,
+    synthetic_atlas,
+    synthetic_mudata,
+    synthetic_truth,
+)
+
+__all__ = [
+    "SyntheticParams",
+    "iter_synthetic_atlas",
+    "multigedi_real_5k",
+    "real_data_path",
+    "synthetic_atlas",
+    "synthetic_mudata",
+    "synthetic_truth",
+]
