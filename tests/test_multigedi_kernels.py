@@ -332,6 +332,17 @@ def test_negative_counts_error_names_modality_sample_cell():
         eng.setup(load_shard, InMemoryReader({"rna": sp.csr_matrix(X)}, {"rna": lab}), plan, cfg)
 
 
+def test_binary_values_error_names_modality_sample_cell():
+    X = np.zeros((3, 2))
+    X[2, 1] = 2.0
+    lab = ["a", "a", "a"]
+    plan = make_plan({"chr": lab}, {"chr": 2})
+    cfg = FitConfig(K=1, modalities=[ModalityConfig("chr", "X")])
+    eng = SerialEngine(plan_shards(plan.global_samples, [3]))
+    with pytest.raises(ValueError, match=r"modality 'chr' .* value 2.0 in sample 'a' \(first at cell row 2"):
+        eng.setup(load_shard, InMemoryReader({"chr": X}, {"chr": lab}), plan, cfg)
+
+
 # ------------------------------------------------------------------ fits: checkpoints, modes, outputs
 
 

@@ -29,7 +29,15 @@ def _params(shared, config, keys):
 
 
 def dof(plan: SamplePlan, config: FitConfig, m: str) -> int:
-    """dof = J(N + I) + IJK + KJ for modality m (§2.11, P = L = 0)."""
+    """dof = J(N + I) + IJK + KJ for modality m (§2.11, P = L = 0).
+
+    Examples
+    --------
+    >>> from atlasfit.models.multigedi import FitConfig, ModalityConfig, make_plan
+    >>> plan = make_plan({"rna": ["a", "a", "b"]}, {"rna": 4})
+    >>> dof(plan, FitConfig(K=2, modalities=[ModalityConfig("rna")]), "rna")  # 4*(3+2) + 2*4*2 + 2*4
+    44
+    """
     J, N, I, K = plan.n_features[m], plan.N(m), len(plan.mod_samples[m]), config.K
     return J * (N + I) + I * J * K + K * J
 
@@ -153,8 +161,19 @@ def fit(engine, shared: dict, n_iter: int, *, plan: SamplePlan, config: FitConfi
 
     Examples
     --------
-    >>> fit.__name__
-    'fit'
+    >>> import numpy as np
+    >>> from atlasfit.engine import SerialEngine, plan_shards
+    >>> from atlasfit.models.multigedi import (FitConfig, ModalityConfig, InMemoryReader, make_plan,
+    ...     load_shard, initialize, iterate)
+    >>> rng = np.random.default_rng(0); lab = np.repeat(["a", "b"], 30)
+    >>> X = rng.poisson(2.0, (60, 20))
+    >>> plan = make_plan({"rna": lab}, {"rna": 20})
+    >>> cfg = FitConfig(K=3, modalities=[ModalityConfig("rna")])
+    >>> eng = SerialEngine(plan_shards(plan.global_samples, [30, 30]))
+    >>> eng.setup(load_shard, InMemoryReader({"rna": X}, {"rna": lab}), plan, cfg)
+    >>> shared = fit(eng, initialize(eng, plan, cfg), 3, plan=plan, config=cfg)
+    >>> shared["iteration"], shared["rna/tracking/sigma2"].shape
+    (3, (3,))
     """
     for it in range(int(n_iter)):
         shared = iterate(engine, shared, it, plan=plan, config=config)

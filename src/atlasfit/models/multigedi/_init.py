@@ -78,6 +78,22 @@ def compute_priors(engine, plan: SamplePlan, config: FitConfig) -> dict:
     -------
     dict
         ``{modality: {"o0": J-vector, "sigma2": float}}``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from atlasfit.engine import SerialEngine, plan_shards
+    >>> from atlasfit.models.multigedi import (FitConfig, ModalityConfig, InMemoryReader, make_plan,
+    ...     load_shard, initialize, iterate)
+    >>> rng = np.random.default_rng(0); lab = np.repeat(["a", "b"], 30)
+    >>> X = rng.poisson(2.0, (60, 20))
+    >>> plan = make_plan({"rna": lab}, {"rna": 20})
+    >>> cfg = FitConfig(K=3, modalities=[ModalityConfig("rna")])
+    >>> eng = SerialEngine(plan_shards(plan.global_samples, [30, 30]))
+    >>> eng.setup(load_shard, InMemoryReader({"rna": X}, {"rna": lab}), plan, cfg)
+    >>> pri = compute_priors(eng, plan, cfg)
+    >>> pri["rna"]["o0"].shape
+    (20,)
     """
     obs = {mc.name: mc.obs_type for mc in config.modalities}
     p1 = gather_by_sample(engine.map(sh.prior_pass1, obs))
@@ -156,6 +172,27 @@ def rsvd_modality(engine, plan: SamplePlan, config: FitConfig, m: str, o: np.nda
     Returns the top-K left singular vectors (J x K, sign convention of :func:`sign_fix_columns`) and
     singular values. Flipped case (J < N): A = Ypᵀ, Ω = first J rows of the hashed O. Otherwise
     A = Yp and Ω = O, whose rows each shard draws for its own cells (local sample order).
+    Call it after :func:`compute_priors` and ``engine.map(rsvd_set_oi, m, {m: o})`` (§5.3 step 1);
+    :func:`initialize` does all of this.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from atlasfit.engine import SerialEngine, plan_shards
+    >>> from atlasfit.models.multigedi import (FitConfig, ModalityConfig, InMemoryReader, make_plan,
+    ...     load_shard, initialize, iterate)
+    >>> rng = np.random.default_rng(0); lab = np.repeat(["a", "b"], 30)
+    >>> X = rng.poisson(2.0, (60, 20))
+    >>> plan = make_plan({"rna": lab}, {"rna": 20})
+    >>> cfg = FitConfig(K=3, modalities=[ModalityConfig("rna")])
+    >>> eng = SerialEngine(plan_shards(plan.global_samples, [30, 30]))
+    >>> eng.setup(load_shard, InMemoryReader({"rna": X}, {"rna": lab}), plan, cfg)
+    >>> from atlasfit.models.multigedi._shard import rsvd_set_oi
+    >>> o = compute_priors(eng, plan, cfg)["rna"]["o0"]
+    >>> eng.map(rsvd_set_oi, "rna", {"rna": o}) and None
+    >>> U, sig = rsvd_modality(eng, plan, cfg, "rna", o)
+    >>> U.shape, bool(np.all(np.diff(sig) <= 0))
+    ((20, 3), True)
     """
     K = config.K
     ncol = K + OVERSAMPLE

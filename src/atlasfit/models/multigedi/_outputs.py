@@ -22,6 +22,22 @@ def joint_svd(engine, shared: dict, plan: SamplePlan, config: FitConfig) -> dict
     -------
     dict
         ``{"d": K, "u": ΣJ x K, "T": K x K}``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from atlasfit.engine import SerialEngine, plan_shards
+    >>> from atlasfit.models.multigedi import (FitConfig, ModalityConfig, InMemoryReader, make_plan,
+    ...     load_shard, initialize, iterate)
+    >>> rng = np.random.default_rng(0); lab = np.repeat(["a", "b"], 30)
+    >>> X = rng.poisson(2.0, (60, 20))
+    >>> plan = make_plan({"rna": lab}, {"rna": 20})
+    >>> cfg = FitConfig(K=3, modalities=[ModalityConfig("rna")])
+    >>> eng = SerialEngine(plan_shards(plan.global_samples, [30, 30]))
+    >>> eng.setup(load_shard, InMemoryReader({"rna": X}, {"rna": lab}), plan, cfg)
+    >>> shared = initialize(eng, plan, cfg)
+    >>> joint_svd(eng, shared, plan, cfg)["u"].shape
+    (20, 3)
     """
     X = np.concatenate([shared[f"{m}/Z"] * shared[f"{m}/D"][None, :] for m in config.names], axis=0)
     Ux, sx, Vxt = np.linalg.svd(X, full_matrices=False)
@@ -45,8 +61,20 @@ def store_pca(engine, shared: dict, plan: SamplePlan, config: FitConfig) -> dict
 
     Examples
     --------
-    >>> store_pca.__name__
-    'store_pca'
+    >>> import numpy as np
+    >>> from atlasfit.engine import SerialEngine, plan_shards
+    >>> from atlasfit.models.multigedi import (FitConfig, ModalityConfig, InMemoryReader, make_plan,
+    ...     load_shard, initialize, iterate)
+    >>> rng = np.random.default_rng(0); lab = np.repeat(["a", "b"], 30)
+    >>> X = rng.poisson(2.0, (60, 20))
+    >>> plan = make_plan({"rna": lab}, {"rna": 20})
+    >>> cfg = FitConfig(K=3, modalities=[ModalityConfig("rna")])
+    >>> eng = SerialEngine(plan_shards(plan.global_samples, [30, 30]))
+    >>> eng.setup(load_shard, InMemoryReader({"rna": X}, {"rna": lab}), plan, cfg)
+    >>> shared = initialize(eng, plan, cfg)
+    >>> _ = store_pca(eng, shared, plan, cfg)
+    >>> eng.states[0]["pca"]["a"].shape
+    (30, 3)
     """
     svd = joint_svd(engine, shared, plan, config)
     engine.map(sh.store_pca_rows, svd["T"])
@@ -63,8 +91,20 @@ def export_state(engine, shared: dict, plan: SamplePlan, config: FitConfig) -> d
 
     Examples
     --------
-    >>> export_state.__name__
-    'export_state'
+    >>> import numpy as np
+    >>> from atlasfit.engine import SerialEngine, plan_shards
+    >>> from atlasfit.models.multigedi import (FitConfig, ModalityConfig, InMemoryReader, make_plan,
+    ...     load_shard, initialize, iterate)
+    >>> rng = np.random.default_rng(0); lab = np.repeat(["a", "b"], 30)
+    >>> X = rng.poisson(2.0, (60, 20))
+    >>> plan = make_plan({"rna": lab}, {"rna": 20})
+    >>> cfg = FitConfig(K=3, modalities=[ModalityConfig("rna")])
+    >>> eng = SerialEngine(plan_shards(plan.global_samples, [30, 30]))
+    >>> eng.setup(load_shard, InMemoryReader({"rna": X}, {"rna": lab}), plan, cfg)
+    >>> shared = iterate(eng, initialize(eng, plan, cfg), 0, plan=plan, config=cfg)
+    >>> out = export_state(eng, shared, plan, cfg)
+    >>> out["X_multigedi_pca"].shape, out["rna/Q/b"].shape, out["tracking/rna/dZ"].shape
+    ((60, 3), (20, 3), (1,))
     """
     svd = joint_svd(engine, shared, plan, config)
     out: dict = {}

@@ -58,6 +58,18 @@ def _check_counts(block, mod, sample, what):
         )
 
 
+def _check_binary(X, mod, sample):
+    Xn = to_numpy(X)
+    bad = ~(np.isnan(Xn) | (Xn == 0) | (Xn == 1))
+    if np.any(bad):
+        c, r = np.argwhere(bad)[0]
+        raise ValueError(
+            f"modality {mod!r} (obs_type 'X') has value {float(Xn[c, r])!r} in sample {sample!r} (first at "
+            f"cell row {r} of the sample, feature {c}); obs_type 'X' needs values in {{0, 1, NaN}}: "
+            "binarise the data or mark missing entries as NaN"
+        )
+
+
 def _read(reader, mod, sample, layer, n_cells, J):
     block = reader.read_block(mod, sample, layer=layer)
     if block.shape != (n_cells, J):
@@ -141,6 +153,7 @@ def load_shard(spec, reader, plan: SamplePlan, config: FitConfig, array_module=N
                 if hasattr(blk, "toarray") and not isinstance(blk, np.ndarray):
                     blk = blk.toarray()
                 X = xp.ascontiguousarray(densify(blk, xp, dt).T)
+                _check_binary(X, m, g)
                 Y = xp.where(xp.isnan(X), 0.0, xp.where(X == 0, -1.0, 1.0)).astype(dt)
                 raw = {"X": X}
             if xp is not np and mc.obs_type != "X":  # pragma: no cover - GPU only
