@@ -46,7 +46,7 @@ def _node_reader(node):
             return sp.csr_matrix(ds[idx])
 
         return read_sparse
-    if enc not in (None, "array"):
+    if enc not in (None, "array") or getattr(node, "shape", None) is None:
         return None
     is_zarr = not hasattr(node, "id")
 
@@ -82,10 +82,16 @@ def _from_group(name, g) -> _ModSource:
     var = read_elem(g["var"])
     elements = {}
     if "X" in g:
-        elements["X"] = _node_reader(g["X"])
+        r = _node_reader(g["X"])
+        if r is not None:  # X may be encoded as "null"
+            elements["X"] = r
     if "layers" in g:
         for k in g["layers"].keys():
-            elements[str(k)] = _node_reader(g["layers"][k])
+            r = _node_reader(g["layers"][k])
+            if r is None:
+                raise AtlasValidationError(f"convert: layer '{k}' of modality '{name}' is not an array or "
+                                           "a CSR/CSC matrix; drop it with layers=")
+            elements[str(k)] = r
     obsm = {}
     if "obsm" in g:
         for k in g["obsm"].keys():
