@@ -606,7 +606,7 @@ def restore_local(state, data: dict) -> None:
             raise KeyError(f"restore_local: checkpoint has no sample {g!r}")
         d = data[g]
         B = state["B"][g]
-        state["B"][g] = _p(get_xp(B), d["B"], B.dtype)
+        state["B"][g] = _p(get_xp(B), d["B"], B.dtype).copy()
         for m, per in state["mods"].items():
             if g in per:
                 loc = per[g]
@@ -615,5 +615,5 @@ def restore_local(state, data: dict) -> None:
                     key = f"{m}/{name}"
                     if key not in d:
                         raise KeyError(f"restore_local: checkpoint of sample {g!r} lacks {key!r}")
-                    loc[name] = _p(xp, d[key], dt)
+                    loc[name] = _p(xp, d[key], dt).copy()
     return None
