@@ -1,0 +1,404 @@
+"""Dask engine, checkpoint/resume and the iteration loop.
+
+Every equality below is exact (``np.array_equal`` on float64): the reference is the same toy fit
+run in process with :class:`SerialEngine`, so any difference in bits is a bug (non-deterministic
+reduction, lossy checkpoint, wrong rollback).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+
+import distributed
+import numpy as np
+import pytest
+
+from atlasfit.engine import (
+    Checkpoint,
+    DaskEngine,
+    SerialEngine,
+    ShardLostError,
+    place_shards,
+    plan_shards,
+    resume,
+    run_iterations,
+)
+from atlasfit.engine._dask import _w_drop, _w_held
+
+D = 6
+SAMPLES = [f"s{i}" for i in range(7)]
+N_CELLS = [40, 25, 60, 10, 35, 50, 20]
+N_ITER = 12
+
+
+# --------------------------------------------------------------------------- toy iterative model
+
+
+def load_toy(spec, d, seed):
+    """Per-sample state: a (cells x d) array drawn from a generator keyed by (seed, sample)."""
+    x = {}
+    for s, n in zip(spec.samples, spec.n_cells):
+        rng = np.random.default_rng([seed, int(s[1:])])
+        x[s] = rng.standard_normal((n, d))
+    return {"x": x, "samples": spec.samples}
+
+
+def local_toy(state, v, it, kill_marker=None):
+    """Nonlinear in-place recurrence driven by the shared vector; returns summed statistics."""
+    if kill_marker is not None and "s0" in state["samples"] and it == kill_marker[1]:
+        try:
+            fd = os.open(kill_marker[0], os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            fd = None
+        if fd is not None:
+            os.close(fd)
+            os.kill(os.getpid(), signal.SIGKILL)  # this worker dies in the middle of a round
+    s1 = np.zeros(v.shape)
+    s2 = 0.0
+    for s in state["samples"]:
+        x = state["x"][s]
+        x[...] = np.tanh(0.9 * x + v * (1.0 + 0.01 * it)) + 0.1 * np.sin(3.0 * x)
+        s1 += x.sum(axis=0)
+        s2 += float((x * x).sum())
+    return {"s1": s1, "s2": s2}
+
+
+def toy_step(engine, shared, it, kill_marker=None):
+    stats = engine.map(local_toy, shared["v"], it, kill_marker)
+    s1 = np.zeros(D)
+    s2 = 0.0
+    for st in stats:  # shard order: deterministic
+        s1 += st["s1"]
+        s2 += st["s2"]
+    n = float(sum(N_CELLS))
+    return {"v": 0.5 * np.cos(s1 / n) + 0.1 * shared["v"], "loss": s2 / n, "trace": shared["trace"] + [s2]}
+
+
+def dump_toy(state):
+    return {s: {"x": state["x"][s]} for s in state["samples"]}
+
+
+def restore_toy(state, data):
+    for s, arrs in data.items():
+        state["x"][s] = arrs["x"].copy()
+
+
+def init_shared():
+    return {"v": np.linspace(-1.0, 1.0, D), "loss": 0.0, "trace": []}
+
+
+def shard_plan():
+    return plan_shards(SAMPLES, N_CELLS, max_shards=5)
+
+
+def final_local(engine):
+    return engine.map(lambda st: {s: st["x"][s].copy() for s in st["samples"]})
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """The uninterrupted fit, in process."""
+    eng = SerialEngine(shard_plan())
+    eng.setup(load_toy, D, 7)
+    shared = run_iterations(eng, toy_step, init_shared(), start=0, stop=N_ITER, progress=False)
+    return shared, final_local(eng)
+
+
+def assert_same(res, ref):
+    shared, local = res
+    rshared, rlocal = ref
+    assert np.array_equal(shared["v"], rshared["v"])
+    assert shared["loss"] == rshared["loss"]
+    assert shared["trace"] == rshared["trace"]
+    assert len(local) == len(rlocal)
+    for a, b in zip(local, rlocal):
+        assert a.keys() == b.keys()
+        for s in a:
+            assert np.array_equal(a[s], b[s])
+
+
+@pytest.fixture(scope="module")
+def client():
+    cluster = distributed.LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0", memory_limit="2GiB"
+    )
+    c = distributed.Client(cluster)
+    yield c
+    c.close()
+    cluster.close()
+
+
+# --------------------------------------------------------------------------- placement, errors
+
+
+def test_place_shards_balanced_and_deterministic():
+    sh = plan_shards([f"s{i}" for i in range(6)], [100, 90, 80, 30, 20, 10])
+    a = place_shards(sh, ["tcp://b:1", "tcp://a:1"])
+    b = place_shards(sh, ["tcp://a:1", "tcp://b:1"])
+    assert a == b  # independent of the order the workers are listed in
+    load = {w: sum(sum(sh[i].n_cells) for i, o in a.items() if o == w) for w in set(a.values())}
+    # largest-first greedy by hand on (100, 90, 80, 30, 20, 10): a takes 100, b 90 then 80
+    # (b lighter), then a takes 30, 20, 10: a = 160, b = 170
+    assert load == {"tcp://a:1": 160, "tcp://b:1": 170}
+    with pytest.raises(RuntimeError, match="no worker"):
+        place_shards(sh, [])
+
+
+def test_engine_rejects_bad_use(client):
+    sh = shard_plan()
+    with pytest.raises(ValueError, match="index"):
+        DaskEngine(client, sh[1:])
+    with pytest.raises(ValueError, match="mode"):
+        DaskEngine(client, sh, mode="actors")
+    with pytest.raises(RuntimeError, match="before setup"):
+        DaskEngine(client, sh).map(local_toy, np.zeros(D), 0)
+
+
+# --------------------------------------------------------------------------- determinism
+
+
+def test_dask_equals_serial_2_workers(client, reference):
+    with DaskEngine(client, shard_plan(), name="toy") as eng:
+        eng.setup(load_toy, D, 7)
+        assert len(set(eng.owners.values())) == 2
+        shared = run_iterations(eng, toy_step, init_shared(), start=0, stop=N_ITER, progress=False)
+        assert_same((shared, final_local(eng)), reference)
+
+
+def test_per_shard_mode_and_scattered_args(client, reference):
+    # mode="per-shard" and broadcast_threshold=0 (every argument scattered) give the same bits
+    with DaskEngine(client, shard_plan(), mode="per-shard", broadcast_threshold=0) as eng:
+        eng.setup(load_toy, D, 7)
+        shared = run_iterations(eng, toy_step, init_shared(), start=0, stop=N_ITER, progress=False)
+        assert_same((shared, final_local(eng)), reference)
+
+
+@pytest.mark.parametrize("n_workers", [1, 4])
+def test_same_bits_on_1_and_4_workers(n_workers, reference):
+    with distributed.LocalCluster(
+        n_workers=n_workers, threads_per_worker=1, processes=False, dashboard_address=":0"
+    ) as cluster, distributed.Client(cluster) as c:
+        with DaskEngine(c, shard_plan()) as eng:
+            eng.setup(load_toy, D, 7)
+            assert len(set(eng.owners.values())) == min(n_workers, len(eng.shards))
+            shared = run_iterations(eng, toy_step, init_shared(), start=0, stop=N_ITER, progress=False)
+            assert_same((shared, final_local(eng)), reference)
+
+
+def test_state_stays_on_workers_and_close_drops_it(client):
+    eng = DaskEngine(client, shard_plan())
+    eng.setup(load_toy, D, 7)
+    held = client.run(_w_held, eng.id)
+    assert sorted(i for v in held.values() for i in v) == list(range(len(eng.shards)))
+    for w, idx in held.items():
+        assert all(eng.owners[i] == w for i in idx)
+    eng.close()
+    held = client.run(_w_held, eng.id)
+    assert all(v == [] for v in held.values())
+
+
+def test_missing_state_raises_and_recover_reloads(client):
+    with DaskEngine(client, shard_plan()) as eng:
+        eng.setup(load_toy, D, 7)
+        first = eng.owners[0]
+        client.run(_w_drop, eng.id, workers=[first])  # as if that worker had restarted empty
+        with pytest.raises(ShardLostError):
+            eng.map(local_toy, np.zeros(D), 0)
+        lost = eng.recover()
+        assert lost == sorted(i for i, w in eng.owners.items() if w == first)
+        assert len(eng.map(local_toy, np.zeros(D), 0)) == len(eng.shards)
+
+
+# --------------------------------------------------------------------------- checkpoint
+
+
+def test_checkpoint_roundtrip_exact(tmp_path):
+    eng = SerialEngine(shard_plan())
+    eng.setup(load_toy, D, 3)
+    shared = {
+        "v": np.arange(5.0) / 3.0,
+        "k": np.int32(4),
+        "f": np.float64(1.0) / 3.0,
+        "nested": {"lr": 0.1 / 3.0, "name": "adam", "none": None, "flag": True},
+        "shape": (2, 3),
+        "trace": [0.5, 1.0 / 7.0],
+        "strings": np.array(["a", "bb"]),
+    }
+    ck = Checkpoint(tmp_path / "ck")
+    info = ck.save(eng, 9, shared, dump_toy)
+    assert info.iteration == 9 and info.n_bytes > sum(N_CELLS) * D * 8 and info.seconds > 0
+    it, back = ck.load_shared()
+    assert it == 9 and list(back) == list(shared)
+    assert np.array_equal(back["v"], shared["v"]) and back["strings"].tolist() == ["a", "bb"]
+    assert type(back["k"]) is np.int32 and back["k"] == 4
+    assert type(back["f"]) is np.float64 and back["f"] == shared["f"]
+    assert back["nested"] == shared["nested"] and back["shape"] == (2, 3) and back["trace"] == shared["trace"]
+    before = final_local(eng)
+    eng.map(local_toy, np.ones(D), 0)  # change the local state, then roll it back
+    it2, _ = ck.restore(eng, restore_toy)
+    assert it2 == 9
+    for a, b in zip(final_local(eng), before):
+        for s in a:
+            assert np.array_equal(a[s], b[s])
+
+
+def test_checkpoint_is_atomic_when_a_save_fails(tmp_path):
+    eng = SerialEngine(shard_plan())
+    eng.setup(load_toy, D, 3)
+    ck = Checkpoint(tmp_path / "ck")
+    ck.save(eng, 5, {"v": np.ones(3)}, dump_toy)
+
+    def broken_dump(state):
+        if "s6" in state["samples"]:
+            raise OSError("disk full")
+        return dump_toy(state)
+
+    with pytest.raises(OSError, match="disk full"):
+        ck.save(eng, 10, {"v": np.zeros(3)}, broken_dump)
+    it, shared = ck.load_shared()  # the previous complete version is still the current one
+    assert it == 5 and np.array_equal(shared["v"], np.ones(3))
+    ck.save(eng, 15, {"v": np.full(3, 2.0)}, dump_toy)  # the next save cleans the partial version
+    versions = [p.name for p in (tmp_path / "ck").iterdir() if p.is_dir()]
+    assert len(versions) == 1 and versions[0].startswith("v000000015")
+
+
+def test_checkpoint_rejects_foreign_sample_and_objects(tmp_path):
+    eng = SerialEngine(shard_plan())
+    eng.setup(load_toy, D, 3)
+    ck = Checkpoint(tmp_path / "ck")
+    with pytest.raises(ValueError, match="sample 'nope'"):
+        ck.save(eng, 1, {}, lambda st: {"nope": {"x": np.zeros(2)}})
+    with pytest.raises(TypeError, match="'bad'"):
+        ck.save(eng, 1, {"bad": object()}, None)
+    with pytest.raises(FileNotFoundError, match="no complete version"):
+        Checkpoint(tmp_path / "empty").load_shared()
+
+
+def test_driver_restart_resume_same_bits(client, tmp_path, reference):
+    ck = Checkpoint(tmp_path / "ck")
+
+    class DriverDied(Exception):
+        pass
+
+    def die_at_9(it, shared):
+        if it == 9:
+            raise DriverDied  # the driver process "dies" after iteration 9 (checkpoint at 8)
+
+    with DaskEngine(client, shard_plan()) as eng:
+        eng.setup(load_toy, D, 7)
+        with pytest.raises(DriverDied):
+            run_iterations(eng, toy_step, init_shared(), start=0, stop=N_ITER, checkpoint_every=4,
+                           checkpoint=ck, dump_local=dump_toy, restore_local=restore_toy,
+                           progress=False, callback=die_at_9)
+    # a new driver: new engine, same plan and load function, state from the checkpoint
+    ck2 = Checkpoint(tmp_path / "ck")
+    with DaskEngine(client, shard_plan()) as eng2:
+        eng2.setup(load_toy, D, 7)
+        it, shared = resume(eng2, ck2, restore_toy)
+        assert it == 8
+        shared = run_iterations(eng2, toy_step, shared, start=it, stop=N_ITER, checkpoint_every=4,
+                                checkpoint=ck2, dump_local=dump_toy, restore_local=restore_toy,
+                                progress=False)
+        assert_same((shared, final_local(eng2)), reference)
+    assert ck2.iteration == N_ITER
+
+
+def test_progress_logs_when_not_a_tty(caplog):
+    eng = SerialEngine(shard_plan())
+    eng.setup(load_toy, D, 7)
+    with caplog.at_level(logging.INFO, logger="atlasfit.engine"):
+        run_iterations(eng, toy_step, init_shared(), start=0, stop=6, progress=2)
+    lines = [r.getMessage() for r in caplog.records if "iteration" in r.getMessage()]
+    assert lines == ["atlasfit: iteration 2/6" + lines[0][len("atlasfit: iteration 2/6"):],
+                     *lines[1:]] and len(lines) == 3
+    assert [ln.split()[2] for ln in lines] == ["2/6", "4/6", "6/6"]
+
+
+def test_callback_stops_early():
+    eng = SerialEngine(shard_plan())
+    eng.setup(load_toy, D, 7)
+    seen = []
+    run_iterations(eng, toy_step, init_shared(), start=0, stop=N_ITER, progress=False,
+                   callback=lambda it, sh: seen.append(it) or it == 3)
+    assert seen == [1, 2, 3]
+
+
+# --------------------------------------------------------------------------- worker loss
+
+
+@pytest.fixture(scope="module")
+def kill_client():
+    cluster = distributed.LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0", memory_limit="2GiB"
+    )
+    c = distributed.Client(cluster)
+    yield c
+    c.close()
+    cluster.close()
+
+
+def _two_workers(c):
+    c.wait_for_workers(2, timeout=60)
+    deadline = time.monotonic() + 60
+    while len(c.run_on_scheduler(lambda dask_scheduler: list(dask_scheduler.workers))) < 2:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+
+
+def test_worker_killed_between_rounds_same_bits(kill_client, tmp_path, reference, caplog):
+    _two_workers(kill_client)
+    rng = np.random.default_rng(2024)
+    kill_at = int(rng.integers(2, N_ITER - 1))  # a random round (seeded: reproducible)
+    ck = Checkpoint(tmp_path / "ck")
+    with DaskEngine(kill_client, shard_plan(), poll_interval=0.2) as eng:
+        eng.setup(load_toy, D, 7)
+        pids = kill_client.run(os.getpid)
+        victim = eng.owners[0]
+        killed = []
+
+        def step(engine, shared, it):
+            if it == kill_at and not killed:
+                os.kill(pids[victim], signal.SIGKILL)
+                killed.append(it)
+            return toy_step(engine, shared, it)
+
+        shared = run_iterations(eng, step, init_shared(), start=0, stop=N_ITER, checkpoint_every=3,
+                                checkpoint=ck, dump_local=dump_toy, restore_local=restore_toy,
+                                progress=False)
+        assert killed == [kill_at]
+        assert victim not in set(eng.owners.values())  # its shards were re-placed
+        rolled = [r.getMessage() for r in caplog.records if "rolled back" in r.getMessage()]
+        assert len(rolled) == 1 and f"iteration {3 * (kill_at // 3)}" in rolled[0]
+        assert_same((shared, final_local(eng)), reference)
+
+
+def test_worker_killed_mid_round_same_bits(kill_client, tmp_path, reference, caplog):
+    _two_workers(kill_client)
+    marker = str(tmp_path / "killed")
+    ck = Checkpoint(tmp_path / "ck")
+    with DaskEngine(kill_client, shard_plan(), poll_interval=0.2) as eng:
+        eng.setup(load_toy, D, 7)
+
+        def step(engine, shared, it):
+            return toy_step(engine, shared, it, kill_marker=(marker, 7))
+
+        shared = run_iterations(eng, step, init_shared(), start=0, stop=N_ITER, checkpoint_every=5,
+                                checkpoint=ck, dump_local=dump_toy, restore_local=restore_toy,
+                                progress=False)
+        assert os.path.exists(marker)  # the worker did kill itself during round 7
+        rolled = [r.getMessage() for r in caplog.records if "rolled back" in r.getMessage()]
+        assert len(rolled) == 1 and "iteration 5" in rolled[0]  # last checkpoint before round 7
+        assert_same((shared, final_local(eng)), reference)
+
+
+def test_worker_loss_without_checkpoint_raises(kill_client):
+    _two_workers(kill_client)
+    with DaskEngine(kill_client, shard_plan(), poll_interval=0.2) as eng:
+        eng.setup(load_toy, D, 7)
+        pids = kill_client.run(os.getpid)
+        os.kill(pids[eng.owners[0]], signal.SIGKILL)
+        with pytest.raises(ShardLostError, match="checkpoint"):
+            run_iterations(eng, toy_step, init_shared(), start=0, stop=3, progress=False)
