@@ -1,0 +1,322 @@
+"""Configuration, fixed priors, likelihood weights and the KL schedule of the topic model.
+
+Notation follows ``specs/topic_model.md`` (sections in brackets).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+#: Likelihood strings understood by the model (§1.7). ``"nb"`` is NB without background (§11 item 17).
+LIKELIHOODS = ("multinomial", "gamma_poisson", "nb", "bernoulli", "gaussian")
+COUNT_LIKELIHOODS = ("multinomial", "gamma_poisson", "nb", "bernoulli")
+WEIGHT_MODES = ("equal", "universal", "cell")
+AGGREGATIONS = ("moe", "attention")
+
+CLAMP_EPS = 1e-5
+CLAMP_MAX = 1e5
+EPS32 = float(np.finfo(np.float32).eps)
+
+
+@dataclass(frozen=True)
+class TopicModelConfig:
+    """Static description of a MultimodalAmortizedLDA model (spec §1–§3, §12).
+
+    Parameters
+    ----------
+    modalities
+        Modality names, in the order of the concatenated feature axis.
+    n_features
+        Features per modality, :math:`F_m`.
+    likelihoods
+        One of ``"multinomial"``, ``"gamma_poisson"`` (NB with background), ``"nb"`` (NB without
+        background, as in the reference), ``"bernoulli"``, ``"gaussian"`` per modality.
+    n_topics
+        :math:`K`.
+    n_hidden, n_layers, dropout, bn_eps, bn_momentum, var_eps
+        Encoder: ``n_layers`` blocks Linear-BatchNorm-ReLU-Dropout of width ``n_hidden`` (§2.2).
+    cell_topic_prior
+        ``None`` (:math:`\\alpha=1/K`), a float or a length-K sequence (§1.2).
+    topic_feature_prior
+        ``None`` (:math:`a=1/K`) or a float (§1.3a).
+    use_feature_background, learnable_bg, bg_offset
+        Feature background on ``"gamma_poisson"`` modalities (§1.4).
+    dispersion, learnable_dispersion, global_dispersion
+        NB size :math:`r` when fixed; learned :math:`d` with HalfCauchy prior otherwise (§1.7).
+    weight_mode, aggregation, att_dim
+        Mixture weights (§2.3): ``"equal"``, ``"universal"``, ``"cell"``; ``aggregation="attention"``
+        replaces them by attention scores.
+    likelihood_weight_mode, likelihood_weight_ref
+        Per-modality likelihood weights :math:`w_m` (§1.8).
+    entropy_weight, topic_variance_weight, regularizer_sign
+        :math:`\\lambda_H`, :math:`\\lambda_V` and their sign (§3.3): ``"reference"`` adds
+        :math:`+\\lambda H` and :math:`+\\lambda V` to the minimised loss (what the reference does:
+        a penalty); ``"documented"`` subtracts them (the documented "bonus").
+    normalize_encoder_inputs
+        log1p of depth-normalised counts as encoder input (§2.2).
+    bernoulli_scaling
+        ``"depth"`` (default, corrected): :math:`p = \\min(\\ell_n\\rho_{nf}, 1)`, so the expected number
+        of ones of a cell is its observed number of ones. ``"reference"``:
+        :math:`p = \\min(\\rho_{nf}\\ell_n/\\bar\\ell, 1)` (§1.7, mis-scaled, §11 item 16).
+
+    Examples
+    --------
+    >>> cfg = TopicModelConfig(("rna",), (50,), ("gamma_poisson",), n_topics=4)
+    >>> cfg.n_modalities, cfg.has_background("rna")
+    (1, True)
+    """
+
+    modalities: tuple[str, ...]
+    n_features: tuple[int, ...]
+    likelihoods: tuple[str, ...]
+    n_topics: int = 20
+    n_hidden: int = 128
+    n_layers: int = 1
+    dropout: float = 0.1
+    bn_eps: float = 1e-3
+    bn_momentum: float = 0.01
+    var_eps: float = 1e-4
+    cell_topic_prior: float | Sequence[float] | None = None
+    topic_feature_prior: float | None = None
+    use_feature_background: bool = True
+    learnable_bg: bool = True
+    bg_offset: float = 1e-15
+    dispersion: float = 1.0
+    learnable_dispersion: bool = False
+    global_dispersion: bool = True
+    weight_mode: str = "equal"
+    aggregation: str = "moe"
+    att_dim: int = 32
+    likelihood_weight_mode: str = "none"
+    likelihood_weight_ref: str = "mean"
+    entropy_weight: float = 0.01
+    topic_variance_weight: float = 1.0
+    regularizer_sign: str = "reference"
+    normalize_encoder_inputs: bool = True
+    bernoulli_scaling: str = "depth"
+
+    def __post_init__(self):
+        object.__setattr__(self, "modalities", tuple(str(m) for m in self.modalities))
+        object.__setattr__(self, "n_features", tuple(int(f) for f in self.n_features))
+        object.__setattr__(self, "likelihoods", tuple(str(s) for s in self.likelihoods))
+        M = len(self.modalities)
+        if M == 0:
+            raise ValueError("TopicModelConfig: give at least one modality")
+        if len(set(self.modalities)) != M:
+            raise ValueError(f"TopicModelConfig: modality names must be unique, got {self.modalities}")
+        if len(self.n_features) != M or len(self.likelihoods) != M:
+            raise ValueError(
+                f"TopicModelConfig: modalities ({M}), n_features ({len(self.n_features)}) and "
+                f"likelihoods ({len(self.likelihoods)}) must have the same length"
+            )
+        for m, f, lik in zip(self.modalities, self.n_features, self.likelihoods):
+            if lik not in LIKELIHOODS:
+                raise ValueError(f"modality {m!r}: unknown likelihood {lik!r}; use one of {LIKELIHOODS}")
+            if f < 1:
+                raise ValueError(f"modality {m!r}: n_features must be >= 1, got {f}")
+        if self.n_topics < 2:
+            raise ValueError(f"n_topics must be >= 2, got {self.n_topics}")
+        if self.n_layers < 1 or self.n_hidden < 1:
+            raise ValueError("n_layers and n_hidden must be >= 1")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.weight_mode not in WEIGHT_MODES:
+            raise ValueError(f"weight_mode {self.weight_mode!r}: use one of {WEIGHT_MODES}")
+        if self.aggregation not in AGGREGATIONS:
+            raise ValueError(f"aggregation {self.aggregation!r}: use one of {AGGREGATIONS}")
+        if self.likelihood_weight_mode not in ("none", "inverse_features", "sqrt_inverse_features"):
+            raise ValueError(
+                f"likelihood_weight_mode {self.likelihood_weight_mode!r}: use 'none', "
+                "'inverse_features' or 'sqrt_inverse_features'"
+            )
+        if self.likelihood_weight_ref not in ("mean", "median", "max"):
+            raise ValueError(f"likelihood_weight_ref {self.likelihood_weight_ref!r}: use 'mean', 'median' or 'max'")
+        if self.regularizer_sign not in ("reference", "documented"):
+            raise ValueError(f"regularizer_sign {self.regularizer_sign!r}: use 'reference' or 'documented'")
+        if self.bernoulli_scaling not in ("depth", "reference"):
+            raise ValueError(f"bernoulli_scaling {self.bernoulli_scaling!r}: use 'depth' or 'reference'")
+        if self.topic_feature_prior is not None and not np.isscalar(self.topic_feature_prior):
+            raise ValueError("topic_feature_prior must be None or a float (one value for every topic and feature)")
+        if self.dispersion <= 0:
+            raise ValueError(f"dispersion (NB size r) must be > 0, got {self.dispersion}")
+        cell_topic_alpha(self)  # validates cell_topic_prior
+
+    @property
+    def n_modalities(self) -> int:
+        return len(self.modalities)
+
+    def likelihood(self, m: str) -> str:
+        return self.likelihoods[self.modalities.index(m)]
+
+    def n_feat(self, m: str) -> int:
+        return self.n_features[self.modalities.index(m)]
+
+    def has_background(self, m: str) -> bool:
+        """Background only for ``"gamma_poisson"`` with ``use_feature_background`` (§1.4)."""
+        return self.use_feature_background and self.likelihood(m) == "gamma_poisson"
+
+    def learns_background(self, m: str) -> bool:
+        return self.has_background(m) and self.learnable_bg
+
+    def learns_dispersion(self, m: str) -> bool:
+        return self.learnable_dispersion and self.likelihood(m) in ("gamma_poisson", "nb")
+
+    def dispersion_shape(self, m: str) -> tuple[int]:
+        return (1,) if self.global_dispersion else (self.n_feat(m),)
+
+    @property
+    def regularizer_factor(self) -> float:
+        """+1 for the reference sign (penalty), -1 for the documented sign (bonus), §3.3."""
+        return 1.0 if self.regularizer_sign == "reference" else -1.0
+
+
+def logistic_normal_approximation(alpha) -> tuple[np.ndarray, np.ndarray]:
+    """Laplace approximation of a Dirichlet in the softmax basis (§1.1).
+
+    .. math::
+        \\mu_d = \\log\\alpha_d - \\tfrac1D\\sum_j\\log\\alpha_j,\\qquad
+        \\sigma_d^2 = \\frac{1-2/D}{\\alpha_d} + \\frac1{D^2}\\sum_j\\frac1{\\alpha_j}
+
+    Returns ``(mu, sigma)`` (standard deviations).
+
+    Examples
+    --------
+    >>> mu, sigma = logistic_normal_approximation([0.1] * 10)
+    >>> float(abs(mu).max()), round(float(sigma[0] ** 2), 6)
+    (0.0, 9.0)
+    """
+    a = np.asarray(alpha, dtype=np.float64)
+    if a.ndim != 1 or a.size < 2 or not np.all(a > 0):
+        raise ValueError("logistic_normal_approximation: alpha must be a vector of >= 2 positive values")
+    D = a.size
+    mu = np.log(a) - np.log(a).mean()
+    var = (1.0 - 2.0 / D) / a + (1.0 / a).sum() / D**2
+    return mu, np.sqrt(var)
+
+
+def cell_topic_alpha(cfg: TopicModelConfig) -> np.ndarray:
+    """Dirichlet concentration of :math:`\\theta_n` (§1.2): ``None`` -> 1/K, float -> constant, sequence -> as is."""
+    K = cfg.n_topics
+    p = cfg.cell_topic_prior
+    if p is None:
+        return np.full(K, 1.0 / K)
+    if np.isscalar(p):
+        a = np.full(K, float(p))
+    else:
+        a = np.asarray(p, dtype=np.float64)
+        if a.shape != (K,):
+            raise ValueError(f"cell_topic_prior has length {a.size}; it must have n_topics={K} entries")
+    if not np.all(a > 0):
+        raise ValueError("cell_topic_prior must be > 0")
+    return a
+
+
+def cell_topic_prior(cfg: TopicModelConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Prior mean and standard deviation :math:`(\\mu_\\theta, \\sigma_\\theta)` of :math:`z_n` (§1.2).
+
+    Examples
+    --------
+    >>> cfg = TopicModelConfig(("rna",), (50,), ("multinomial",), n_topics=10)
+    >>> mu, sd = cell_topic_prior(cfg)
+    >>> round(float(sd[0]), 6)
+    3.0
+    """
+    return logistic_normal_approximation(cell_topic_alpha(cfg))
+
+
+def topic_feature_prior_sigma(cfg: TopicModelConfig, m: str) -> float:
+    """Prior standard deviation :math:`\\sigma^\\phi_m = \\sqrt{(1-1/F_m)/a}` of the logits :math:`Z_{mk}` (§1.3a).
+
+    Examples
+    --------
+    >>> cfg = TopicModelConfig(("rna",), (100,), ("multinomial",), n_topics=4)
+    >>> round(topic_feature_prior_sigma(cfg, "rna") ** 2, 6)
+    3.96
+    """
+    a = 1.0 / cfg.n_topics if cfg.topic_feature_prior is None else float(cfg.topic_feature_prior)
+    if a <= 0:
+        raise ValueError("topic_feature_prior must be > 0")
+    F = cfg.n_feat(m)
+    return math.sqrt(max(1.0 - 1.0 / F, 0.0) / a) if F > 1 else math.sqrt(1.0 / a)
+
+
+def likelihood_weights(cfg: TopicModelConfig) -> dict[str, float]:
+    """Per-modality likelihood weights :math:`w_m` (§1.8).
+
+    ``F_ref`` is the mean, the *lower* median (torch convention) or the max of the :math:`F_m`.
+
+    Examples
+    --------
+    >>> cfg = TopicModelConfig(("a", "b"), (100, 400), ("multinomial",) * 2, n_topics=3,
+    ...                        likelihood_weight_mode="inverse_features", likelihood_weight_ref="median")
+    >>> likelihood_weights(cfg)
+    {'a': 1.0, 'b': 0.25}
+    """
+    F = np.asarray(cfg.n_features, dtype=np.float64)
+    if cfg.likelihood_weight_ref == "mean":
+        ref = F.mean()
+    elif cfg.likelihood_weight_ref == "median":
+        ref = np.sort(F)[(F.size - 1) // 2]
+    else:
+        ref = F.max()
+    if cfg.likelihood_weight_mode == "none":
+        w = np.ones_like(F)
+    elif cfg.likelihood_weight_mode == "inverse_features":
+        w = ref / F
+    else:
+        w = np.sqrt(ref / F)
+    return {m: float(v) for m, v in zip(cfg.modalities, w)}
+
+
+def kl_weight_schedule(
+    epoch: int,
+    schedule: str = "scvi400",
+    *,
+    max_epochs: int | None = None,
+    kl_weight: float = 1.0,
+    n_epochs_kl_warmup: int = 400,
+    min_kl_weight: float = 1e-6,
+    warmup_fraction: float = 0.25,
+    warmup_min: float = 0.01,
+) -> float:
+    """KL weight :math:`\\beta_t` used in the training loss at a given (0-based) epoch (§3.4).
+
+    ``"scvi400"`` (what the reference actually trains with):
+    :math:`\\beta = \\min(\\text{kl\\_weight},\\ m + (\\text{kl\\_weight} - m)\\,e/E_w)` with
+    :math:`m` = ``min_kl_weight`` (1e-6) and :math:`E_w` = ``n_epochs_kl_warmup`` (400);
+    with the default ``kl_weight=1`` this is scvi's ``min(1, 1e-6 + (1-1e-6) e/400)``.
+
+    ``"documented"`` (topomics' own warm-up): linear from ``warmup_min`` (0.01) to ``kl_weight`` over
+    the first :math:`\\lfloor` ``warmup_fraction`` :math:`\\cdot` ``max_epochs`` :math:`\\rfloor` epochs, then constant.
+
+    ``"constant"``: ``kl_weight`` at every epoch.
+
+    Examples
+    --------
+    >>> kl_weight_schedule(100)
+    0.25000075
+    >>> kl_weight_schedule(10, "documented", max_epochs=80)
+    0.505
+    >>> kl_weight_schedule(3, "constant", kl_weight=0.5)
+    0.5
+    """
+    if epoch < 0:
+        raise ValueError(f"kl_weight_schedule: epoch must be >= 0, got {epoch}")
+    if schedule == "scvi400":
+        if n_epochs_kl_warmup <= 0:
+            return float(kl_weight)
+        return float(min(kl_weight, min_kl_weight + (kl_weight - min_kl_weight) * epoch / n_epochs_kl_warmup))
+    if schedule == "documented":
+        if max_epochs is None:
+            raise ValueError("kl_weight_schedule('documented') needs max_epochs")
+        n_warm = int(math.floor(warmup_fraction * max_epochs))
+        if n_warm <= 0 or epoch >= n_warm:
+            return float(kl_weight)
+        return float(warmup_min + (kl_weight - warmup_min) * epoch / n_warm)
+    if schedule == "constant":
+        return float(kl_weight)
+    raise ValueError(f"kl_weight_schedule: unknown schedule {schedule!r}; use 'scvi400', 'documented' or 'constant'")

@@ -1,0 +1,682 @@
+"""Loss of MultimodalAmortizedLDA for one minibatch and its exact gradient (spec §1–§3).
+
+The minimised loss (§3.1, §3.2) for a minibatch :math:`\\mathcal B` of the training data of size :math:`N` is
+
+.. math::
+    \\mathcal L = \\frac NB\\sum_{n\\in\\mathcal B}\\Big[-\\sum_m w_m\\log p_m(x_{nm}) + \\beta\\,\\mathrm{KL}_n
+    + s\\,\\lambda_H H(\\theta_n)\\Big] + \\beta\\,\\mathcal G + s\\,\\lambda_V\\sum_k\\widehat{\\mathrm{Var}}_{n\\in\\mathcal B}(\\theta_{nk})
+
+with :math:`s=+1` for ``regularizer_sign="reference"`` and :math:`-1` for ``"documented"`` (§3.3), and
+:math:`\\mathcal G` the global KL terms (analytic for :math:`Z_m, u_m`; one-sample Monte Carlo for the
+learned dispersion :math:`d_m` and the Gaussian scale :math:`\\varsigma_m`).
+
+It is split for sharding (§3.6) into
+
+* :func:`global_draws` / :func:`global_draws_backward`: the reparameterised global latents
+  (:math:`Z_m = M^\\phi_m + \\mathrm{sp}(S^\\phi_m)\\odot E_m`, background, dispersion, Gaussian scale);
+* :func:`forward_cells` / :func:`backward_cells`: everything per cell, for the rows one shard holds;
+  the backward returns parameter gradients and gradients w.r.t. the global *draws*;
+* :func:`global_kl`: :math:`\\mathcal G` and its gradient;
+* :func:`loss_and_grad`: the single-process composition (what the finite-difference tests check).
+
+Clamps (``clampsym``/``clamppos``, probability clips at float32 eps, the 1e-8 mean floor) have zero
+derivative where active, as in autograd.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ..._xp import get_xp, to_numpy
+from ._config import EPS32, TopicModelConfig
+from ._nn import clamppos, clampsym, encoder_backward, encoder_forward, normalize_counts
+from ._params import sigmoid, softplus
+from ._special import digamma, gammaln
+
+_LOG_2PI = math.log(2.0 * math.pi)
+_LOG_2_OVER_PI = math.log(2.0 / math.pi)
+_ENT_EPS = 1e-5
+_MU_FLOOR = 1e-8
+_MASK_LOGIT = -1e5
+
+
+def softmax(t, axis=-1):
+    """Softmax along ``axis`` (max-shifted).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> softmax(np.array([0.0, np.log(3.0)])).tolist()
+    [0.25, 0.75]
+    """
+    xp = get_xp(t)
+    e = xp.exp(t - t.max(axis=axis, keepdims=True))
+    return e / e.sum(axis=axis, keepdims=True)
+
+
+def softmax_backward(y, dy, axis=-1):
+    """Vector-Jacobian product of the softmax: :math:`\\partial t = y\\odot(\\partial y - \\sum y\\,\\partial y)`."""
+    return y * (dy - (y * dy).sum(axis=axis, keepdims=True))
+
+
+# --------------------------------------------------------------------------- global latents
+
+
+def global_draws(params: dict, gnoise: dict, cfg: TopicModelConfig, buffers: dict) -> dict:
+    """One joint reparameterised draw of the global latents (§2.1, §2.3).
+
+    .. math::
+        Z_m = M^\\phi_m + \\mathrm{sp}(S^\\phi_m)\\odot E_m,\\quad
+        b_m = b^0_m + \\text{bg\\_loc}_m + \\mathrm{sp}(\\text{bg\\_scale}_m)\\odot e_m,\\quad
+        d_m = \\exp(\\text{loc} + \\mathrm{sp}(\\text{scale})\\,e),\\quad
+        \\varsigma_m = \\exp(\\text{loc} + \\mathrm{sp}(\\text{scale})\\odot e)
+
+    Returns ``{"Z/{m}", "b/{m}" (background modalities), "d/{m}" (learned NB dispersion),
+    "sigma/{m}" (Gaussian)}``.
+    """
+    xp = get_xp(*params.values())
+    out = {}
+    for m, lik in zip(cfg.modalities, cfg.likelihoods):
+        d = f"dec/{m}/"
+        out[f"Z/{m}"] = params[f"{d}Z_loc"] + softplus(params[f"{d}Z_scale"], xp) * gnoise[f"E/{m}"]
+        if cfg.has_background(m):
+            b = buffers[f"b0/{m}"]
+            if cfg.learns_background(m):
+                b = b + params[f"{d}bg_loc"] + softplus(params[f"{d}bg_scale"], xp) * gnoise[f"e_bg/{m}"]
+            out[f"b/{m}"] = b
+        if cfg.learns_dispersion(m):
+            out[f"d/{m}"] = xp.exp(params[f"{d}disp_loc"] + softplus(params[f"{d}disp_scale"], xp) * gnoise[f"e_disp/{m}"])
+        if lik == "gaussian":
+            out[f"sigma/{m}"] = xp.exp(
+                params[f"{d}sigma_loc"] + softplus(params[f"{d}sigma_scale"], xp) * gnoise[f"e_sigma/{m}"]
+            )
+    return out
+
+
+def global_draws_backward(params: dict, gnoise: dict, draws: dict, dgrads: dict, cfg: TopicModelConfig) -> dict:
+    """Chain gradients w.r.t. the draws (keys ``draw/Z/{m}`` ...) into the variational parameters.
+
+    :math:`\\partial M = \\partial Z`, :math:`\\partial S = \\partial Z\\odot E\\odot\\sigma(S)`; for the
+    log-normal latents :math:`\\partial\\,\\text{loc} = \\partial d\\cdot d` and
+    :math:`\\partial\\,\\text{scale} = \\partial d\\cdot d\\,e\\,\\sigma(\\text{scale})`.
+    """
+    xp = get_xp(*params.values())
+    g = {}
+    for m in cfg.modalities:
+        d = f"dec/{m}/"
+        dZ = dgrads.get(f"draw/Z/{m}")
+        if dZ is not None:
+            g[f"{d}Z_loc"] = dZ
+            g[f"{d}Z_scale"] = dZ * gnoise[f"E/{m}"] * sigmoid(params[f"{d}Z_scale"], xp)
+        db = dgrads.get(f"draw/b/{m}")
+        if db is not None and cfg.learns_background(m):
+            g[f"{d}bg_loc"] = db
+            g[f"{d}bg_scale"] = db * gnoise[f"e_bg/{m}"] * sigmoid(params[f"{d}bg_scale"], xp)
+        for name, e in (("disp", "e_disp"), ("sigma", "e_sigma")):
+            key = "d" if name == "disp" else "sigma"
+            dd = dgrads.get(f"draw/{key}/{m}")
+            if dd is not None:
+                val = draws[f"{key}/{m}"]
+                g[f"{d}{name}_loc"] = dd * val
+                g[f"{d}{name}_scale"] = dd * val * gnoise[f"{e}/{m}"] * sigmoid(params[f"{d}{name}_scale"], xp)
+    return g
+
+
+def kl_normal(mu, s, mu0, s0):
+    """:math:`\\sum_i\\big[\\log(s_{0,i}/s_i) + (s_i^2 + (\\mu_i-\\mu_{0,i})^2)/(2s_{0,i}^2) - \\tfrac12\\big]` (§3.1).
+
+    Returns ``(value, d/dmu, d/ds)``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> float(kl_normal(np.zeros(2), np.ones(2), 0.0, 1.0)[0])
+    0.0
+    """
+    xp = get_xp(mu, s)
+    val = (xp.log(s0 / s) + (s * s + (mu - mu0) ** 2) / (2.0 * s0 * s0) - 0.5).sum()
+    return val, (mu - mu0) / (s0 * s0), -1.0 / s + s / (s0 * s0)
+
+
+def _lognormal_halfcauchy_mc(loc, raw, e, xp):
+    """One-sample :math:`\\log q(d) - \\log p(d)` for :math:`q=\\mathrm{LogNormal}(\\text{loc}, \\mathrm{sp}(\\text{raw}))`,
+    :math:`p=\\mathrm{HalfCauchy}(1)`, at :math:`d=\\exp(\\text{loc}+\\mathrm{sp}(\\text{raw})e)`:
+
+    .. math:: f = -\\text{loc} - s e - \\log s - \\tfrac12\\log 2\\pi - \\tfrac{e^2}2 - \\log\\tfrac2\\pi + \\log(1+d^2)
+
+    Returns ``(value, d/dloc, d/draw)`` (total derivatives through the reparameterised sample).
+    """
+    s = softplus(raw, xp)
+    d = xp.exp(loc + s * e)
+    val = (-loc - s * e - xp.log(s) - 0.5 * _LOG_2PI - 0.5 * e * e - _LOG_2_OVER_PI + xp.log1p(d * d)).sum()
+    t = 2.0 * d * d / (1.0 + d * d)
+    dloc = -1.0 + t
+    ds = -e - 1.0 / s + t * e
+    return val, dloc, ds * sigmoid(raw, xp)
+
+
+def global_kl(params: dict, gnoise: dict, cfg: TopicModelConfig, buffers: dict) -> tuple[float, dict]:
+    """Global KL terms :math:`\\mathcal G` (not yet multiplied by :math:`\\beta`) and their gradient (§3.1).
+
+    .. math::
+        \\mathcal G = \\sum_m \\mathrm{KL}(\\mathcal N(M^\\phi_m,\\mathrm{sp}(S^\\phi_m)^2)\\,\\|\\,\\mathcal N(0,(\\sigma^\\phi_m)^2))
+        + \\mathrm{KL}(q(u_m)\\,\\|\\,\\mathcal N(0,I)) + [\\log q - \\log p](d_m) + [\\log q - \\log p](\\varsigma_m)
+    """
+    xp = get_xp(*params.values())
+    total = 0.0
+    g = {}
+    for m, lik in zip(cfg.modalities, cfg.likelihoods):
+        d = f"dec/{m}/"
+        raw = params[f"{d}Z_scale"]
+        val, dmu, ds = kl_normal(params[f"{d}Z_loc"], softplus(raw, xp), 0.0, buffers[f"phi_sd/{m}"])
+        total += float(val)
+        g[f"{d}Z_loc"] = dmu
+        g[f"{d}Z_scale"] = ds * sigmoid(raw, xp)
+        if cfg.learns_background(m):
+            raw = params[f"{d}bg_scale"]
+            val, dmu, ds = kl_normal(params[f"{d}bg_loc"], softplus(raw, xp), 0.0, 1.0)
+            total += float(val)
+            g[f"{d}bg_loc"] = dmu
+            g[f"{d}bg_scale"] = ds * sigmoid(raw, xp)
+        for name, e, on in (
+            ("disp", "e_disp", cfg.learns_dispersion(m)),
+            ("sigma", "e_sigma", lik == "gaussian"),
+        ):
+            if on:
+                val, dloc, draw = _lognormal_halfcauchy_mc(
+                    params[f"{d}{name}_loc"], params[f"{d}{name}_scale"], gnoise[f"{e}/{m}"], xp
+                )
+                total += float(val)
+                g[f"{d}{name}_loc"] = dloc
+                g[f"{d}{name}_scale"] = draw
+    return total, g
+
+
+# --------------------------------------------------------------------------- likelihoods
+
+
+def loglik_multinomial(x, rho):
+    """Multinomial without coefficient (§1.7): :math:`\\sum_f\\tilde x_f\\log\\mathrm{clip}(\\rho_f,\\varepsilon_{32},1-\\varepsilon_{32})`.
+
+    Returns ``(log p per cell, d log p / d rho)``. The reference's renormalisation
+    :math:`\\rho/\\sum_f\\rho` is the identity on the simplex and leaves parameter gradients unchanged
+    (its Jacobian only removes a per-cell constant, which the softmaxes annihilate), so it is omitted.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> lp, g = loglik_multinomial(np.array([[2.0, 0.0]]), np.array([[0.5, 0.5]]))
+    >>> round(float(lp[0]), 6), g.tolist()
+    (-1.386294, [[4.0, 0.0]])
+    """
+    xp = get_xp(x, rho)
+    xt = xp.round(xp.maximum(x, 0.0))
+    rc = xp.clip(rho, EPS32, 1.0 - EPS32)
+    ok = ((rho > EPS32) & (rho < 1.0 - EPS32)).astype(rho.dtype)
+    return (xt * xp.log(rc)).sum(axis=1), xt / rc * ok
+
+
+def loglik_nb_fixed(x, rho, lib, r):
+    """NB with fixed size :math:`r` (§1.7): :math:`\\mu = \\max(\\ell\\rho, 10^{-8})`, :math:`p = \\mathrm{clip}(\\mu/(\\mu+r))`,
+
+    .. math:: \\log p(\\tilde x) = \\log\\Gamma(\\tilde x+r) - \\log\\Gamma(r) - \\log\\Gamma(\\tilde x+1) + r\\log(1-p) + \\tilde x\\log p
+
+    Returns ``(log p per cell, d log p / d rho)``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> lp, g = loglik_nb_fixed(np.array([[1.0]]), np.array([[1.0]]), np.array([1.0]), 1.0)
+    >>> round(float(lp[0]), 6)
+    -1.386294
+    """
+    xp = get_xp(x, rho)
+    xt = xp.round(xp.maximum(x, 0.0))
+    mu_raw = lib[:, None] * rho
+    mu = xp.maximum(mu_raw, _MU_FLOOR)
+    p = mu / (mu + r)
+    pc = xp.clip(p, EPS32, 1.0 - EPS32)
+    ok = ((p > EPS32) & (p < 1.0 - EPS32) & (mu_raw > _MU_FLOOR)).astype(rho.dtype)
+    lp = gammaln(xt + r) - gammaln(xp.asarray(r, dtype=rho.dtype)) - gammaln(xt + 1.0) + r * xp.log1p(-pc) + xt * xp.log(pc)
+    dp = xt / pc - r / (1.0 - pc)
+    return lp.sum(axis=1), dp * ok * (r / (mu + r) ** 2) * lib[:, None]
+
+
+def loglik_nb_learned(x, rho, lib, d):
+    """Gamma-Poisson with size :math:`a = 1/(d^2+10^{-8})` and mean :math:`\\mu=\\max(\\ell\\rho,10^{-8})` (§1.7):
+
+    .. math:: \\log p = \\log\\Gamma(\\tilde x+a) - \\log\\Gamma(a) - \\log\\Gamma(\\tilde x+1)
+              + a\\log\\frac a{a+\\mu} + \\tilde x\\log\\frac\\mu{a+\\mu}
+
+    Returns ``(log p per cell, d log p/d rho, d log p/d d)`` with the last summed over cells (and over
+    features when ``d`` has shape (1,)), using :math:`\\partial a/\\partial d = -2d/(d^2+10^{-8})^2` (§3.7).
+    """
+    xp = get_xp(x, rho)
+    xt = xp.round(xp.maximum(x, 0.0))
+    mu_raw = lib[:, None] * rho
+    mu = xp.maximum(mu_raw, _MU_FLOOR)
+    den = d * d + 1e-8
+    a = 1.0 / den
+    lam = xp.log(a + mu)
+    lp = gammaln(xt + a) - gammaln(a) - gammaln(xt + 1.0) + a * (xp.log(a) - lam) + xt * (xp.log(mu) - lam)
+    dmu = xt / mu - (a + xt) / (a + mu)
+    da = digamma(xt + a) - digamma(a) + xp.log(a) + 1.0 - lam - (a + xt) / (a + mu)
+    da_sum = da.sum(axis=0)
+    if d.shape[0] == 1:
+        da_sum = da_sum.sum(keepdims=True)
+    dd = da_sum * (-2.0 * d / (den * den))
+    return lp.sum(axis=1), dmu * (mu_raw > _MU_FLOOR).astype(rho.dtype) * lib[:, None], dd
+
+
+def loglik_bernoulli(x, rho, scale):
+    """Bernoulli (§1.7): :math:`p=\\mathrm{clip}(\\min(\\rho_{nf}s_n,1),\\varepsilon_{32},1-\\varepsilon_{32})`,
+    :math:`\\log p = \\sum_f\\tilde x\\log p + (1-\\tilde x)\\log(1-p)`, :math:`\\tilde x=\\mathrm{round}(\\mathrm{clip}(x,0,1))`.
+
+    ``scale`` is :math:`s_n` (:math:`\\ell_n` for ``bernoulli_scaling="depth"``,
+    :math:`\\ell_n/\\bar\\ell` for ``"reference"``). Returns ``(log p per cell, d log p / d rho)``.
+    """
+    xp = get_xp(x, rho)
+    xt = xp.round(xp.clip(x, 0.0, 1.0))
+    q = rho * scale[:, None]
+    pm = xp.minimum(q, 1.0)
+    pc = xp.clip(pm, EPS32, 1.0 - EPS32)
+    ok = ((q > EPS32) & (q < 1.0 - EPS32)).astype(rho.dtype)
+    lp = (xt * xp.log(pc) + (1.0 - xt) * xp.log1p(-pc)).sum(axis=1)
+    return lp, (xt / pc - (1.0 - xt) / (1.0 - pc)) * ok * scale[:, None]
+
+
+def loglik_gaussian(x, mean, sigma):
+    """Gaussian (§1.7): :math:`\\sum_f -\\tfrac12\\log2\\pi - \\log\\varsigma_f - (x_f-\\mu^G_f)^2/(2\\varsigma_f^2)`.
+
+    Returns ``(log p per cell, d/d mean, d/d sigma summed over cells)``.
+    """
+    r = x - mean
+    s2 = sigma * sigma
+    xp = get_xp(x, mean)
+    lp = (-0.5 * _LOG_2PI - xp.log(sigma) - r * r / (2.0 * s2)).sum(axis=1)
+    dsig = (-1.0 / sigma + r * r / (s2 * sigma)).sum(axis=0)
+    return lp, r / s2, dsig
+
+
+# --------------------------------------------------------------------------- aggregation
+
+
+def masked_softmax(omega, present, clamp: bool = True):
+    """Mixture weights :math:`w_{n\\cdot} = \\mathrm{softmax}_m(\\omega_{n\\cdot})` with absent modalities
+    set to :math:`-10^5` (all absent gives uniform weights), §2.3. ``clamp`` applies clampsym to
+    :math:`\\omega` first (weight modes; not for attention scores). Returns ``(w, ok)`` where ``ok`` is
+    the derivative mask of the logits.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> w, _ = masked_softmax(np.ones((1, 3)), np.array([[True, False, True]]))
+    >>> w.round(3).tolist()
+    [[0.5, 0.0, 0.5]]
+    """
+    xp = get_xp(omega)
+    if clamp:
+        oc, ok = clampsym(omega)
+    else:
+        oc, ok = omega, xp.ones_like(omega)
+    presf = present.astype(omega.dtype)
+    logits = xp.where(present, oc, _MASK_LOGIT)
+    return softmax(logits, axis=1), ok * presf
+
+
+def moment_match(w, mus, vs):
+    """Collapse the weighted Gaussian mixture to one Gaussian with the same two moments (§2.3):
+
+    .. math:: \\bar\\mu = \\mathrm{clampsym}\\Big(\\sum_m w_m\\mu_m\\Big),\\quad
+              \\bar v = \\mathrm{clamppos}\\Big(\\sum_m w_m v_m + \\sum_m w_m(\\mu_m-\\bar\\mu)^2\\Big)
+
+    ``w`` is (B, M); ``mus``, ``vs`` are (M, B, K). Returns ``(mbar, vbar, cache)``.
+    """
+    mraw = (w.T[:, :, None] * mus).sum(axis=0)
+    mbar, ok_m = clampsym(mraw)
+    dev = mus - mbar[None]
+    vraw = (w.T[:, :, None] * (vs + dev * dev)).sum(axis=0)
+    vbar, ok_v = clamppos(vraw)
+    return mbar, vbar, (w, mus, vs, dev, ok_m, ok_v)
+
+
+def moment_match_backward(dmbar, dvbar, cache):
+    """Backward of :func:`moment_match`: returns ``(dmus, dvs, dw)`` (§3.7 "moment matching").
+
+    :math:`\\partial\\mu_m = w_m\\partial\\bar\\mu + 2w_m(\\mu_m-\\bar\\mu)\\partial\\bar v`,
+    :math:`\\partial v_m = w_m\\partial\\bar v`,
+    :math:`\\partial w_m = \\sum_k[\\mu_m\\partial\\bar\\mu + (v_m + (\\mu_m-\\bar\\mu)^2)\\partial\\bar v]`,
+    including the (normally zero) path through the clamped :math:`\\bar\\mu` inside :math:`\\bar v`.
+    """
+    w, mus, vs, dev, ok_m, ok_v = cache
+    dvraw = dvbar * ok_v
+    wT = w.T[:, :, None]
+    dmbar_tot = dmbar - 2.0 * dvraw * (wT * dev).sum(axis=0)
+    dmraw = dmbar_tot * ok_m
+    dmus = wT * dmraw[None] + 2.0 * wT * dev * dvraw[None]
+    dvs = wT * dvraw[None]
+    dw = ((mus * dmraw[None]).sum(axis=2) + ((vs + dev * dev) * dvraw[None]).sum(axis=2)).T
+    return dmus, dvs, dw
+
+
+# --------------------------------------------------------------------------- per-cell forward / backward
+
+
+def _as_xp(v, xp, dtype):
+    return xp.asarray(v, dtype=dtype)
+
+
+def forward_cells(
+    params: dict,
+    x: dict,
+    cnoise: dict,
+    cfg: TopicModelConfig,
+    buffers: dict,
+    draws: dict,
+    *,
+    lib_median: dict | None = None,
+    bern_depth: dict | None = None,
+    cell_omega=None,
+) -> tuple[dict, dict]:
+    """Per-cell forward pass for the rows ``x[m]`` (B, F_m) of one minibatch part.
+
+    Encoders (§2.2) -> mixture weights and moment matching (§2.3) -> :math:`z_n=\\bar\\mu_n+\\sqrt{\\bar v_n}\\epsilon_n`,
+    :math:`\\theta_n=\\mathrm{softmax}(z_n)` -> per-modality likelihoods (§1.6, §1.7), cell KL, entropy.
+
+    ``lib_median[m]``: median library for the encoder input (``None``: lower median of this part);
+    ``bern_depth[m]``: :math:`\\bar\\ell` for ``bernoulli_scaling="reference"`` (``None``: mean of this part);
+    ``cell_omega``: (B, M) rows of :math:`\\Omega` for ``weight_mode="cell"``.
+
+    Returns ``(cache, stats)``; ``stats`` holds sums over the rows: ``nll`` (weighted
+    :math:`-\\sum_m w_m\\log p_m`), ``nll/{m}`` (unweighted), ``kl``, ``entropy``, ``theta_sum``,
+    ``theta_sq_sum``, ``n`` and BatchNorm sums ``bn/{m}/{l}/s1``, ``bn/{m}/{l}/s2``.
+    """
+    first = x[cfg.modalities[0]]
+    xp = get_xp(first)
+    dtype = first.dtype
+    B = first.shape[0]
+    K = cfg.n_topics
+    mus, vs, enc_caches, present = [], [], [], []
+    stats: dict = {"n": B}
+    for m, lik in zip(cfg.modalities, cfg.likelihoods):
+        xm = x[m]
+        if xm.shape != (B, cfg.n_feat(m)):
+            raise ValueError(f"modality {m!r}: minibatch has shape {xm.shape}, expected ({B}, {cfg.n_feat(m)})")
+        present.append(xm.sum(axis=1) > 0)
+        if lik == "gaussian" or not cfg.normalize_encoder_inputs:
+            xh = xm
+        else:
+            xh = normalize_counts(xm, None if lib_median is None else lib_median[m])
+        masks = [cnoise[f"drop/{m}/{l}"] for l in range(cfg.n_layers)]
+        mu, v, c, bn_sums = encoder_forward(params, f"enc/{m}/", xh, masks, cfg.n_layers, cfg.bn_eps, cfg.var_eps)
+        for l, (s1, s2) in enumerate(bn_sums):
+            stats[f"bn/{m}/{l}/s1"] = s1
+            stats[f"bn/{m}/{l}/s2"] = s2
+        mus.append(mu)
+        vs.append(v)
+        enc_caches.append(c)
+    mus = xp.stack(mus)  # (M, B, K)
+    vs = xp.stack(vs)
+    pres = xp.stack(present, axis=1)  # (B, M)
+
+    att_cache = None
+    if cfg.aggregation == "attention":
+        t = xp.tanh(mus @ params["att/W"])  # (M, B, a)
+        omega = (t @ params["att/u"]).T  # (B, M)
+        att_cache = t
+        w, ok_w = masked_softmax(omega, pres, clamp=False)
+    else:
+        if cfg.weight_mode == "equal":
+            omega = xp.ones((B, cfg.n_modalities), dtype=dtype)
+        elif cfg.weight_mode == "universal":
+            omega = xp.broadcast_to(params["mix/omega"][None, :], (B, cfg.n_modalities))
+        else:
+            if cell_omega is None or cell_omega.shape != (B, cfg.n_modalities):
+                raise ValueError(
+                    f"weight_mode='cell' needs cell_omega of shape ({B}, {cfg.n_modalities}) for the minibatch rows"
+                )
+            omega = cell_omega
+        w, ok_w = masked_softmax(omega, pres, clamp=True)
+    mbar, vbar, mm_cache = moment_match(w, mus, vs)
+    sd = xp.sqrt(vbar)
+    eps = cnoise["eps_z"]
+    z = mbar + sd * eps
+    theta = softmax(z, axis=1)
+
+    prior_mu = _as_xp(buffers["prior_mu"], xp, dtype)
+    prior_sd = _as_xp(buffers["prior_sd"], xp, dtype)
+    kl_cell = (xp.log(prior_sd) - 0.5 * xp.log(vbar) + (vbar + (mbar - prior_mu) ** 2) / (2.0 * prior_sd**2) - 0.5).sum()
+    ent = -(theta * xp.log(theta + _ENT_EPS)).sum()
+
+    liks = []
+    nll = 0.0
+    for m, lik in zip(cfg.modalities, cfg.likelihoods):
+        xm = x[m]
+        wm = float(buffers[f"lik_w/{m}"])
+        Z = draws[f"Z/{m}"]
+        entry = {"lik": lik, "w": wm}
+        if lik == "gaussian":
+            mean = theta @ Z
+            lp, dmean, dsig = loglik_gaussian(xm, mean, draws[f"sigma/{m}"])
+            entry.update(dmean=dmean, dsig=dsig)
+        else:
+            eta = Z + draws[f"b/{m}"][None, :] if cfg.has_background(m) else Z
+            phi = softmax(eta, axis=1)
+            rho = theta @ phi
+            lib = xp.maximum(xm.sum(axis=1), 0.0)
+            if lik == "multinomial":
+                lp, drho = loglik_multinomial(xm, rho)
+            elif lik == "bernoulli":
+                if cfg.bernoulli_scaling == "depth":
+                    s = lib
+                else:
+                    ref = lib.mean() if bern_depth is None else bern_depth[m]
+                    if not float(ref) > 0:
+                        raise ValueError(
+                            f"modality {m!r}: mean depth is 0, so bernoulli_scaling='reference' is undefined; "
+                            "use bernoulli_scaling='depth' or drop empty cells"
+                        )
+                    s = lib / ref
+                lp, drho = loglik_bernoulli(xm, rho, s)
+            elif cfg.learns_dispersion(m):
+                lp, drho, dd = loglik_nb_learned(xm, rho, lib, draws[f"d/{m}"])
+                entry["dd"] = dd
+            else:
+                lp, drho = loglik_nb_fixed(xm, rho, lib, cfg.dispersion)
+            entry.update(phi=phi, drho=drho)
+        s_lp = -lp.sum()
+        stats[f"nll/{m}"] = s_lp
+        nll = nll + wm * s_lp
+        liks.append(entry)
+    stats.update(
+        nll=nll,
+        kl=kl_cell,
+        entropy=ent,
+        theta_sum=theta.sum(axis=0),
+        theta_sq_sum=(theta * theta).sum(axis=0),
+    )
+    cache = dict(
+        mus=mus, vs=vs, pres=pres, w=w, ok_w=ok_w, att=att_cache, mm=mm_cache, mbar=mbar, vbar=vbar,
+        sd=sd, eps=eps, theta=theta, liks=liks, enc=enc_caches, prior_mu=prior_mu, prior_sd=prior_sd,
+        draws=draws,
+    )
+    return cache, stats
+
+
+def backward_cells(
+    params: dict,
+    cache: dict,
+    cfg: TopicModelConfig,
+    *,
+    cell_scale: float,
+    beta: float,
+    n_batch: int,
+    theta_bar,
+) -> dict:
+    """Gradient of this part's share of :math:`\\mathcal L` (see the module docstring).
+
+    Objective differentiated: ``cell_scale`` :math:`\\cdot\\sum_n[-\\sum_m w_m\\log p_m + \\beta\\mathrm{KL}_n + s\\lambda_H H_n]`
+    :math:`+\\, s\\lambda_V\\sum_k\\widehat{\\mathrm{Var}}`, whose derivative w.r.t. :math:`\\theta_{nk}` in
+    the variance term is :math:`2(\\theta_{nk}-\\bar\\theta_k)/(B-1)` with the *global* minibatch mean
+    ``theta_bar`` and size ``n_batch`` (§3.6 d; 0 when ``n_batch < 2``).
+
+    Returns parameter gradients (``enc/...``, ``att/...``, ``mix/omega``), gradients w.r.t. the global
+    draws (``draw/Z/{m}``, ``draw/b/{m}``, ``draw/d/{m}``, ``draw/sigma/{m}``) and ``omega_cell`` (B, M)
+    for ``weight_mode="cell"``.
+    """
+    theta = cache["theta"]
+    xp = get_xp(theta)
+    g: dict = {}
+    dtheta = xp.zeros_like(theta)
+    for m, entry in zip(cfg.modalities, cache["liks"]):
+        c = -cell_scale * entry["w"]
+        Z = cache["draws"][f"Z/{m}"]
+        if entry["lik"] == "gaussian":
+            dmean = c * entry["dmean"]
+            dtheta = dtheta + dmean @ Z.T
+            g[f"draw/Z/{m}"] = theta.T @ dmean
+            g[f"draw/sigma/{m}"] = c * entry["dsig"]
+        else:
+            G = c * entry["drho"]
+            phi = entry["phi"]
+            dtheta = dtheta + G @ phi.T
+            deta = softmax_backward(phi, theta.T @ G, axis=1)
+            g[f"draw/Z/{m}"] = deta
+            if cfg.has_background(m):
+                g[f"draw/b/{m}"] = deta.sum(axis=0)
+            if "dd" in entry:
+                g[f"draw/d/{m}"] = c * entry["dd"]
+    s = cfg.regularizer_factor
+    if cfg.entropy_weight:
+        dH = -xp.log(theta + _ENT_EPS) - theta / (theta + _ENT_EPS)
+        dtheta = dtheta + (cell_scale * s * cfg.entropy_weight) * dH
+    if cfg.topic_variance_weight and n_batch >= 2:
+        tb = xp.asarray(theta_bar, dtype=theta.dtype)
+        dtheta = dtheta + (2.0 * s * cfg.topic_variance_weight / (n_batch - 1)) * (theta - tb[None, :])
+    dz = softmax_backward(theta, dtheta, axis=1)
+    mbar, vbar, sd, eps = cache["mbar"], cache["vbar"], cache["sd"], cache["eps"]
+    pm, psd = cache["prior_mu"], cache["prior_sd"]
+    kc = cell_scale * beta
+    dmbar = dz + kc * (mbar - pm) / psd**2
+    dvbar = dz * eps / (2.0 * sd) + kc * (-0.5 / vbar + 0.5 / psd**2)
+    dmus, dvs, dw = moment_match_backward(dmbar, dvbar, cache["mm"])
+    # mixture weights -> logits
+    w = cache["w"]
+    domega = softmax_backward(w, dw, axis=1) * cache["ok_w"]
+    if cfg.aggregation == "attention":
+        t = cache["att"]  # (M, B, a)
+        u = params["att/u"]
+        g["att/u"] = (t * domega.T[:, :, None]).sum(axis=(0, 1))
+        dpre = domega.T[:, :, None] * u[None, None, :] * (1.0 - t * t)
+        g["att/W"] = xp.einsum("mbk,mba->ka", cache["mus"], dpre)
+        dmus = dmus + dpre @ params["att/W"].T
+    elif cfg.weight_mode == "universal":
+        g["mix/omega"] = domega.sum(axis=0)
+    elif cfg.weight_mode == "cell":
+        g["omega_cell"] = domega
+    for i, m in enumerate(cfg.modalities):
+        g.update(encoder_backward(params, f"enc/{m}/", cache["enc"][i], dmus[i], dvs[i], cfg.n_layers))
+    return g
+
+
+def topic_variance(theta_sum, theta_sq_sum, n: int) -> float:
+    """:math:`\\sum_k\\widehat{\\mathrm{Var}}_n(\\theta_{nk})` (unbiased) from the sums; 0 when ``n < 2``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> t = np.array([[0.2, 0.8], [0.6, 0.4]])
+    >>> round(topic_variance(t.sum(0), (t * t).sum(0), 2), 6)
+    0.16
+    """
+    if n < 2:
+        return 0.0
+    s1 = np.asarray(to_numpy(theta_sum), dtype=np.float64)
+    s2 = np.asarray(to_numpy(theta_sq_sum), dtype=np.float64)
+    return float(((s2 - s1 * s1 / n) / (n - 1)).sum())
+
+
+def combine_loss(stats: dict, cfg: TopicModelConfig, *, cell_scale: float, beta: float, global_value: float) -> float:
+    """:math:`\\mathcal L` from summed per-cell statistics (§3.1): see the module docstring."""
+    s = cfg.regularizer_factor
+    n = int(stats["n"])
+    per_cell = float(stats["nll"]) + beta * float(stats["kl"]) + s * cfg.entropy_weight * float(stats["entropy"])
+    var = topic_variance(stats["theta_sum"], stats["theta_sq_sum"], n)
+    return cell_scale * per_cell + beta * global_value + s * cfg.topic_variance_weight * var
+
+
+def loss_and_grad(
+    params: dict,
+    x: dict,
+    cnoise: dict,
+    gnoise: dict,
+    cfg: TopicModelConfig,
+    buffers: dict,
+    *,
+    n_total: int,
+    beta: float,
+    lib_median: dict | None = None,
+    bern_depth: dict | None = None,
+    cell_omega=None,
+) -> tuple[float, dict]:
+    """Loss :math:`\\mathcal L` of one minibatch scaled to ``n_total`` cells (§3.2) and its gradient.
+
+    Parameters
+    ----------
+    params
+        Global parameters (:func:`~atlasfit.models.topic.init_params`).
+    x
+        Minibatch rows per modality, dense (B, F_m).
+    cnoise, gnoise
+        Per-cell and global noise (:func:`draw_cell_noise`, :func:`draw_global_noise`); fixing them
+        makes the loss a deterministic function of the parameters.
+    cfg, buffers
+        Model configuration and fixed buffers (:func:`make_buffers`).
+    n_total
+        :math:`N`, the number of training cells (the per-cell terms are scaled by :math:`N/B`).
+    beta
+        KL weight :math:`\\beta_t` (:func:`kl_weight_schedule`).
+    lib_median, bern_depth, cell_omega
+        See :func:`forward_cells`.
+
+    Returns
+    -------
+    loss, grads
+        ``grads`` has one array per entry of ``params`` (same shape) plus ``omega_cell`` for
+        ``weight_mode="cell"``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from atlasfit.models.topic import TopicModelConfig, init_params, make_buffers
+    >>> from atlasfit.models.topic import draw_cell_noise, draw_global_noise
+    >>> cfg = TopicModelConfig(("rna",), (6,), ("multinomial",), n_topics=2, n_hidden=4)
+    >>> p = init_params(cfg)
+    >>> x = {"rna": np.arange(24.0).reshape(4, 6)}
+    >>> loss, g = loss_and_grad(p, x, draw_cell_noise(cfg, 4, (0,)), draw_global_noise(cfg, (0,)),
+    ...                         cfg, make_buffers(cfg), n_total=40, beta=1.0)
+    >>> sorted(g) == sorted(p)
+    True
+    """
+    B = x[cfg.modalities[0]].shape[0]
+    draws = global_draws(params, gnoise, cfg, buffers)
+    cache, stats = forward_cells(
+        params, x, cnoise, cfg, buffers, draws, lib_median=lib_median, bern_depth=bern_depth, cell_omega=cell_omega
+    )
+    cell_scale = n_total / B
+    theta_bar = stats["theta_sum"] / B
+    gval, gkl = global_kl(params, gnoise, cfg, buffers)
+    loss = combine_loss(stats, cfg, cell_scale=cell_scale, beta=beta, global_value=gval)
+    gc = backward_cells(params, cache, cfg, cell_scale=cell_scale, beta=beta, n_batch=B, theta_bar=theta_bar)
+    grads = {k: v for k, v in gc.items() if not k.startswith("draw/")}
+    gd = global_draws_backward(params, gnoise, draws, gc, cfg)
+    for k, v in gd.items():
+        grads[k] = grads[k] + v if k in grads else v
+    for k, v in gkl.items():
+        grads[k] = grads[k] + beta * v if k in grads else beta * v
+    for k, v in params.items():
+        if k not in grads:
+            grads[k] = get_xp(v).zeros_like(v)
+    return loss, grads

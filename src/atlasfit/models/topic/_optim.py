@@ -1,0 +1,85 @@
+"""AdamW with decoupled weight decay on dicts of arrays (torch.optim.AdamW semantics, spec §6)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..._xp import get_xp
+
+
+@dataclass
+class AdamWState:
+    """First and second moments per parameter name and the shared step count."""
+
+    step: int = 0
+    m: dict = field(default_factory=dict)
+    v: dict = field(default_factory=dict)
+
+
+def adamw_init(params: dict) -> AdamWState:
+    """Zero moments for every entry of ``params``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> adamw_init({"w": np.ones(2)}).m["w"].tolist()
+    [0.0, 0.0]
+    """
+    st = AdamWState()
+    for k, p in params.items():
+        xp = get_xp(p)
+        st.m[k] = xp.zeros_like(p)
+        st.v[k] = xp.zeros_like(p)
+    return st
+
+
+def adamw_update(p, g, m, v, step: int, lr: float, betas: tuple[float, float], eps: float, weight_decay: float):
+    """One AdamW update of a single array (returns new ``p, m, v``; ``step`` is 1-based).
+
+    .. math::
+        p \\leftarrow p(1-\\eta\\lambda);\\quad m \\leftarrow \\beta_1 m + (1-\\beta_1)g;\\quad
+        v \\leftarrow \\beta_2 v + (1-\\beta_2)g^2;\\quad
+        p \\leftarrow p - \\frac{\\eta}{1-\\beta_1^t}\\,\\frac{m}{\\sqrt{v}/\\sqrt{1-\\beta_2^t} + \\epsilon}
+    """
+    xp = get_xp(p)
+    b1, b2 = betas
+    p = p * (1.0 - lr * weight_decay)
+    m = b1 * m + (1.0 - b1) * g
+    v = b2 * v + (1.0 - b2) * (g * g)
+    bc1 = 1.0 - b1**step
+    bc2 = 1.0 - b2**step
+    p = p - (lr / bc1) * m / (xp.sqrt(v) / bc2**0.5 + eps)
+    return p, m, v
+
+
+def adamw_step(
+    params: dict,
+    grads: dict,
+    state: AdamWState,
+    *,
+    lr: float = 1e-3,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    weight_decay: float = 0.01,
+) -> dict:
+    """One AdamW step on every entry of ``params`` (decay applies to all of them, as in the reference).
+
+    Defaults are torch.optim.AdamW's (lr 1e-3, betas (0.9, 0.999), eps 1e-8, weight_decay 0.01).
+    ``state`` is updated in place; the new parameters are returned as a new dict.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> st = adamw_init({"w": np.array([1.0])})
+    >>> adamw_step({"w": np.array([1.0])}, {"w": np.array([2.0])}, st, lr=0.1)["w"].round(6).tolist()
+    [0.899]
+    """
+    state.step += 1
+    out = {}
+    for k, p in params.items():
+        if k not in grads:
+            raise KeyError(f"adamw_step: no gradient for parameter {k!r}")
+        out[k], state.m[k], state.v[k] = adamw_update(
+            p, grads[k], state.m[k], state.v[k], state.step, lr, betas, eps, weight_decay
+        )
+    return out

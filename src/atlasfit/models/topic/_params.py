@@ -1,0 +1,187 @@
+"""Parameter initialisation, fixed buffers and noise draws of the topic model (spec §1.4, §2.1, §2.2)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ._config import TopicModelConfig, cell_topic_prior, likelihood_weights, topic_feature_prior_sigma
+
+#: softplus^{-1}(0.1): raw initial value of most scale parameters (constrained scale 0.1).
+S01 = math.log(math.expm1(0.1))
+
+
+def softplus(x, xp=np):
+    """Numerically stable :math:`\\log(1+e^x)`."""
+    return xp.maximum(x, 0.0) + xp.log1p(xp.exp(-xp.abs(x)))
+
+
+def sigmoid(x, xp=np):
+    """:math:`1/(1+e^{-x})` without overflow."""
+    e = xp.exp(-xp.abs(x))
+    return xp.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+
+
+def encoder_input_dim(cfg: TopicModelConfig, m: str) -> int:
+    return cfg.n_feat(m)
+
+
+def init_params(cfg: TopicModelConfig, seed: int = 0, dtype=np.float64) -> dict[str, np.ndarray]:
+    """Initial global parameters (flat dict of NumPy arrays; names below), following §2.1–§2.3.
+
+    * ``enc/{m}/W{l}, b{l}``: PyTorch default Linear init, uniform :math:`\\pm1/\\sqrt{\\text{fan\\_in}}`;
+      ``g{l}`` = 1, ``be{l}`` = 0 (BatchNorm); heads ``W_mu, b_mu, W_v, b_v`` likewise uniform.
+    * ``dec/{m}/Z_loc`` = 0 and raw ``dec/{m}/Z_scale`` = :math:`\\sqrt{1-1/F_m}` (the reference quirk).
+    * ``dec/{m}/bg_loc`` = 0, ``bg_scale`` = :math:`s_{0.1}` (learned background only);
+      ``disp_loc/disp_scale`` (learned NB dispersion), ``sigma_loc/sigma_scale`` (Gaussian) likewise.
+    * ``mix/omega`` = ones (``weight_mode="universal"``); ``att/W``, ``att/u`` Xavier-uniform (attention).
+
+    Per-cell weights of ``weight_mode="cell"`` are not global: see :func:`init_cell_omega`.
+
+    Examples
+    --------
+    >>> cfg = TopicModelConfig(("rna",), (30,), ("gamma_poisson",), n_topics=3, n_hidden=8)
+    >>> p = init_params(cfg)
+    >>> p["enc/rna/W0"].shape, p["dec/rna/Z_loc"].shape, p["dec/rna/bg_loc"].shape
+    ((30, 8), (3, 30), (30,))
+    """
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), 7301]))
+    K, H = cfg.n_topics, cfg.n_hidden
+    p: dict[str, np.ndarray] = {}
+
+    def uni(bound, shape):
+        return rng.uniform(-bound, bound, size=shape)
+
+    for m, F, lik in zip(cfg.modalities, cfg.n_features, cfg.likelihoods):
+        pre = f"enc/{m}/"
+        fan_in = encoder_input_dim(cfg, m)
+        for l in range(cfg.n_layers):
+            bound = 1.0 / math.sqrt(fan_in)
+            p[f"{pre}W{l}"] = uni(bound, (fan_in, H))
+            p[f"{pre}b{l}"] = uni(bound, (H,))
+            p[f"{pre}g{l}"] = np.ones(H)
+            p[f"{pre}be{l}"] = np.zeros(H)
+            fan_in = H
+        bound = 1.0 / math.sqrt(H)
+        for head in ("mu", "v"):
+            p[f"{pre}W_{head}"] = uni(bound, (H, K))
+            p[f"{pre}b_{head}"] = uni(bound, (K,))
+        d = f"dec/{m}/"
+        p[f"{d}Z_loc"] = np.zeros((K, F))
+        p[f"{d}Z_scale"] = np.full((K, F), math.sqrt(max(1.0 - 1.0 / F, 0.0)))
+        if cfg.learns_background(m):
+            p[f"{d}bg_loc"] = np.zeros(F)
+            p[f"{d}bg_scale"] = np.full(F, S01)
+        if cfg.learns_dispersion(m):
+            p[f"{d}disp_loc"] = np.zeros(cfg.dispersion_shape(m))
+            p[f"{d}disp_scale"] = np.full(cfg.dispersion_shape(m), S01)
+        if lik == "gaussian":
+            p[f"{d}sigma_loc"] = np.zeros(F)
+            p[f"{d}sigma_scale"] = np.full(F, S01)
+    if cfg.aggregation == "attention":
+        a = cfg.att_dim
+        p["att/W"] = uni(math.sqrt(6.0 / (a * (K + 1))), (K, a))
+        p["att/u"] = uni(math.sqrt(6.0 / (a + 1)), (a,))
+    elif cfg.weight_mode == "universal":
+        p["mix/omega"] = np.ones(cfg.n_modalities)
+    return {k: np.asarray(v, dtype=dtype) for k, v in p.items()}
+
+
+def init_cell_omega(cfg: TopicModelConfig, n_cells: int, dtype=np.float64) -> np.ndarray:
+    """Per-cell mixing logits :math:`\\Omega` (``weight_mode="cell"``), initialised to ones (§2.3)."""
+    return np.ones((int(n_cells), cfg.n_modalities), dtype=dtype)
+
+
+def init_bn_state(cfg: TopicModelConfig, dtype=np.float64) -> dict[str, np.ndarray]:
+    """BatchNorm running statistics (mean 0, variance 1), keyed ``enc/{m}/rm{l}``, ``enc/{m}/rv{l}``."""
+    s = {}
+    for m in cfg.modalities:
+        for l in range(cfg.n_layers):
+            s[f"enc/{m}/rm{l}"] = np.zeros(cfg.n_hidden, dtype=dtype)
+            s[f"enc/{m}/rv{l}"] = np.ones(cfg.n_hidden, dtype=dtype)
+    return s
+
+
+def background_init(x_sum_over_lib, n_cells: int, bg_offset: float = 1e-15) -> np.ndarray:
+    """Empirical background :math:`b^0_f = \\log(\\frac1N\\sum_n x_{nf}/\\tilde\\ell_n + \\text{bg\\_offset})` (§1.4).
+
+    ``x_sum_over_lib`` is :math:`\\sum_n x_{nf}/\\tilde\\ell_n` (additive over shards), with
+    :math:`\\tilde\\ell_n = \\ell_n` or 1 where :math:`\\ell_n = 0`.
+
+    Examples
+    --------
+    >>> background_init(np.array([5.0, 0.0]), 10).round(3).tolist()
+    [-0.693, -34.539]
+    """
+    if n_cells < 1:
+        raise ValueError("background_init: n_cells must be >= 1")
+    return np.log(np.asarray(x_sum_over_lib, dtype=np.float64) / n_cells + bg_offset)
+
+
+def make_buffers(cfg: TopicModelConfig, b0: dict | None = None, dtype=np.float64) -> dict[str, np.ndarray]:
+    """Fixed buffers: cell prior ``prior_mu``, ``prior_sd`` (§1.2), ``phi_sd/{m}`` (§1.3a),
+    likelihood weight ``lik_w/{m}`` (§1.8) and background ``b0/{m}`` (§1.4; zeros if ``b0`` not given).
+
+    Examples
+    --------
+    >>> cfg = TopicModelConfig(("rna",), (4,), ("multinomial",), n_topics=5)
+    >>> float(make_buffers(cfg)["prior_sd"][0] ** 2)
+    4.0
+    """
+    mu, sd = cell_topic_prior(cfg)
+    buf = {"prior_mu": mu, "prior_sd": sd}
+    w = likelihood_weights(cfg)
+    for m, F in zip(cfg.modalities, cfg.n_features):
+        buf[f"phi_sd/{m}"] = np.asarray(topic_feature_prior_sigma(cfg, m))
+        buf[f"lik_w/{m}"] = np.asarray(w[m])
+        if cfg.has_background(m):
+            v = np.zeros(F) if b0 is None or m not in b0 else np.asarray(b0[m], dtype=np.float64)
+            if v.shape != (F,):
+                raise ValueError(f"modality {m!r}: background b0 has shape {v.shape}, expected ({F},)")
+            buf[f"b0/{m}"] = v
+    return {k: np.asarray(v, dtype=dtype) for k, v in buf.items()}
+
+
+def _rng(key) -> np.random.Generator:
+    return np.random.default_rng(np.random.SeedSequence([int(k) for k in key]))
+
+
+def draw_cell_noise(cfg: TopicModelConfig, n_cells: int, key, dtype=np.float64) -> dict[str, np.ndarray]:
+    """Per-cell noise for one minibatch part, keyed by ``key`` (a tuple of ints, e.g. (seed, epoch, step, sample)).
+
+    * ``eps_z``: :math:`\\epsilon_n \\sim \\mathcal N(0, I_K)`, shape (n_cells, K);
+    * ``drop/{m}/{l}``: inverted-dropout masks, 0 or :math:`1/(1-p)`, shape (n_cells, H).
+
+    Examples
+    --------
+    >>> cfg = TopicModelConfig(("rna",), (4,), ("multinomial",), n_topics=3, n_hidden=5)
+    >>> sorted(draw_cell_noise(cfg, 2, (0, 1)))
+    ['drop/rna/0', 'eps_z']
+    """
+    rng = _rng(tuple(key) + (1,))
+    out = {"eps_z": rng.standard_normal((n_cells, cfg.n_topics))}
+    keep = 1.0 - cfg.dropout
+    for m in cfg.modalities:
+        for l in range(cfg.n_layers):
+            out[f"drop/{m}/{l}"] = (rng.random((n_cells, cfg.n_hidden)) < keep) / keep
+    return {k: np.asarray(v, dtype=dtype) for k, v in out.items()}
+
+
+def draw_global_noise(cfg: TopicModelConfig, key, dtype=np.float64) -> dict[str, np.ndarray]:
+    """One joint draw of the global latents' standard-normal noise (§2.3 "global draws"), keyed by ``key``.
+
+    ``E/{m}`` (K, F) for :math:`Z_m`; ``e_bg/{m}`` (F) for :math:`u_m`; ``e_disp/{m}`` for
+    :math:`d_m`; ``e_sigma/{m}`` (F) for :math:`\\varsigma_m`, each only where the latent exists.
+    """
+    rng = _rng(tuple(key) + (2,))
+    out = {}
+    for m, F, lik in zip(cfg.modalities, cfg.n_features, cfg.likelihoods):
+        out[f"E/{m}"] = rng.standard_normal((cfg.n_topics, F))
+        if cfg.learns_background(m):
+            out[f"e_bg/{m}"] = rng.standard_normal(F)
+        if cfg.learns_dispersion(m):
+            out[f"e_disp/{m}"] = rng.standard_normal(cfg.dispersion_shape(m))
+        if lik == "gaussian":
+            out[f"e_sigma/{m}"] = rng.standard_normal(F)
+    return {k: np.asarray(v, dtype=dtype) for k, v in out.items()}

@@ -1,0 +1,565 @@
+"""Serial trainer on the engine protocol, and posterior summaries (spec §3.6, §5, §6).
+
+One optimisation step is two engine rounds:
+
+1. ``_shard_forward``: every shard takes its part of the step's minibatch, runs
+   :func:`~atlasfit.models.topic.forward_cells` with the broadcast parameters and global noise,
+   keeps the cache in its state and returns small sums (per-cell loss terms, :math:`\\sum\\theta`,
+   :math:`\\sum\\theta^2`, BatchNorm sums).
+2. ``_shard_backward``: with the global minibatch size :math:`B`, the global :math:`\\bar\\theta`
+   (needed by the topic-variance gradient) and :math:`\\beta`, every shard returns the gradient of
+   its cells' share of the loss and updates its per-cell :math:`\\Omega` rows (``weight_mode="cell"``).
+
+The driver sums the statistics in shard order, adds the global KL gradient once, applies AdamW and
+broadcasts the new parameters. See ``docs/topic_model.md`` for the choices made for the
+statistics that are not additive over cells.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..._xp import get_xp, to_numpy
+from ...engine import SerialEngine, plan_shards
+from ._config import TopicModelConfig, kl_weight_schedule
+from ._loss import (
+    backward_cells,
+    combine_loss,
+    forward_cells,
+    global_draws,
+    global_draws_backward,
+    global_kl,
+    masked_softmax,
+    moment_match,
+    softmax,
+)
+from ._nn import encoder_eval, lower_median, normalize_counts
+from ._optim import AdamWState, adamw_init, adamw_step, adamw_update
+from ._params import (
+    background_init,
+    draw_cell_noise,
+    draw_global_noise,
+    init_bn_state,
+    init_cell_omega,
+    init_params,
+    make_buffers,
+    softplus,
+)
+
+
+@dataclass
+class TopicFit:
+    """Result of :func:`train_serial`.
+
+    Attributes
+    ----------
+    cfg
+        The model configuration.
+    params
+        Trained global parameters (NumPy).
+    bn_state
+        BatchNorm running statistics (eval mode).
+    buffers
+        Fixed buffers (priors, likelihood weights, background :math:`b^0`).
+    lib_median, bern_depth
+        Dataset median library per count modality and mean depth per Bernoulli modality.
+    cell_omega
+        (n_cells, M) per-cell mixing logits in the caller's cell order (``weight_mode="cell"``), else None.
+    history
+        One dict per epoch: ``epoch``, ``beta``, ``loss`` (mean over steps of the full-data-scale loss).
+    n_cells
+        :math:`N`.
+    """
+
+    cfg: TopicModelConfig
+    params: dict
+    bn_state: dict
+    buffers: dict
+    lib_median: dict
+    bern_depth: dict
+    cell_omega: np.ndarray | None
+    history: list = field(default_factory=list)
+    n_cells: int = 0
+    optimizer: AdamWState | None = None
+
+
+# --------------------------------------------------------------------------- data checks
+
+
+def _check_data(data: Mapping, cfg: TopicModelConfig) -> int:
+    n = None
+    for m, F, lik in zip(cfg.modalities, cfg.n_features, cfg.likelihoods):
+        if m not in data:
+            raise ValueError(f"modality {m!r} is missing from data (got {sorted(data)}); pass one matrix per modality")
+        X = data[m]
+        if X.ndim != 2 or X.shape[1] != F:
+            raise ValueError(f"modality {m!r}: data has shape {X.shape}; expected (n_cells, {F})")
+        if n is None:
+            n = X.shape[0]
+        elif X.shape[0] != n:
+            raise ValueError(f"modality {m!r} has {X.shape[0]} cells, the first modality has {n}; align the rows")
+        vals = X.data if hasattr(X, "tocsr") else np.asarray(X)
+        if not np.all(np.isfinite(vals)):
+            raise ValueError(f"modality {m!r} has non-finite values; remove or impute them")
+        if lik != "gaussian" and vals.size and vals.min() < 0:
+            raise ValueError(f"modality {m!r} has negative values; likelihood {lik!r} needs counts >= 0")
+        if lik == "bernoulli" and vals.size and not np.all((vals == 0) | (vals == 1)):
+            raise ValueError(f"modality {m!r}: likelihood 'bernoulli' needs 0/1 data; binarise it first (x > 0)")
+    if not n:
+        raise ValueError("data has no cells")
+    return int(n)
+
+
+def _rows_dense(X, rows, dtype):
+    sub = X[rows]
+    if hasattr(sub, "toarray"):
+        sub = sub.toarray()
+    xp = get_xp(sub)
+    return xp.asarray(sub, dtype=dtype)
+
+
+def _to_xp(d: dict, xp) -> dict:
+    if xp is np:
+        return d
+    return {k: xp.asarray(v) for k, v in d.items()}
+
+
+def _np(d: dict) -> dict:
+    out = {}
+    for k, v in d.items():
+        out[k] = v if isinstance(v, (int, float)) else np.asarray(to_numpy(v), dtype=np.float64)
+    return out
+
+
+# --------------------------------------------------------------------------- shard functions
+
+
+def _shard_load(spec, data, groups, sample_index, cfg, dtype):
+    rows = np.concatenate([groups[s] for s in spec.samples]) if spec.samples else np.zeros(0, dtype=np.int64)
+    state = {
+        "rows": rows,
+        "x": {m: data[m][rows] for m in cfg.modalities},
+        "parts": [],
+        "cfg": cfg,
+        "dtype": dtype,
+    }
+    off = 0
+    for s in spec.samples:
+        k = len(groups[s])
+        state["parts"].append((sample_index[s], off, k))
+        off += k
+    if cfg.weight_mode == "cell" and cfg.aggregation == "moe":
+        om = init_cell_omega(cfg, len(rows), dtype)
+        state["omega"], state["omega_m"], state["omega_v"] = om, np.zeros_like(om), np.zeros_like(om)
+    return state
+
+
+def _shard_data_stats(state):
+    cfg = state["cfg"]
+    out = {}
+    for m, lik in zip(cfg.modalities, cfg.likelihoods):
+        X = state["x"][m]
+        rs = np.asarray(X.sum(axis=1)).ravel().astype(np.float64)
+        lib = np.maximum(rs, 0.0)
+        vals, counts = np.unique(np.maximum(lib, 1.0), return_counts=True)
+        out[m] = {"lib_vals": vals, "lib_counts": counts, "lib_sum": float(lib.sum()), "n": int(lib.size)}
+        if cfg.has_background(m):
+            lt = np.where(lib != 0, lib, 1.0)
+            if hasattr(X, "multiply"):
+                s = np.asarray(X.multiply(1.0 / lt[:, None]).sum(axis=0)).ravel()
+            else:
+                s = (np.asarray(X, dtype=np.float64) / lt[:, None]).sum(axis=0)
+            out[m]["x_over_lib"] = s
+    return out
+
+
+def _step_rows(state, seed, epoch, step, n_steps):
+    """Local row positions of this shard's part of the step's minibatch, sample by sample."""
+    if state.get("_perm_epoch") != epoch:
+        state["_perm"] = [
+            np.random.default_rng(np.random.SeedSequence([seed, epoch, sid, 11])).permutation(k)
+            for sid, _, k in state["parts"]
+        ]
+        state["_perm_epoch"] = epoch
+    out = []
+    for (sid, off, k), perm in zip(state["parts"], state["_perm"]):
+        lo = (step * k) // n_steps
+        hi = ((step + 1) * k) // n_steps
+        out.append((sid, off + perm[lo:hi]))
+    return out
+
+
+def _shard_forward(state, params, gnoise, buffers, seed, epoch, step, n_steps, lib_median, bern_depth):
+    cfg = state["cfg"]
+    dtype = state["dtype"]
+    chunks = _step_rows(state, seed, epoch, step, n_steps)
+    local = np.concatenate([c for _, c in chunks]) if chunks else np.zeros(0, dtype=np.int64)
+    state["_local"] = local
+    if local.size == 0:
+        state["_cache"] = None
+        return {"n": 0}
+    x = {m: _rows_dense(state["x"][m], local, dtype) for m in cfg.modalities}
+    xp = get_xp(x[cfg.modalities[0]])
+    noises = [draw_cell_noise(cfg, len(c), (seed, epoch, step, sid), dtype) for sid, c in chunks if len(c)]
+    cnoise = {k: xp.asarray(np.concatenate([nz[k] for nz in noises])) for k in noises[0]}
+    p = _to_xp(params, xp)
+    buf = _to_xp(buffers, xp)
+    draws = global_draws(p, _to_xp(gnoise, xp), cfg, buf)
+    omega = xp.asarray(state["omega"][local]) if "omega" in state else None
+    cache, stats = forward_cells(
+        p, x, cnoise, cfg, buf, draws, lib_median=lib_median, bern_depth=bern_depth, cell_omega=omega
+    )
+    state["_cache"] = cache
+    state["_params"] = p
+    return _np(stats)
+
+
+def _shard_backward(state, cell_scale, beta, n_batch, theta_bar, t, opt):
+    cfg = state["cfg"]
+    cache = state.pop("_cache", None)
+    grads = {}
+    g_omega = None
+    if cache is not None:
+        grads = backward_cells(
+            state["_params"], cache, cfg, cell_scale=cell_scale, beta=beta, n_batch=n_batch, theta_bar=theta_bar
+        )
+        g_omega = grads.pop("omega_cell", None)
+    state.pop("_params", None)
+    if "omega" in state:
+        # reference behaviour (spec §6, §11 item 3): every row is decayed and moved by its moments
+        G = np.zeros_like(state["omega"])
+        if g_omega is not None:
+            G[state["_local"]] = to_numpy(g_omega)
+        state["omega"], state["omega_m"], state["omega_v"] = adamw_update(
+            state["omega"], G, state["omega_m"], state["omega_v"], t, **opt
+        )
+    return _np(grads)
+
+
+def _shard_get_omega(state):
+    return (state["rows"], state["omega"]) if "omega" in state else None
+
+
+# --------------------------------------------------------------------------- driver
+
+
+def _merge_median(stats_list, m):
+    vals = np.concatenate([s[m]["lib_vals"] for s in stats_list])
+    cnts = np.concatenate([s[m]["lib_counts"] for s in stats_list])
+    order = np.argsort(vals, kind="stable")
+    vals, cnts = vals[order], cnts[order]
+    n = int(cnts.sum())
+    k = (n - 1) // 2  # lower median, torch convention
+    return float(vals[np.searchsorted(np.cumsum(cnts), k + 1)])
+
+
+def train_serial(
+    data: Mapping,
+    cfg: TopicModelConfig,
+    *,
+    sample: Sequence | None = None,
+    n_epochs: int = 10,
+    batch_size: int = 128,
+    lr: float = 1e-3,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    weight_decay: float = 0.01,
+    kl_schedule: str = "scvi400",
+    kl_kwargs: dict | None = None,
+    seed: int = 0,
+    input_median: str = "dataset",
+    bernoulli_depth: str = "dataset",
+    max_shards: int = 64,
+    dtype=np.float64,
+    params: dict | None = None,
+    engine_factory: Callable | None = None,
+    callback: Callable | None = None,
+) -> TopicFit:
+    """Fit MultimodalAmortizedLDA with minibatch AdamW over shards of whole samples (serial engine).
+
+    Parameters
+    ----------
+    data
+        ``{modality: (n_cells, F_m) array}`` (NumPy or SciPy sparse), rows aligned across modalities.
+    cfg
+        Model configuration.
+    sample
+        Sample label per cell (``None``: one sample). Shards are groups of whole samples
+        (:func:`~atlasfit.engine.plan_shards`).
+    n_epochs, batch_size
+        Each epoch has :math:`\\lceil N/\\text{batch\\_size}\\rceil` steps; every sample's cells are
+        permuted (key (seed, epoch, sample)) and split into that many consecutive chunks, chunk ``step``
+        going into the step's minibatch, so every cell is used once per epoch.
+    lr, betas, eps, weight_decay
+        AdamW (torch defaults; the paper uses lr 1e-2).
+    kl_schedule, kl_kwargs
+        :func:`~atlasfit.models.topic.kl_weight_schedule` preset and extra arguments (``max_epochs`` is
+        filled in with ``n_epochs``).
+    seed
+        Keys parameter init, minibatches, per-cell noise (seed, epoch, step, sample) and global noise
+        (seed, epoch, step).
+    input_median
+        ``"dataset"``: encoder inputs normalised by the dataset median library (fixed, so inference
+        does not depend on batch composition); ``"minibatch"``: median of each shard's minibatch part
+        (the reference when there is one shard).
+    bernoulli_depth
+        Mean depth for ``bernoulli_scaling="reference"``: ``"dataset"`` or ``"minibatch"`` (shard part).
+    max_shards, engine_factory
+        Shard plan limit; ``engine_factory(shards)`` builds the engine (default :class:`~atlasfit.engine.SerialEngine`).
+    dtype
+        Floating dtype of parameters and minibatches.
+    params
+        Initial parameters (default :func:`~atlasfit.models.topic.init_params` with ``seed``).
+    callback
+        ``callback(epoch, fit)`` after each epoch.
+
+    Returns
+    -------
+    TopicFit
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from atlasfit.models.topic import TopicModelConfig, train_serial
+    >>> rng = np.random.default_rng(0)
+    >>> X = rng.poisson(2.0, (40, 12)).astype(float)
+    >>> cfg = TopicModelConfig(("rna",), (12,), ("gamma_poisson",), n_topics=3, n_hidden=8)
+    >>> fit = train_serial({"rna": X}, cfg, n_epochs=2, batch_size=16)
+    >>> len(fit.history), fit.params["dec/rna/Z_loc"].shape
+    (2, (3, 12))
+    """
+    if input_median not in ("dataset", "minibatch"):
+        raise ValueError(f"input_median {input_median!r}: use 'dataset' or 'minibatch'")
+    if bernoulli_depth not in ("dataset", "minibatch"):
+        raise ValueError(f"bernoulli_depth {bernoulli_depth!r}: use 'dataset' or 'minibatch'")
+    if batch_size < 2:
+        raise ValueError(f"batch_size must be >= 2 (BatchNorm and the topic variance need 2 cells), got {batch_size}")
+    N = _check_data(data, cfg)
+    labels = np.zeros(N, dtype=np.int64) if sample is None else np.asarray(sample)
+    if labels.shape != (N,):
+        raise ValueError(f"sample has {labels.shape} entries; expected one label per cell ({N})")
+    names, first = np.unique(labels.astype(str), return_index=True)
+    names = [str(n) for n in names[np.argsort(first)]]
+    lab = labels.astype(str)
+    groups = {s: np.flatnonzero(lab == s) for s in names}
+    sample_index = {s: i for i, s in enumerate(names)}
+    shards = plan_shards(names, [len(groups[s]) for s in names], max_shards=max_shards)
+    engine = (engine_factory or SerialEngine)(shards)
+    engine.setup(_shard_load, data, groups, sample_index, cfg, dtype)
+    try:
+        dstats = engine.map(_shard_data_stats)
+        lib_median, bern_depth, b0 = {}, {}, {}
+        for m in cfg.modalities:
+            lib_median[m] = _merge_median(dstats, m)
+            bern_depth[m] = sum(s[m]["lib_sum"] for s in dstats) / N
+            if cfg.has_background(m):
+                b0[m] = background_init(sum(s[m]["x_over_lib"] for s in dstats), N, cfg.bg_offset)
+        buffers = make_buffers(cfg, b0, dtype)
+        p = init_params(cfg, seed, dtype) if params is None else {k: np.asarray(v, dtype=dtype) for k, v in params.items()}
+        bn = init_bn_state(cfg, dtype)
+        opt_state = adamw_init(p)
+        opt = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay}
+        n_steps = max(1, math.ceil(N / batch_size))
+        kw = dict(kl_kwargs or {})
+        kw.setdefault("max_epochs", n_epochs)
+        med_arg = lib_median if input_median == "dataset" else None
+        depth_arg = bern_depth if bernoulli_depth == "dataset" else None
+        fit = TopicFit(cfg, p, bn, buffers, lib_median, bern_depth, None, [], N, opt_state)
+        for epoch in range(n_epochs):
+            beta = kl_weight_schedule(epoch, kl_schedule, **kw)
+            losses = []
+            for step in range(n_steps):
+                gnoise = draw_global_noise(cfg, (seed, epoch, step), dtype)
+                fstats = engine.map(_shard_forward, p, gnoise, buffers, seed, epoch, step, n_steps, med_arg, depth_arg)
+                live = [s for s in fstats if s["n"] > 0]
+                B = sum(s["n"] for s in live)
+                if B == 0:
+                    continue
+                tot = {k: sum(s[k] for s in live) for k in live[0]}
+                theta_bar = tot["theta_sum"] / B
+                cell_scale = N / B
+                gval, gkl = global_kl(p, gnoise, cfg, buffers)
+                losses.append(combine_loss(tot, cfg, cell_scale=cell_scale, beta=beta, global_value=gval))
+                t = opt_state.step + 1
+                shard_grads = engine.map(_shard_backward, cell_scale, beta, B, theta_bar, t, opt)
+                grads: dict = {}
+                for sg in shard_grads:  # shard order: deterministic
+                    for k, v in sg.items():
+                        grads[k] = grads[k] + v if k in grads else v
+                draws = global_draws(p, gnoise, cfg, buffers)
+                for k, v in global_draws_backward(p, gnoise, draws, grads, cfg).items():
+                    grads[k] = grads[k] + v if k in grads else v
+                for k, v in gkl.items():
+                    grads[k] = grads[k] + beta * v if k in grads else beta * v
+                grads = {k: grads.get(k, np.zeros_like(v)) for k, v in p.items()}
+                p = adamw_step(p, grads, opt_state, **opt)
+                _update_bn(bn, tot, B, cfg)
+            fit.params = p
+            fit.history.append({"epoch": epoch, "beta": beta, "loss": float(np.mean(losses)) if losses else float("nan")})
+            if callback is not None:
+                callback(epoch, fit)
+        omegas = engine.map(_shard_get_omega)
+        if omegas and omegas[0] is not None:
+            om = np.empty((N, cfg.n_modalities), dtype=dtype)
+            for rows, o in omegas:
+                om[rows] = o
+            fit.cell_omega = om
+    finally:
+        engine.close()
+    return fit
+
+
+def _update_bn(bn: dict, tot: dict, B: int, cfg: TopicModelConfig) -> None:
+    """Running statistics from the *global* minibatch (sums over shards), torch momentum convention
+    (unbiased variance for the running estimate)."""
+    mom = cfg.bn_momentum
+    for m in cfg.modalities:
+        for l in range(cfg.n_layers):
+            s1 = tot[f"bn/{m}/{l}/s1"]
+            s2 = tot[f"bn/{m}/{l}/s2"]
+            mean = s1 / B
+            var = (s2 - s1 * mean) / max(B - 1, 1)
+            bn[f"enc/{m}/rm{l}"] = (1 - mom) * bn[f"enc/{m}/rm{l}"] + mom * mean
+            bn[f"enc/{m}/rv{l}"] = (1 - mom) * bn[f"enc/{m}/rv{l}"] + mom * var
+
+
+# --------------------------------------------------------------------------- posterior summaries
+
+
+def topic_proportions(
+    fit: TopicFit,
+    data: Mapping,
+    *,
+    n_samples: int = 100,
+    seed: int = 0,
+    cell_omega=None,
+    batch_size: int = 4096,
+) -> np.ndarray:
+    """Posterior mean topic proportions :math:`\\hat\\theta_n = \\frac1S\\sum_s\\mathrm{softmax}(\\bar\\mu_n + \\sqrt{\\bar v_n}\\epsilon_s)` (§5).
+
+    Eval mode (BatchNorm running statistics, no dropout), the dataset median library (so the result
+    does not depend on ``batch_size``, fixing §11 item 12), and the *trained* aggregation (attention
+    included, fixing §11 item 10). For ``weight_mode="cell"`` pass ``cell_omega`` rows aligned with
+    ``data`` (e.g. ``fit.cell_omega`` for the training cells); without it every present modality gets
+    equal weight. ``n_samples=0`` returns :math:`\\mathrm{softmax}(\\bar\\mu_n)`.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from atlasfit.models.topic import TopicModelConfig, train_serial
+    >>> X = np.random.default_rng(0).poisson(2.0, (30, 8)).astype(float)
+    >>> cfg = TopicModelConfig(("rna",), (8,), ("multinomial",), n_topics=3, n_hidden=4)
+    >>> fit = train_serial({"rna": X}, cfg, n_epochs=1, batch_size=10)
+    >>> topic_proportions(fit, {"rna": X}, n_samples=10).sum(axis=1).round(6).min()
+    np.float64(1.0)
+    """
+    cfg = fit.cfg
+    N = _check_data(data, cfg)
+    dtype = fit.params[next(iter(fit.params))].dtype
+    out = np.empty((N, cfg.n_topics))
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), 977]))
+    for lo in range(0, N, batch_size):
+        rows = np.arange(lo, min(N, lo + batch_size))
+        x = {m: _rows_dense(data[m], rows, dtype) for m in cfg.modalities}
+        xp = get_xp(x[cfg.modalities[0]])
+        p = _to_xp(fit.params, xp)
+        mus, vs, pres = [], [], []
+        for m, lik in zip(cfg.modalities, cfg.likelihoods):
+            xm = x[m]
+            pres.append(xm.sum(axis=1) > 0)
+            xh = xm if (lik == "gaussian" or not cfg.normalize_encoder_inputs) else normalize_counts(xm, fit.lib_median[m])
+            mu, v = encoder_eval(p, f"enc/{m}/", xh, _to_xp(fit.bn_state, xp), cfg.n_layers, cfg.bn_eps, cfg.var_eps)
+            mus.append(mu)
+            vs.append(v)
+        mus, vs, pres = xp.stack(mus), xp.stack(vs), xp.stack(pres, axis=1)
+        if cfg.aggregation == "attention":
+            w, _ = masked_softmax((xp.tanh(mus @ p["att/W"]) @ p["att/u"]).T, pres, clamp=False)
+        else:
+            if cfg.weight_mode == "universal":
+                om = xp.broadcast_to(p["mix/omega"][None, :], pres.shape)
+            elif cfg.weight_mode == "cell" and cell_omega is not None:
+                om = xp.asarray(np.asarray(cell_omega)[rows], dtype=dtype)
+            else:
+                om = xp.ones(pres.shape, dtype=dtype)
+            w, _ = masked_softmax(om, pres, clamp=True)
+        mbar, vbar, _ = moment_match(w, mus, vs)
+        if n_samples <= 0:
+            th = softmax(mbar, axis=1)
+        else:
+            sd = xp.sqrt(vbar)
+            th = xp.zeros_like(mbar)
+            for _ in range(n_samples):
+                e = xp.asarray(rng.standard_normal(mbar.shape), dtype=dtype)
+                th = th + softmax(mbar + sd * e, axis=1)
+            th = th / n_samples
+        out[rows] = to_numpy(th)
+    return out
+
+
+def topic_feature_dist(
+    fit: TopicFit, modality: str, *, include_background: bool = True, n_samples: int = 0, seed: int = 0
+) -> np.ndarray:
+    """Topic-feature distributions :math:`\\hat\\phi_{mk}` (K, F_m) (§5).
+
+    Count modalities: :math:`\\mathrm{softmax}_f(M^\\phi_{mk} + b_m)` with
+    :math:`b_m = b^0_m + \\text{bg\\_loc}_m` (``n_samples=0``, plug-in at the variational means), or the
+    Monte-Carlo mean of :math:`\\mathrm{softmax}_f(M^\\phi + \\mathrm{sp}(S^\\phi)\\odot e + b_m)`.
+    Unlike the reference (§11 item 13) the background is included by default, as in the likelihood.
+    Gaussian modalities: the mean logits :math:`M^\\phi_m` (no softmax).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from atlasfit.models.topic import TopicModelConfig, train_serial
+    >>> X = np.random.default_rng(0).poisson(2.0, (30, 8)).astype(float)
+    >>> cfg = TopicModelConfig(("rna",), (8,), ("multinomial",), n_topics=3, n_hidden=4)
+    >>> fit = train_serial({"rna": X}, cfg, n_epochs=1, batch_size=10)
+    >>> topic_feature_dist(fit, "rna").sum(axis=1).round(6).tolist()
+    [1.0, 1.0, 1.0]
+    """
+    cfg = fit.cfg
+    if modality not in cfg.modalities:
+        raise ValueError(f"unknown modality {modality!r}; the model has {cfg.modalities}")
+    p = fit.params
+    loc = np.asarray(p[f"dec/{modality}/Z_loc"], dtype=np.float64)
+    if cfg.likelihood(modality) == "gaussian":
+        return loc
+    b = np.zeros(loc.shape[1])
+    if include_background and cfg.has_background(modality):
+        b = np.asarray(fit.buffers[f"b0/{modality}"], dtype=np.float64)
+        if cfg.learns_background(modality):
+            b = b + p[f"dec/{modality}/bg_loc"]
+    if n_samples <= 0:
+        return softmax(loc + b[None, :], axis=1)
+    s = softplus(np.asarray(p[f"dec/{modality}/Z_scale"], dtype=np.float64))
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), 978]))
+    acc = np.zeros_like(loc)
+    for _ in range(n_samples):
+        acc += softmax(loc + s * rng.standard_normal(loc.shape) + b[None, :], axis=1)
+    return acc / n_samples
+
+
+def per_token_log_likelihood(theta, phi, x) -> float:
+    """Mean log-probability per count token, :math:`\\sum_{nf}x_{nf}\\log(\\theta_n\\phi)_f/\\sum_{nf}x_{nf}`.
+
+    A held-out score without any :math:`N/B` factor (cf. §11 item 7) and without the multinomial
+    coefficient; ``exp(-value)`` is the perplexity.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> round(per_token_log_likelihood(np.array([[1.0]]), np.array([[0.5, 0.5]]), np.array([[3, 1]])), 6)
+    -0.693147
+    """
+    theta = np.asarray(theta, dtype=np.float64)
+    phi = np.asarray(phi, dtype=np.float64)
+    X = x.toarray() if hasattr(x, "toarray") else np.asarray(x, dtype=np.float64)
+    rho = np.clip(theta @ phi, 1e-300, None)
+    tot = X.sum()
+    if tot <= 0:
+        raise ValueError("per_token_log_likelihood: x has no counts")
+    return float((X * np.log(rho)).sum() / tot)
