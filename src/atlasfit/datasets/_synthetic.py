@@ -401,7 +401,7 @@ def _mod_block(d: _Design, mod: str, i: int, b: int, latent: np.ndarray, loglib:
     if t == "M":
         eta += loglib[:, None]
         if prm.residual_sd > 0:
-            eta += prm.residual_sd * r.standard_normal((n, J))
+            eta += prm.residual_sd * r.standard_normal((n, J), dtype=np.float32)
         np.minimum(eta, _MAX_LOG_RATE, out=eta)
         counts = r.poisson(np.exp(eta, out=eta))
         return {"X": _csr_from_dense_int(counts)}, loglib
@@ -606,8 +606,8 @@ def iter_synthetic_atlas(
     >>> from atlasfit.datasets import iter_synthetic_atlas
     >>> stream = iter_synthetic_atlas(n_cells=600, n_samples=3, seed=1)
     >>> name, mods = next(stream)
-    >>> name, sorted(mods), mods["rna"].n_vars
-    ('S00', ['atac', 'rna', 'splicing'], 2000)
+    >>> name, mods["rna"].n_vars, mods["splicing"].layers["M1"].dtype
+    ('S00', 2000, dtype('int32'))
     """
     d = _design(n_cells, n_samples, features, n_cell_types, K_true, overlap, seed, obs_types, params)
     if samples is None:
