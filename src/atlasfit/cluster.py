@@ -362,7 +362,8 @@ def cluster_from_profile(path_or_name: str | os.PathLike | Mapping, *, apply_sca
         kwargs.setdefault("threads_per_worker", 1)
         kwargs.setdefault("processes", True)
         kwargs.setdefault("dashboard_address", ":0")
-        kwargs.setdefault("env", dict(WORKER_ENV))
+        if kwargs["processes"]:  # thread workers share this process's environment
+            kwargs.setdefault("env", dict(WORKER_ENV))
         cluster = distributed.LocalCluster(**kwargs)
     if apply_scaling:
         if "scale" in prof:
