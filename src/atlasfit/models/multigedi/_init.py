@@ -199,33 +199,32 @@ def rsvd_modality(engine, plan: SamplePlan, config: FitConfig, m: str, o: np.nda
     J = plan.n_features[m]
     N = plan.N(m)
     seed32 = hashed_seed(config.seed, m)
-    odict = o
     order = _glob_order(plan, m)
     if J < N:
         mat = np.random.RandomState(seed32).standard_normal((J, ncol))
-        for _ in range(POWER_ITERS + 1):
-            rinv = _orth_tall(engine, m, odict, mat, plan)
-            back = gather_by_sample(engine.map(sh.rsvd_back, m, odict, rinv))
+        for step in range(POWER_ITERS + 1):
+            rinv = _orth_tall(engine, m, o, mat, plan)
+            back = gather_by_sample(engine.map(sh.rsvd_back, m, o, rinv))
             AtQ = ordered_sum([back[g][0][0] for g in order])  # J x l  (= Aᵀ Q)
-            if _ < POWER_ITERS:
+            if step < POWER_ITERS:
                 mat = np.linalg.qr(AtQ)[0]
         # AtQ now holds (QᵀA)ᵀ = Bᵀ (J x l)
-        Ub, sig, Vbt = np.linalg.svd(AtQ.T, full_matrices=False)
+        _ub, sig, Vbt = np.linalg.svd(AtQ.T, full_matrices=False)
         U = Vbt.T[:, :K]
     else:
         local_order = list(plan.mod_samples[m])
         offsets = {g: plan.offset(m, g) for g in local_order}
-        st = gather_by_sample(engine.map(sh.rsvd_nf_start, m, odict, seed32, offsets, ncol))
+        st = gather_by_sample(engine.map(sh.rsvd_nf_start, m, o, seed32, offsets, ncol))
         Y = ordered_sum([st[g][0][0] for g in order])
         for _ in range(POWER_ITERS):
             Q = np.linalg.qr(Y)[0]
-            left = gather_by_sample(engine.map(sh.rsvd_nf_left, m, odict, Q))
+            left = gather_by_sample(engine.map(sh.rsvd_nf_left, m, o, Q))
             AtQ = np.concatenate([left[g][0][0] for g in local_order], axis=0)
             Qp = np.linalg.qr(AtQ)[0]
-            right = gather_by_sample(engine.map(sh.rsvd_nf_right, m, odict, Qp, offsets))
+            right = gather_by_sample(engine.map(sh.rsvd_nf_right, m, o, Qp, offsets))
             Y = ordered_sum([right[g][0][0] for g in order])
         Q = np.linalg.qr(Y)[0]
-        left = gather_by_sample(engine.map(sh.rsvd_nf_left, m, odict, Q))
+        left = gather_by_sample(engine.map(sh.rsvd_nf_left, m, o, Q))
         Bt = np.concatenate([left[g][0][0] for g in local_order], axis=0)  # (QᵀA)ᵀ, N x l
         Ub, sig, _vt = np.linalg.svd(Bt.T, full_matrices=False)
         U = Q @ Ub[:, :K]
