@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 import distributed
 import pytest
@@ -154,3 +155,25 @@ def test_missing_profile_and_missing_jobqueue(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "dask_jobqueue", None)  # as if the hpc extra were absent
     with pytest.raises(ImportError, match=r"atlasfit\[hpc\]"):
         ac.cluster_from_profile({"scheduler": "slurm", "cluster": {"cores": 1, "memory": "1GB"}})
+
+
+DEPLOY = Path(__file__).resolve().parents[1] / "deploy" / "profiles"
+
+
+@pytest.mark.skipif(not DEPLOY.is_dir(), reason="no deploy/profiles in this checkout")
+def test_shipped_profiles_load_and_hpc_ones_build_scripts():
+    files = sorted(DEPLOY.glob("*.yaml"))
+    assert files
+    for f in files:
+        prof = ac.load_profile(f)
+        if prof["scheduler"] not in ("slurm", "pbs"):
+            continue
+        prof["cluster"].setdefault("scheduler_options", {"dashboard_address": ":0"})
+        cluster = ac.cluster_from_profile(prof, apply_scaling=False)
+        try:
+            script = cluster.job_script()
+            assert "distributed.cli.dask_worker" in script or "dask-cuda-worker" in script, f.name
+            assert str(prof["cluster"]["walltime"]) in script, f.name
+            assert len(cluster.worker_spec) == 0  # nothing submitted
+        finally:
+            cluster.close()

@@ -223,7 +223,11 @@ def cluster_session(**kwargs: Any) -> Iterator[distributed.Client]:
 
 def _profile_dirs() -> list[Path]:
     dirs = [Path(p) for p in os.environ.get("ATLASFIT_PROFILE_PATH", "").split(os.pathsep) if p]
-    dirs += [Path.cwd() / "deploy", Path.home() / ".config" / "atlasfit" / "profiles"]
+    dirs += [
+        Path.cwd() / "deploy" / "profiles",
+        Path.cwd() / "deploy",
+        Path.home() / ".config" / "atlasfit" / "profiles",
+    ]
     return dirs
 
 
@@ -239,8 +243,8 @@ def load_profile(path_or_name: str | os.PathLike) -> dict:
     ----------
     path_or_name
         A path to a ``.yaml`` file, or a name looked up as ``<name>.yaml`` / ``<name>.yml`` in
-        the directories of ``$ATLASFIT_PROFILE_PATH``, ``./deploy`` and
-        ``~/.config/atlasfit/profiles``.
+        the directories of ``$ATLASFIT_PROFILE_PATH``, ``./deploy/profiles``, ``./deploy`` and
+        ``~/.config/atlasfit/profiles`` (the repository ships profiles in ``deploy/profiles``).
 
     Returns
     -------
