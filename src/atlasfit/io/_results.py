@@ -71,9 +71,11 @@ def _write_array(parent, name: str, arr, *, dims=None) -> None:
 
 def _write_dataset(parent, name: str, ds) -> None:
     """An xarray Dataset (or dict of arrays) as an anndata dict group readable by xarray too."""
+    import xarray as xr
+
     g = parent.create_group(name)
     set_encoding(g, "dict", "0.1.0")
-    if isinstance(ds, Mapping):
+    if isinstance(ds, Mapping) and not isinstance(ds, xr.Dataset):
         for k, v in ds.items():
             if isinstance(v, Mapping):
                 _write_dataset(g, str(k), v)
@@ -82,8 +84,6 @@ def _write_dataset(parent, name: str, ds) -> None:
             else:
                 _write_array(g, str(k), v)
         return
-    import xarray as xr
-
     if not isinstance(ds, xr.Dataset):
         raise TypeError(f"write_results: group '{name}' must be an xarray.Dataset or a dict of arrays, "
                         f"not {type(ds).__name__}")
