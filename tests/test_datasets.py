@@ -159,7 +159,7 @@ def test_chunking_and_order_do_not_change_bits():
     full = dict(_collect(iter_synthetic_atlas(**kw)))
     assert max(next(iter(m.values())).n_obs for m in full.values()) > 1024
     alone = dict(_collect(iter_synthetic_atlas(**kw, samples=["S02"])))
-    rev = dict(_collect(iter_synthetic_atlas(**kw, samples=[2, 1, 0])))
+    rev = dict(_collect(iter_synthetic_atlas(**kw, samples=[2, 1, 0], n_threads=2)))
     for name, mods in alone.items():
         for mod in mods:
             _assert_same_adata(mods[mod], full[name][mod])
@@ -246,6 +246,7 @@ def test_synthetic_mudata_root_and_truth():
         (dict(obs_types={"rna": "Y"}), r"obs_types\['rna'\]='Y'"),
         (dict(seed=-1), "seed must be an integer >= 0"),
         (dict(samples=["S99"]), "unknown sample 'S99'"),
+        (dict(n_threads=0), "n_threads must be an integer >= 1"),
     ],
 )
 def test_bad_arguments_name_the_input(kwargs, match):
