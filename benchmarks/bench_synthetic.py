@@ -130,6 +130,8 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=1, help="n_threads of the generator")
     ap.add_argument("--workdir", default=None, help="where the temporary stores go (default: tmp)")
     ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument("--append", action="store_true",
+                    help="merge into an existing CSV (rows with the same size/mode/threads replaced)")
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -142,6 +144,16 @@ def main(argv=None) -> None:
             rows.append(row)
             print(json.dumps(row), flush=True)
     csv_path = out / CSV_NAME
+    if args.append and csv_path.exists():
+        with open(csv_path, newline="") as fh:
+            old = list(csv.DictReader(fh))
+        new_keys = {(r["n_cells"], r["mode"], r["threads"]) for r in rows}
+        for r in old:
+            for k in ("n_cells", "threads", "wall_s", "peak_rss_gb", "store_gb"):
+                r[k] = (int if k in ("n_cells", "threads") else float)(r[k])
+            if (r["n_cells"], r["mode"], r["threads"]) not in new_keys:
+                rows.append(r)
+        rows.sort(key=lambda r: (r["n_cells"], r["mode"], r["threads"]))
     with open(csv_path, "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=list(rows[0]))
         w.writeheader()

@@ -130,11 +130,11 @@ class SyntheticParams:
     loading_scale: float = 1.0
     sample_offset_sd: float = 0.25
     residual_sd: float = 0.3
-    library_size: float = 300.0
+    library_size: float = 200.0
     library_sd: float = 0.4
     sample_library_sd: float = 0.3
     feature_mean_sd: float = 1.5
-    splicing_depth: float = 0.4
+    splicing_depth: float = 0.28
     splicing_depth_sd: float = 1.0
     psi_offset_sd: float = 1.0
     atac_rate: float = 0.2
