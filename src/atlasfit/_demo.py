@@ -78,8 +78,13 @@ def run_demo(
         model.fit(store, max_iterations=iterations, client=client)
         t_fit = time.perf_counter() - t1
         model.write(store)
+        model.close()
     first = atlas.modalities[0]
-    emb = to_source_order(atlas, first, model.embedding(first))
+    # read the embedding back from the store (written by the workers), rows in store order
+    import zarr
+
+    stored = zarr.open_group(str(store), mode="r")[f"mod/{first}/obsm/X_multigedi_pca"][...]
+    emb = to_source_order(atlas, first, stored)
     obs = atlas.obs(first)
     labels = to_source_order(atlas, first, obs[color_key].astype(str).to_numpy())
 

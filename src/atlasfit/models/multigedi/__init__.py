@@ -27,3 +27,7 @@ __all__ = [
     "rsvd_modality",
     "store_pca",
 ]
+
+from ._model import MultiGEDI  # noqa: E402
+
+__all__ += ["MultiGEDI"]

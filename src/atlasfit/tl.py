@@ -1,0 +1,79 @@
+"""scanpy-style tools on in-memory MuData (mirroring multigedi's ``gd.tl``)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def multigedi(
+    mdata,
+    modalities: dict[str, dict],
+    sample_key: str,
+    *,
+    K: int = 10,
+    mode: str = "Bsphere",
+    max_iterations: int = 30,
+    seed: int = 0,
+    dtype: str = "float64",
+    key_added: str = "multigedi",
+    client=None,
+    copy: bool = False,
+):
+    """Fit MultiGEDI on an in-memory MuData and write the results into it.
+
+    Writes, for every modality ``m``: ``mdata[m].obsm[f"X_{key_added}_pca"]`` (the joint PCA of its
+    own cells, **in its own row order** — the reference misaligns rows) and
+    ``mdata[m].varm[f"{key_added}_Z"]``; and ``mdata.uns[key_added]`` with ``params``, per-modality
+    ``model`` (Z, D, o, sigma2, tracking) and ``svd`` (d, u). Unlike the reference, the seed is
+    passed on.
+
+    Parameters
+    ----------
+    mdata
+        MuData (or a dict of AnnData; then ``copy`` must be False and only the AnnData are updated).
+    modalities, sample_key, K, mode, max_iterations, seed, dtype
+        See :class:`atlasfit.MultiGEDI`.
+    key_added
+        Prefix of the written keys.
+    client
+        Optional ``distributed.Client`` to run on (default: in this process).
+    copy
+        Return an updated copy instead of updating ``mdata``.
+
+    Returns
+    -------
+    The updated copy if ``copy``, else ``None``.
+
+    Examples
+    --------
+    >>> import atlasfit
+    >>> mdata = atlasfit.datasets.multigedi_real_5k()
+    >>> atlasfit.tl.multigedi(mdata, {"rna": {"obs_type": "M"}}, "sample", K=3,
+    ...                       max_iterations=1)  # doctest: +SKIP
+    """
+    from .models.multigedi import MultiGEDI
+
+    if copy:
+        mdata = mdata.copy()
+    model = MultiGEDI(modalities, sample_key=sample_key, K=K, mode=mode, seed=seed, dtype=dtype)
+    model.fit(mdata, max_iterations=max_iterations, client=client)
+    mods = mdata.mod if hasattr(mdata, "mod") else mdata
+    st = model.export_state()
+    uns = {
+        "params": {"modalities": {m: dict(c) for m, c in modalities.items()}, "sample_key": sample_key,
+                   "K": K, "mode": mode, "max_iterations": max_iterations, "seed": seed},
+        "model": {},
+        "svd": {"joint": {"d": st["svd/d"], "u": st["svd/u"]}},
+    }
+    for m in model.config.names:
+        mods[m].obsm[f"X_{key_added}_pca"] = model.embedding(m)
+        mods[m].varm[f"{key_added}_Z"] = model.get_Z(m)
+        uns["model"][m] = {
+            "Z": model.get_Z(m), "D": model.get_D(m), "o": model.get_o(m),
+            "sigma2": np.float64(model.get_sigma2(m)),
+            "tracking": {"sigma2": st[f"tracking/{m}/sigma2"], "dZ": st[f"tracking/{m}/dZ"]},
+        }
+    if hasattr(mdata, "uns"):
+        mdata.uns[key_added] = uns
+    model.close()
+    return mdata if copy else None
