@@ -126,7 +126,7 @@ def make_buffers(cfg: TopicModelConfig, b0: dict | None = None, dtype=np.float64
     Examples
     --------
     >>> cfg = TopicModelConfig(("rna",), (4,), ("multinomial",), n_topics=5)
-    >>> float(make_buffers(cfg)["prior_sd"][0] ** 2)
+    >>> round(float(make_buffers(cfg)["prior_sd"][0] ** 2), 12)
     4.0
     """
     mu, sd = cell_topic_prior(cfg)
