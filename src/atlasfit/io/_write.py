@@ -291,22 +291,21 @@ def _write_root(root, writers: dict[str, _ModalityWriter], samples: list[str], s
         seen.update(w.samples)
     obs_g = root.create_group("obs")
     idx = Appender1D(obs_g, "_index", str, encoding=("string-array", "0.2.0"))
-    obsmap_g = empty_dict_group(root, "obsmap")
-    obsm_g = empty_dict_group(root, "obsm")
-    maps = {m: Appender1D(obsmap_g, m, np.uint32) for m in mods}
-    masks = {m: DenseAppender(obsm_g, m, 1, bool) for m in mods}
+    n_glob = int(sum(n for _, _, n in blocks))
+    # obsmap / membership masks: 4 + 1 bytes per global cell and modality, built in memory
+    maps = {m: np.zeros(n_glob, dtype=np.uint32) for m in mods}
     pos = {m: dict(zip(writers[m].samples, writers[m].offsets[:-1])) for m in mods}
+    start = 0
     for owner, s, n in blocks:
         o = int(pos[owner][s])
         idx.append(writers[owner].g["obs/_index"][o : o + n])
         for m in mods:
             if s in pos[m]:
                 off = int(pos[m][s])
-                maps[m].append(np.arange(off + 1, off + n + 1, dtype=np.uint32))
-                masks[m].append(np.ones((n, 1), dtype=bool))
-            else:
-                maps[m].append(np.zeros(n, dtype=np.uint32))
-                masks[m].append(np.zeros((n, 1), dtype=bool))
+                maps[m][start : start + n] = np.arange(off + 1, off + n + 1, dtype=np.uint32)
+        start += n
+    write_elem(root, "obsmap", maps)
+    write_elem(root, "obsm", {m: (v > 0).reshape(-1, 1) for m, v in maps.items()})
     dataframe_attrs(obs_g, [])
     # var: concatenation of the modalities' features (mudata, axis 0)
     var_names = np.concatenate([writers[m].var_names.to_numpy(dtype=object) for m in mods])
