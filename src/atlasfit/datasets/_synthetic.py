@@ -469,6 +469,7 @@ def _sample_item(d: _Design, i: int, var_cache: dict, n_threads: int = 1):
     latent = np.empty((n_i, d.K), np.float32)
     parts: dict[str, dict[str, list]] = {m: {} for m in mods}
     offsets: dict[str, np.ndarray] = {}
+
     def _block(b: int):
         lo = b * _BLOCK
         n = min(_BLOCK, n_i - lo)
