@@ -299,6 +299,7 @@ class MultiGEDI:
         checkpoint_dir: str | Path | None = None,
         resume_from_checkpoint: bool = False,
         progress: Any = None,
+        callback=None,
     ) -> MultiGEDI:
         """Fit the model.
 
@@ -329,6 +330,9 @@ class MultiGEDI:
             Continue a killed fit from its last checkpoint instead of starting over.
         progress
             ``None``: a progress bar on a terminal and a log line otherwise; ``False``: silent.
+        callback
+            ``callback(iteration, shared)`` after every iteration (``shared``: the driver's small
+            state); a truthy return stops the fit.
         """
         from ...io import Atlas
 
@@ -368,9 +372,8 @@ class MultiGEDI:
         else:
             shared = initialize(engine, plan, config, init_state=init_state)
 
-        callback = None
         if tol is not None:
-            callback = partial(_converged, names=config.names, tol=float(tol))
+            callback = partial(_converged, names=config.names, tol=float(tol), user=callback)
         shared = run_iterations(
             engine, partial(iterate, plan=plan, config=config), shared,
             start=start, stop=int(max_iterations),
@@ -681,8 +684,10 @@ class MultiGEDI:
             self._engine = None
 
 
-def _converged(it: int, shared: dict, *, names, tol: float) -> bool:
+def _converged(it: int, shared: dict, *, names, tol: float, user=None) -> bool:
     """Early-stop rule: every modality's dZ and relative σ² change below ``tol``."""
+    if user is not None and user(it, shared):
+        return True
     for m in names:
         dz = np.asarray(shared[f"{m}/tracking/dZ"])
         s2 = np.asarray(shared[f"{m}/tracking/sigma2"])
