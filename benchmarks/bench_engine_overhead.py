@@ -158,6 +158,7 @@ def main() -> None:
         "d per-worker, 8 MiB arg scattered": (lambda: Engine(client, shards, "per-worker", 0), big),
     }
     times: dict[str, list[float]] = {k: [] for k in cases}
+    load1: dict[str, list[float]] = {k: [] for k in cases}  # 1-min load average (shared machines)
     expected = [np.full(STAT, float(s.index)) for s in shards]
     for block in range(args.blocks):
         for name, (make, a) in cases.items():
@@ -171,6 +172,7 @@ def main() -> None:
                     times[name].append(time.perf_counter() - t0)
             finally:
                 mech.close()
+            load1[name].append(os.getloadavg()[0])
             print(f"block {block}: {name:36s} median {1e3 * np.median(times[name]):7.1f} ms", flush=True)
 
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -178,11 +180,12 @@ def main() -> None:
     with open(csv_path, "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["mechanism", "median_s", "p90_s", "min_s", "n_rounds", "n_workers", "n_shards",
-                    "state_per_shard", "stat_per_shard", "cpu_count", "python"])
+                    "state_per_shard", "stat_per_shard", "cpu_count", "loadavg_1min", "python"])
         for name, ts in times.items():
             w.writerow([name, f"{np.median(ts):.5f}", f"{np.percentile(ts, 90):.5f}", f"{np.min(ts):.5f}",
                         len(ts), args.workers, args.shards, f"{ROWS}x{COLS} float64",
-                        f"{STAT[0]}x{STAT[1]} float64", os.cpu_count(), platform.python_version()])
+                        f"{STAT[0]}x{STAT[1]} float64", os.cpu_count(), f"{np.mean(load1[name]):.2f}",
+                        platform.python_version()])
 
     import matplotlib
 
@@ -195,10 +198,12 @@ def main() -> None:
     ax.set_yticks(range(1, len(names) + 1), names)
     ax.axvline(30, color="tab:red", ls="--", lw=1, label="target 30 ms")
     ax.set_xscale("log")
+    ax.set_xlim(left=10)
     ax.set_xlabel("seconds per map round x 1000 (ms), log scale")
     ax.set_title(f"{args.shards} shards, {args.workers} process workers, {ROWS}x{COLS} state, "
-                 f"{STAT[0]}x{STAT[1]} stat per shard", fontsize=9)
-    ax.legend(loc="lower right")
+                 f"{STAT[0]}x{STAT[1]} stat per shard\n{os.cpu_count()} cores, mean 1-min load average "
+                 f"{np.mean([v for vs in load1.values() for v in vs]):.1f} during the run", fontsize=9)
+    ax.legend(loc="upper left", fontsize=8)
     fig.tight_layout()
     png_path = RESULTS / "engine_overhead.png"
     fig.savefig(png_path, dpi=120)

@@ -222,7 +222,7 @@ class Checkpoint:
     """
 
     def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
+        self.path = Path(path).absolute()  # workers may run in another directory
         self.last_info: CheckpointInfo | None = None
         # iteration of the version this object saved or restored (safe to roll back to)
         self.owned_iteration: int | None = None

@@ -212,11 +212,16 @@ def run_iterations(
                         f"{e} -- before the first checkpoint of this fit was complete; restart the fit",
                         e.shards,
                     ) from e
-                recoveries += 1
-                if recoveries > max_recoveries:
-                    raise
-                lost = engine.recover()
-                it, shared = checkpoint.restore(engine, restore_local)
+                while True:  # a worker may also die while we recover: try again
+                    recoveries += 1
+                    if recoveries > max_recoveries:
+                        raise e
+                    try:
+                        lost = engine.recover()
+                        it, shared = checkpoint.restore(engine, restore_local)
+                        break
+                    except ShardLostError as again:
+                        e = again
                 shared = dict(shared)
                 bar.note(
                     f"{desc}: lost shard state ({e}); re-loaded shards {lost}, rolled back to "
