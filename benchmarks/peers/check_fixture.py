@@ -76,6 +76,7 @@ def main(argv=None) -> int:
         ]
         subprocess.run(cmd, check=True)
         fit = dict(np.load(os.path.join(out, "fit.npz")))
+        pca_cells = np.load(os.path.join(out, "pca.npy"))
         with open(os.path.join(out, "result.json")) as fh:
             res = json.load(fh)
 
@@ -99,6 +100,11 @@ def main(argv=None) -> int:
         p, pr = fit["pca_sample_grouped"], ref[key]
         psign = np.sign(np.sum(p * pr, axis=0))
         scores["pca_sample_grouped"] = _rel(p * psign, pr)
+    key = f"iter{t}/X_multigedi_pca"
+    if key in ref.files:  # rows = global cell id: checks the runner's row mapping
+        pr = ref[key]
+        psign = np.sign(np.sum(pca_cells * pr, axis=0))
+        scores["pca_cell_order"] = _rel(pca_cells * psign, pr)
     report = {
         "fixture": args.fixture,
         "peer_python": args.peer_python,

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import tempfile
 import uuid
 from functools import partial
 from pathlib import Path
@@ -325,7 +324,9 @@ class MultiGEDI:
             sample's local state, Y included, by its owning worker). Default: only for store fits
             with a Dask client, every 10 iterations.
         checkpoint_dir
-            Where checkpoints go (default ``<store>/atlasfit_checkpoints/multigedi``).
+            Where checkpoints go (default: ``<store>.checkpoints/multigedi`` beside the store;
+            not inside it, because anndata/mudata read or warn about every top-level entry of a
+            store). Per-sample zarr arrays written by the owning workers, plus the driver's state.
         resume_from_checkpoint
             Continue a killed fit from its last checkpoint instead of starting over.
         progress
@@ -357,7 +358,7 @@ class MultiGEDI:
             if checkpoint_dir is None:
                 if not is_store:
                     raise ValueError("MultiGEDI.fit: give checkpoint_dir to checkpoint an in-memory fit")
-                checkpoint_dir = Path(self._atlas.path) / "atlasfit_checkpoints" / "multigedi"
+                checkpoint_dir = _default_checkpoint_dir(self._atlas.path)
             ck = Checkpoint(checkpoint_dir)
             if checkpoint_every is None:
                 checkpoint_every = 10
@@ -698,5 +699,6 @@ def _converged(it: int, shared: dict, *, names, tol: float, user=None) -> bool:
     return True
 
 
-def _tmpdir() -> str:
-    return tempfile.mkdtemp(prefix="atlasfit-")
+def _default_checkpoint_dir(store) -> Path:
+    store = Path(store)
+    return store.parent / f"{store.name}.checkpoints" / "multigedi"
