@@ -132,7 +132,8 @@ class CSRAppender:
 
     def append(self, block) -> None:
         block = sp.csr_matrix(block)
-        block.sort_indices()
+        if not block.has_sorted_indices:
+            block = block.sorted_indices()  # a copy: never reorder the caller's matrix in place
         k, nz = block.shape[0], int(block.nnz)
         if k == 0:
             return

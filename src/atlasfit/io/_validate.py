@@ -45,7 +45,8 @@ def _first_bad(block, bad_fn):
     """(row, col, value) of the first entry (row-major) where ``bad_fn(values)`` holds, else None."""
     if sp.issparse(block):
         block = sp.csr_matrix(block)
-        block.sort_indices()
+        if not block.has_sorted_indices:
+            block = block.sorted_indices()
         data = np.asarray(block.data)
         bad = bad_fn(data)
         if not bad.any():
