@@ -73,6 +73,8 @@ def _read_info(path: Path) -> dict:
         "modalities": list(mods),
         "mods": mods,
         "format_version": str(info["format_version"]),
+        # changes when the store is rewritten: keeps Dask keys of different stores at one path apart
+        "stamp": (book / "complete").stat().st_mtime_ns,
     }
 
 
@@ -92,14 +94,14 @@ def _read_rows(path: str, key: str, storage: str, start: int, stop: int, n_vars:
 class _RowReader:
     """Array-like handed to ``dask.array.from_array``: holds only the path and element name."""
 
-    def __init__(self, path: str, key: str, storage: str, shape, dtype):
-        self.path, self.key, self.storage = path, key, storage
+    def __init__(self, path: str, key: str, storage: str, shape, dtype, stamp=0):
+        self.path, self.key, self.storage, self.stamp = path, key, storage, stamp
         self.shape = tuple(int(s) for s in shape)
         self.dtype = np.dtype(dtype)
         self.ndim = 2
 
     def __dask_tokenize__(self):
-        return ("atlasfit-rows", self.path, self.key, self.shape, str(self.dtype))
+        return ("atlasfit-rows", self.path, self.key, self.shape, str(self.dtype), self.stamp)
 
     def __getitem__(self, item):
         rows, cols = item if isinstance(item, tuple) else (item, slice(None))
@@ -226,7 +228,8 @@ class Atlas:
         """
         key, storage, dtype, n_vars = self._element(mod, layer)
         counts = tuple(int(c) for c in np.diff(self._mod(mod)["offsets"]))
-        reader = _RowReader(str(self.path), key, storage, (sum(counts), n_vars), dtype)
+        reader = _RowReader(str(self.path), key, storage, (sum(counts), n_vars), dtype,
+                            self._info["stamp"])
         meta = sp.csr_matrix((0, 0), dtype=dtype) if storage == "csr" else np.empty((0, 0), dtype=dtype)
         return da.from_array(reader, chunks=(counts, (n_vars,)), asarray=False, fancy=False,
                              meta=meta, name=f"atlas-{mod}-{key.rsplit('/', 1)[-1]}-"

@@ -501,10 +501,15 @@ def _write_atlas(store, stream, *, sample_key, kinds, overwrite, mod_order=None)
         try:
             _run_stream(tmp, stream, sample_key=sample_key, kinds=kinds, mod_order=mod_order)
             if store.exists():
-                trash = store.parent / f".{store.name}.atlasfit-old-{uuid.uuid4().hex[:12]}"
-                store.rename(trash)
-                tmp.rename(store)
-                shutil.rmtree(trash, ignore_errors=True)
+                from ._results import _exchange
+
+                if _exchange(tmp, store):  # atomic swap: the old store now lies at tmp
+                    shutil.rmtree(tmp, ignore_errors=True)
+                else:
+                    trash = store.parent / f".{store.name}.atlasfit-old-{uuid.uuid4().hex[:12]}"
+                    store.rename(trash)
+                    tmp.rename(store)
+                    shutil.rmtree(trash, ignore_errors=True)
             else:
                 tmp.rename(store)
         except BaseException:
