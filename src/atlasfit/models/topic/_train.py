@@ -131,7 +131,7 @@ def _to_xp(d: dict, xp) -> dict:
 def _np(d: dict) -> dict:
     out = {}
     for k, v in d.items():
-        out[k] = v if isinstance(v, (int, float)) else np.asarray(to_numpy(v), dtype=np.float64)
+        out[k] = v if isinstance(v, (int, float)) else np.asarray(to_numpy(v))
     return out
 
 
@@ -163,7 +163,7 @@ def _shard_data_stats(state):
     out = {}
     for m, lik in zip(cfg.modalities, cfg.likelihoods):
         X = state["x"][m]
-        rs = np.asarray(X.sum(axis=1)).ravel().astype(np.float64)
+        rs = np.asarray(to_numpy(X.sum(axis=1))).ravel().astype(np.float64)
         lib = np.maximum(rs, 0.0)
         vals, counts = np.unique(np.maximum(lib, 1.0), return_counts=True)
         out[m] = {"lib_vals": vals, "lib_counts": counts, "lib_sum": float(lib.sum()), "n": int(lib.size)}
