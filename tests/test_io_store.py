@@ -321,7 +321,7 @@ def client():
         yield c
 
 
-def test_on_local_cluster(src, store, client):
+def test_on_local_cluster(src, store, client, tmp_path):
     atlas = open_atlas(store)
     _, rows = expected_order(src)
     X = atlas.X("rna")
@@ -336,3 +336,15 @@ def test_on_local_cluster(src, store, client):
     sl = atlas.sample_slices("rna")["S2"]
     assert fut.result() == ref[sl].sum()
     assert isinstance(pickle.loads(pickle.dumps(atlas)), Atlas)
+
+    # results computed on the workers are written from the workers (rechunked to the zarr chunks)
+    import shutil
+
+    from atlasfit.io import write_results
+
+    copy = shutil.copytree(store, tmp_path / "copy.zarr")
+    emb = X.map_blocks(lambda b: np.asarray(b[:, :3].todense()) * 2.0, chunks=(X.chunks[0], (3,)),
+                       dtype=np.float64, meta=np.empty((0, 0)))
+    write_results(copy, obsm={"rna": {"X_emb": emb}})
+    got = ad.read_zarr(f"{copy}/mod/rna").obsm["X_emb"]
+    np.testing.assert_array_equal(got, ref[:, :3] * 2.0)
