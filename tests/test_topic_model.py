@@ -232,3 +232,16 @@ def test_float32_training_keeps_dtype_and_matches_float64_loss():
     # same minibatches and noise: the epoch losses differ only by float32 rounding (measured ~1e-7 rel.)
     for a, b in zip(f32.history, f64.history):
         assert abs(a["loss"] - b["loss"]) <= 1e-5 * abs(b["loss"])
+
+
+def test_input_median_options():
+    data, sample = _toy()
+    cfg = TopicModelConfig(("rna", "atac"), (10, 8), ("gamma_poisson", "bernoulli"), n_topics=3, n_hidden=6)
+    fit = train_serial(data, cfg, n_epochs=1, batch_size=16, input_median=1e4)
+    assert fit.lib_median == {"rna": 1e4, "atac": 1e4}
+    ds = train_serial(data, cfg, sample=sample, n_epochs=1, batch_size=16, input_median="dataset")
+    # merged over 3 shards: the exact lower median of max(l, 1) over all cells (torch convention), computed here directly
+    lib = np.maximum(data["rna"].sum(1), 1.0)
+    assert ds.lib_median["rna"] == np.sort(lib)[(lib.size - 1) // 2]
+    with pytest.raises(ValueError, match="input_median"):
+        train_serial(data, cfg, n_epochs=1, input_median="mean")

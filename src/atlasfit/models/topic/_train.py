@@ -271,7 +271,7 @@ def train_serial(
     kl_schedule: str = "scvi400",
     kl_kwargs: dict | None = None,
     seed: int = 0,
-    input_median: str = "dataset",
+    input_median: str | float = "dataset",
     bernoulli_depth: str = "dataset",
     max_shards: int = 64,
     dtype=np.float64,
@@ -332,8 +332,13 @@ def train_serial(
     >>> len(fit.history), fit.params["dec/rna/Z_loc"].shape
     (2, (3, 12))
     """
-    if input_median not in ("dataset", "minibatch"):
-        raise ValueError(f"input_median {input_median!r}: use 'dataset' or 'minibatch'")
+    fixed_scale = None
+    if isinstance(input_median, (int, float)) and not isinstance(input_median, bool):
+        if not input_median > 0:
+            raise ValueError(f"input_median as a scale factor must be > 0, got {input_median}")
+        fixed_scale = float(input_median)
+    elif input_median not in ("dataset", "minibatch"):
+        raise ValueError(f"input_median {input_median!r}: use 'dataset', 'minibatch' or a positive scale factor")
     if bernoulli_depth not in ("dataset", "minibatch"):
         raise ValueError(f"bernoulli_depth {bernoulli_depth!r}: use 'dataset' or 'minibatch'")
     if batch_size < 2:
@@ -354,7 +359,7 @@ def train_serial(
         dstats = engine.map(_shard_data_stats)
         lib_median, bern_depth, b0 = {}, {}, {}
         for m in cfg.modalities:
-            lib_median[m] = _merge_median(dstats, m)
+            lib_median[m] = _merge_median(dstats, m) if fixed_scale is None else fixed_scale
             bern_depth[m] = sum(s[m]["lib_sum"] for s in dstats) / N
             if cfg.has_background(m):
                 b0[m] = background_init(sum(s[m]["x_over_lib"] for s in dstats), N, cfg.bg_offset)
@@ -366,7 +371,7 @@ def train_serial(
         n_steps = max(1, math.ceil(N / batch_size))
         kw = dict(kl_kwargs or {})
         kw.setdefault("max_epochs", n_epochs)
-        med_arg = lib_median if input_median == "dataset" else None
+        med_arg = None if input_median == "minibatch" else lib_median
         depth_arg = bern_depth if bernoulli_depth == "dataset" else None
         fit = TopicFit(cfg, p, bn, buffers, lib_median, bern_depth, None, [], N, opt_state)
         for epoch in range(n_epochs):
