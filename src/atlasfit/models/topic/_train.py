@@ -155,6 +155,7 @@ def _shard_load(spec, data, groups, sample_index, cfg, dtype):
     if cfg.weight_mode == "cell" and cfg.aggregation == "moe":
         om = init_cell_omega(cfg, len(rows), dtype)
         state["omega"], state["omega_m"], state["omega_v"] = om, np.zeros_like(om), np.zeros_like(om)
+        state["omega_t"] = np.zeros(len(rows), dtype=np.int64)  # per-row step counts (lazy update)
     return state
 
 
@@ -218,7 +219,7 @@ def _shard_forward(state, params, gnoise, buffers, seed, epoch, step, n_steps, l
     return _np(stats)
 
 
-def _shard_backward(state, cell_scale, beta, n_batch, theta_bar, t, opt):
+def _shard_backward(state, cell_scale, beta, n_batch, theta_bar, t, opt, omega_update="all"):
     cfg = state["cfg"]
     cache = state.pop("_cache", None)
     grads = {}
@@ -230,13 +231,21 @@ def _shard_backward(state, cell_scale, beta, n_batch, theta_bar, t, opt):
         g_omega = grads.pop("omega_cell", None)
     state.pop("_params", None)
     if "omega" in state:
-        # reference behaviour (spec §6, §11 item 3): every row is decayed and moved by its moments
-        G = np.zeros_like(state["omega"])
-        if g_omega is not None:
-            G[state["_local"]] = to_numpy(g_omega)
-        state["omega"], state["omega_m"], state["omega_v"] = adamw_update(
-            state["omega"], G, state["omega_m"], state["omega_v"], t, **opt
-        )
+        if omega_update == "all":
+            # reference behaviour (spec §6, §11 item 3): every row is decayed and moved by its moments
+            G = np.zeros_like(state["omega"])
+            if g_omega is not None:
+                G[state["_local"]] = to_numpy(g_omega)
+            state["omega"], state["omega_m"], state["omega_v"] = adamw_update(
+                state["omega"], G, state["omega_m"], state["omega_v"], t, **opt
+            )
+        elif g_omega is not None:
+            # lazy AdamW: only the minibatch rows move, each with its own step count for the bias correction
+            r = state["_local"]
+            state["omega_t"][r] += 1
+            step = state["omega_t"][r][:, None]
+            new = adamw_update(state["omega"][r], to_numpy(g_omega), state["omega_m"][r], state["omega_v"][r], step, **opt)
+            state["omega"][r], state["omega_m"][r], state["omega_v"][r] = new
     return _np(grads)
 
 
@@ -276,6 +285,7 @@ def train_serial(
     max_shards: int = 64,
     dtype=np.float64,
     params: dict | None = None,
+    omega_update: str = "all",
     engine_factory: Callable | None = None,
     callback: Callable | None = None,
 ) -> TopicFit:
@@ -308,6 +318,10 @@ def train_serial(
         (the reference when there is one shard).
     bernoulli_depth
         Mean depth for ``bernoulli_scaling="reference"``: ``"dataset"`` or ``"minibatch"`` (shard part).
+    omega_update
+        ``weight_mode="cell"``: ``"all"`` (reference: AdamW decays and moves every row of
+        :math:`\\Omega` at every step, :math:`O(N)` work per step) or ``"minibatch"`` (lazy AdamW: only
+        the rows in the minibatch are updated, each with its own step count in the bias correction).
     max_shards, engine_factory
         Shard plan limit; ``engine_factory(shards)`` builds the engine (default :class:`~atlasfit.engine.SerialEngine`).
     dtype
@@ -341,6 +355,8 @@ def train_serial(
         raise ValueError(f"input_median {input_median!r}: use 'dataset', 'minibatch' or a positive scale factor")
     if bernoulli_depth not in ("dataset", "minibatch"):
         raise ValueError(f"bernoulli_depth {bernoulli_depth!r}: use 'dataset' or 'minibatch'")
+    if omega_update not in ("all", "minibatch"):
+        raise ValueError(f"omega_update {omega_update!r}: use 'all' (reference) or 'minibatch' (lazy)")
     if batch_size < 2:
         raise ValueError(f"batch_size must be >= 2 (BatchNorm and the topic variance need 2 cells), got {batch_size}")
     N = _check_data(data, cfg)
@@ -390,7 +406,7 @@ def train_serial(
                 gval, gkl = global_kl(p, gnoise, cfg, buffers)
                 losses.append(combine_loss(tot, cfg, cell_scale=cell_scale, beta=beta, global_value=gval))
                 t = opt_state.step + 1
-                shard_grads = engine.map(_shard_backward, cell_scale, beta, B, theta_bar, t, opt)
+                shard_grads = engine.map(_shard_backward, cell_scale, beta, B, theta_bar, t, opt, omega_update)
                 grads: dict = {}
                 for sg in shard_grads:  # shard order: deterministic
                     for k, v in sg.items():
