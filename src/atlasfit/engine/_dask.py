@@ -251,7 +251,7 @@ class DaskEngine:
                         lost,
                     ) from None
         try:
-            return self.client.gather(futs)
+            return self._gather(futs, owners)
         except _LOSS_ERRORS as e:
             alive = set(self.live_workers())
             self._abort(futs, owners, alive)
@@ -261,6 +261,26 @@ class DaskEngine:
                 f"({type(e).__name__}: {e})",
                 (shard,) if shard >= 0 else (),
             ) from e
+
+    def _gather(self, futs: list, owners: list[str]) -> list:
+        # The results are ready; fetch them with a time limit so that an owner dying between
+        # "done" and "fetched" (the result is then recomputed, which a pinned task cannot do
+        # elsewhere) raises instead of hanging. Slow transfers on live owners are retried.
+        limit = max(10.0, 20 * self.poll_interval)
+        while True:
+            try:
+                return self.client.sync(self.client._gather, futs, callback_timeout=limit)
+            except TimeoutError:
+                alive = set(self.live_workers())
+                dead = sorted(set(owners) - alive)
+                if dead:
+                    self._abort(futs, owners, alive)
+                    lost = tuple(i for i, w in sorted(self.owners.items()) if w in dead)
+                    raise ShardLostError(
+                        f"engine {self.id!r}: worker(s) {dead} left the cluster before their "
+                        f"results were fetched; shards {list(lost)} lost",
+                        lost,
+                    ) from None
 
     def _abort(self, futs: list, owners: list[str], alive: set) -> None:
         # Let tasks on surviving workers finish (so they do not touch state after a rollback),
