@@ -40,6 +40,7 @@ other samples are generated, in which order, or on memory-driven chunking.
 from __future__ import annotations
 
 import zlib
+from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -447,13 +448,73 @@ def _var_names(mod: str, J: int) -> pd.Index:
     return pd.Index([f"{prefix}{j}" for j in range(J)])
 
 
-def _collect_blocks(results, types, latent, parts, offsets, n_i) -> None:
+class _RowAppender:
+    """Builds one sample's cells x features matrix from consecutive row blocks, in place.
+
+    Each block is copied into the final arrays as soon as it arrives and then dropped, so a sample
+    never holds its blocks and their concatenation at the same time (which, with the allocator
+    keeping freed small blocks, doubled the resident memory). Dense: one preallocated array.
+    CSR: int32 data / indices buffers sized from the density seen so far (+10%), grown rarely;
+    the unused tail of a buffer is never written, so it is virtual memory only.
+    """
+
+    def __init__(self, n_rows: int, n_cols: int):
+        self.n_rows, self.n_cols = n_rows, n_cols
+        self.rows = 0
+        self.nnz = 0
+        self.dense = None
+        self.data = self.indices = None
+        self.indptr = None
+
+    def add(self, piece) -> None:
+        n = piece.shape[0]
+        if not sp.issparse(piece):
+            if self.dense is None:
+                self.dense = np.empty((self.n_rows, self.n_cols), piece.dtype)
+            self.dense[self.rows:self.rows + n] = piece
+            self.rows += n
+            return
+        if self.indptr is None:
+            self.indptr = np.zeros(self.n_rows + 1, np.int64)
+        need = self.nnz + piece.nnz
+        if self.data is None or need > self.data.shape[0]:
+            rows_after = self.rows + n
+            cap = max(need, int(need / rows_after * self.n_rows * 1.1) + 1024)
+            for name in ("data", "indices"):
+                new = np.empty(cap, np.int32)
+                old = getattr(self, name)
+                if old is not None:
+                    new[:self.nnz] = old[:self.nnz]
+                setattr(self, name, new)
+        self.data[self.nnz:need] = piece.data
+        self.indices[self.nnz:need] = piece.indices
+        self.indptr[self.rows + 1:self.rows + n + 1] = piece.indptr[1:] + self.nnz
+        self.rows += n
+        self.nnz = need
+
+    def finish(self):
+        if self.rows != self.n_rows:  # internal invariant: every block was appended
+            raise RuntimeError(f"row appender got {self.rows} of {self.n_rows} rows")
+        if self.dense is not None:
+            return self.dense
+        if self.indptr is None:  # no sparse block at all (cannot happen for n_rows >= 1)
+            return sp.csr_matrix((self.n_rows, self.n_cols), dtype=np.int32)
+        ip_dtype = np.int32 if self.nnz < 2**31 else np.int64
+        return sp.csr_matrix(
+            (self.data[:self.nnz], self.indices[:self.nnz], self.indptr.astype(ip_dtype)),
+            shape=(self.n_rows, self.n_cols),
+        )
+
+
+def _collect_blocks(results, types, latent, parts, offsets, n_i, n_cols) -> None:
     for lo, n, t_b, lat_b, mod_out in results:
         types[lo:lo + n] = t_b
         latent[lo:lo + n] = lat_b
         for m, arrs, off in mod_out:
             for k, v in arrs.items():
-                parts[m].setdefault(k, []).append(v)
+                if k not in parts[m]:
+                    parts[m][k] = _RowAppender(n_i, n_cols[m])
+                parts[m][k].add(v)
             if off is not None:
                 offsets.setdefault(m, np.empty(n_i, np.float32))[lo:lo + n] = off
 
@@ -467,7 +528,8 @@ def _sample_item(d: _Design, i: int, var_cache: dict, n_threads: int = 1):
     n_blocks = -(-n_i // _BLOCK)
     types = np.empty(n_i, np.int64)
     latent = np.empty((n_i, d.K), np.float32)
-    parts: dict[str, dict[str, list]] = {m: {} for m in mods}
+    parts: dict[str, dict[str, _RowAppender]] = {m: {} for m in mods}
+    n_cols = {m: d.modalities[m]["J"] for m in mods}
     offsets: dict[str, np.ndarray] = {}
 
     def _block(b: int):
@@ -480,11 +542,20 @@ def _sample_item(d: _Design, i: int, var_cache: dict, n_threads: int = 1):
         # blocks have their own generators: threads change the speed, never the bits
         from concurrent.futures import ThreadPoolExecutor
 
+        def _windowed(ex, width):  # in order, at most ``width`` blocks in flight / waiting
+            pending = deque()
+            for b in range(n_blocks):
+                pending.append(ex.submit(_block, b))
+                if len(pending) >= width:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+
         with ThreadPoolExecutor(min(n_threads, n_blocks)) as ex:
-            results = ex.map(_block, range(n_blocks))
-            _collect_blocks(results, types, latent, parts, offsets, n_i)
+            _collect_blocks(_windowed(ex, 2 * n_threads), types, latent, parts, offsets, n_i,
+                            n_cols)
     else:
-        _collect_blocks(map(_block, range(n_blocks)), types, latent, parts, offsets, n_i)
+        _collect_blocks(map(_block, range(n_blocks)), types, latent, parts, offsets, n_i, n_cols)
 
     obs_names = pd.Index([f"{name}_c{j}" for j in range(n_i)])
     sample_col = pd.Categorical([name] * n_i, categories=d.sample_names)
@@ -492,16 +563,8 @@ def _sample_item(d: _Design, i: int, var_cache: dict, n_threads: int = 1):
     out = {}
     for m in mods:
         info = d.modalities[m]
-        stacked = {}
-        for k, pieces in parts[m].items():
-            if sp.issparse(pieces[0]):
-                stacked[k] = pieces[0] if len(pieces) == 1 else sp.vstack(pieces, format="csr")
-                if stacked[k].indptr.dtype != np.int32 and stacked[k].nnz < 2**31:
-                    stacked[k].indptr = stacked[k].indptr.astype(np.int32)
-                    stacked[k].indices = stacked[k].indices.astype(np.int32)
-            else:
-                stacked[k] = pieces[0] if len(pieces) == 1 else np.concatenate(pieces, axis=0)
-            pieces.clear()
+        stacked = {k: app.finish() for k, app in parts[m].items()}
+        parts[m].clear()
         obs = pd.DataFrame({"sample": sample_col, "cell_type": type_col}, index=obs_names)
         if m in offsets:
             obs["offset_true"] = offsets[m]
