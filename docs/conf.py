@@ -16,7 +16,6 @@ exclude_patterns = ["_build"]
 napoleon_google_docstring = False
 napoleon_numpy_docstring = True
 autodoc_typehints = "description"
-autodoc_mock_imports = ["cupy", "cupyx", "dask_cuda"]
 suppress_warnings = ["myst.header"]
 html_theme = "alabaster"
 html_title = "atlasfit"

@@ -96,7 +96,7 @@ def embedding(coords, labels=None, *, ax=None, title: str | None = None, s: floa
 
 
 def top_features(model, modality: str, n_top: int = 10):
-    """Top features per factor of ``modality`` by |Z D| (a DataFrame: factors x rank).
+    """Top features per factor of ``modality`` by absolute value of Z·diag(D) (a DataFrame: factors x rank).
 
     Examples
     --------

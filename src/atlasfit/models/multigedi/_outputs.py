@@ -15,7 +15,7 @@ def joint_svd(engine, shared: dict, plan: SamplePlan, config: FitConfig) -> dict
 
     X = U_x diag(s_x) V_xᵀ on the driver; BBᵀ = Σ_g B_g B_gᵀ = F Fᵀ (eigh) replaces V_b diag(s_b);
     M = diag(s_x) V_xᵀ F = U_M diag(d) W; U = U_x U_M. The PCA rows of sample g are
-    B_gᵀ T with T = V_x diag(s_x) U_M (= Bᵀ Xᵀ U = V diag(d)). Column signs: largest-|entry| of each
+    B_gᵀ T with T = V_x diag(s_x) U_M (= Bᵀ Xᵀ U = V diag(d)). Column signs: the largest-magnitude entry of each
     column of U positive.
 
     Returns
