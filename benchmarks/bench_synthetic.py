@@ -13,7 +13,7 @@ Writes ``benchmarks/results/synthetic_generation.csv`` and ``synthetic_generatio
 
 Reproduce (from the repository root, in the project venv)::
 
-    python benchmarks/bench_synthetic.py --sizes 100000 1000000 --modes store generate --threads 1
+    python benchmarks/bench_synthetic.py --sizes 100000 1000000 --modes store generate --threads 2
 """
 
 from __future__ import annotations
