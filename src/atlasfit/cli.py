@@ -104,19 +104,17 @@ def _cmd_info(args) -> int:
 
 def _cmd_fit(args) -> int:
     from atlasfit import MultiGEDI
-    from atlasfit.cluster import get_client
+    from atlasfit.cluster import cluster_session
 
     modalities = dict(args.modality)
     model = MultiGEDI(
         modalities=modalities, sample_key=args.sample_key, K=args.K, mode=args.mode, seed=args.seed,
         dtype=args.dtype,
     )
-    client = get_client(gpu=args.gpu)
-    try:
+    with cluster_session(gpu=args.gpu, n_workers=args.workers) as client:
         model.fit(args.store, max_iterations=args.iterations, client=client)
         model.write(args.store)
-    finally:
-        client.close()
+        model.close()
     print(f"atlasfit: fitted MultiGEDI (K={args.K}, {args.iterations} iterations); results written to "
           f"{args.store}")
     return 0
@@ -167,6 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--iterations", type=int, default=30)
     f.add_argument("--seed", type=int, default=0)
     f.add_argument("--dtype", default="float64", choices=["float64", "float32"])
+    f.add_argument("--workers", type=int, default=None, help="workers of the embedded LocalCluster")
     f.add_argument("--gpu", default=False, choices=[False, True, "auto"],
                    type=lambda v: {"true": True, "false": False, "auto": "auto"}[v.lower()])
     f.set_defaults(func=_cmd_fit)
