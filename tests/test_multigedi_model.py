@@ -238,3 +238,14 @@ def test_bad_configuration_errors(store):
     # the store is still a valid atlas after the errors
     atlasfit.io.validate(store)
     assert zarr.open_group(str(store), mode="r")["mod/rna/X"] is not None
+
+
+def test_device_gpu_without_gpu_is_a_clear_error(monkeypatch):
+    import atlasfit.cluster as cl
+
+    monkeypatch.setattr(cl, "gpu_available", lambda: False)
+    d, cfg, mdata, conf = fixture_mudata()
+    model = model_for(cfg, conf)
+    model.device = "gpu"
+    with pytest.raises(RuntimeError, match="gpu-cu12"):
+        model.fit(mdata, max_iterations=1, progress=False)
