@@ -47,6 +47,9 @@ def main(store, config_path, out_dir):
     # stamps[0] ends initialisation + iteration 1; later differences are single iterations
     iters = np.diff(stamps).tolist()
     init_s = stamps[0] - t0 if stamps else float("nan")
+    rounds = np.asarray(getattr(model._engine, "round_times", []), dtype=float).reshape(-1, 2)
+    # engine overhead: round wall time minus the busiest worker's compute time, over all rounds
+    overhead = float((rounds[:, 0] - rounds[:, 1]).sum() / rounds[:, 0].sum()) if len(rounds) else float("nan")
     t_emb = time.perf_counter()
     pca = model.embedding()
     emb_s = time.perf_counter() - t_emb
@@ -56,6 +59,7 @@ def main(store, config_path, out_dir):
         "iter_s": iters, "median_iter_s": float(np.median(iters)) if iters else float("nan"),
         "init_plus_first_iter_s": init_s, "total_fit_s": t_total, "export_s": emb_s,
         "sigma2": {m: model.get_sigma2(m) for m in mods},
+        "engine_overhead_fraction": overhead, "n_rounds": int(len(rounds)),
     }
     (out / "result.json").write_text(json.dumps(res, indent=1))
     model.close()

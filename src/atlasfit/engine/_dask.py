@@ -88,7 +88,8 @@ def _w_setup(eid: str, specs: Sequence[ShardSpec], load_fn, args, kwargs) -> lis
     return [s.index for s in specs]
 
 
-def _w_map(eid: str, items: Sequence, fn, payload, with_spec: bool) -> list:
+def _w_map(eid: str, items: Sequence, fn, payload, with_spec: bool) -> tuple[float, list]:
+    t0 = time.perf_counter()
     args, kwargs = payload
     reg = _registry()
     out = []
@@ -103,7 +104,7 @@ def _w_map(eid: str, items: Sequence, fn, payload, with_spec: bool) -> list:
                 index,
             ) from None
         out.append(fn(state, item, *args, **kwargs) if with_spec else fn(state, *args, **kwargs))
-    return out
+    return time.perf_counter() - t0, out
 
 
 def _w_held(eid: str, dask_worker=None) -> list[int]:
@@ -233,6 +234,9 @@ class DaskEngine:
         self.poll_interval = float(poll_interval)
         self.owners: dict[int, str] = {}
         self._setup_call: tuple | None = None
+        # (wall seconds, busiest worker's compute seconds) of every map round: the difference is
+        # the engine's overhead (scheduling, transfer, (de)serialisation)
+        self.round_times: list[tuple[float, float]] = []
         self._round = 0
 
     # ------------------------------------------------------------------ helpers
@@ -338,7 +342,12 @@ class DaskEngine:
             futs.append(self._submit(_w_map, self.id, items, fn, payload, with_spec, worker=w, tag="map"))
             owners.append(w)
         try:
-            parts = self._collect(futs, owners)
+            t_round = time.perf_counter()
+            timed = self._collect(futs, owners)
+            wall = time.perf_counter() - t_round
+            busy = max(t for t, _ in timed)
+            parts = [p for _, p in timed]
+            self.round_times.append((wall, busy))
         finally:
             if scattered is not None:
                 self.client.cancel([scattered])
