@@ -60,6 +60,8 @@ def main(store, config_path, out_dir):
         "init_plus_first_iter_s": init_s, "total_fit_s": t_total, "export_s": emb_s,
         "sigma2": {m: model.get_sigma2(m) for m in mods},
         "engine_overhead_fraction": overhead, "n_rounds": int(len(rounds)),
+        "checkpoint_bytes": getattr(model.checkpoint_info_, "n_bytes", None),
+        "checkpoint_s": getattr(model.checkpoint_info_, "seconds", None),
     }
     (out / "result.json").write_text(json.dumps(res, indent=1))
     model.close()

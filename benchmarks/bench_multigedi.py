@@ -194,6 +194,8 @@ def main():
                    "median_iter_s": res.get("median_iter_s", float("nan")),
                    "peak_rss_gb": peak / 1e9, "wall_s": wall, "knn_celltype_acc": acc,
                    "engine_overhead_fraction": res.get("engine_overhead_fraction", float("nan")),
+                   "checkpoint_gb": (res.get("checkpoint_bytes") or float("nan")) / 1e9,
+                   "checkpoint_s": res.get("checkpoint_s") or float("nan"),
                    "sample_mixing": mix, "machine": machine}
             rows.append(row)
             print(f"  {impl:<17} {status:<14} {row['median_iter_s']:.3f} s/it  peak {row['peak_rss_gb']:.2f} GB"

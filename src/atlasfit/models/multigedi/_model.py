@@ -123,6 +123,8 @@ class MultiGEDI:
         Iterations run.
     singular_values_
         Joint singular values d (spec §7.1).
+    checkpoint_info_
+        The last checkpoint written (iteration, bytes, seconds, path), or None.
 
     Examples
     --------
@@ -385,6 +387,7 @@ class MultiGEDI:
             progress=progress, callback=callback, desc="MultiGEDI",
         )
         self.shared_ = shared
+        self.checkpoint_info_ = ck.last_info if ck is not None else None
         self.n_iter_ = int(shared.get("iteration", max_iterations))
         self._svd = joint_svd(engine, shared, plan, config)
         self.singular_values_ = self._svd["d"]
