@@ -83,7 +83,8 @@ def _read(reader, mod, sample, layer, n_cells, J):
 def _transpose_raw(block, dtype):
     """Features x cells copy of a cells x features block (sparse stays sparse)."""
     if hasattr(block, "tocsr") and not isinstance(block, np.ndarray):
-        return block.T.tocsr().astype(dtype)
+        # cells x features CSR -> features x cells CSC (a free transpose): cell blocks slice cheaply
+        return block.tocsr().T.tocsc().astype(dtype)
     xp = get_xp(block)
     return xp.ascontiguousarray(xp.asarray(block, dtype=dtype).T)
 
@@ -161,7 +162,7 @@ def load_shard(spec, reader, plan: SamplePlan, config: FitConfig, array_module=N
 
                 for name, arr in raw.items():
                     sparse = hasattr(arr, "tocsr") and not isinstance(arr, np.ndarray)
-                    raw[name] = csp.csr_matrix(arr) if sparse else xp.asarray(arr, dtype=dt)
+                    raw[name] = csp.csc_matrix(arr) if sparse else xp.asarray(arr, dtype=dt)
             state["mods"][m][g] = {
                 "Y": xp.ascontiguousarray(Y.astype(dt)),
                 "raw": raw,
@@ -496,39 +497,56 @@ def round_C(state, params):
     return out
 
 
+CELL_BLOCK_BYTES = 8 * 2**20  # one J x block float64 temporary of round D is at most ~8 MiB
+
+
+def cell_blocks(n: int, J: int):
+    """Column (cell) slices of a J x n array such that a float64 J x block temporary is ~8 MiB."""
+    bs = max(64, CELL_BLOCK_BYTES // (8 * max(J, 1)))
+    return [slice(a, min(n, a + bs)) for a in range(0, n, bs)]
+
+
 def round_D(state, params):
-    """Y update (§2.10) with the new o and the old σ²; returns e_mg (§2.11), t_mg (§2.12), ‖E‖²."""
+    """Y update (§2.10) with the new o and the old σ²; returns e_mg (§2.11), t_mg (§2.12), ‖E‖².
+
+    Elementwise work runs over blocks of cells (:func:`cell_blocks`), so the temporaries of the
+    Halley / probit steps stay a few MiB whatever the sample size; Y is updated in place.
+    """
     out = []
     for g, m, loc in _items(state):
-        xp, dt = get_xp(loc["Y"]), loc["Y"].dtype
+        Y = loc["Y"]
+        xp, dt = get_xp(Y), Y.dtype
         pm = params[m]
         s2 = pm["sigma2"]
         DB = _p(xp, pm["D"], dt)[:, None] * state["B"][g]
-        Yhat = (_p(xp, pm["Z"], dt) + loc["Q"]) @ DB + (_p(xp, pm["o"], dt) + loc["oi"])[:, None]
-        Yhat = Yhat + loc["si"][None, :]
+        W = _p(xp, pm["Z"], dt) + loc["Q"]
+        off = (_p(xp, pm["o"], dt) + loc["oi"])[:, None]
+        si = loc["si"]
         ot = pm["obs_type"]
-        if ot == "M":
-            Md = _raw_dense(loc, "M", xp, dt)
-            Y = update_Y_counts(loc["Y"], Yhat, Md, s2)
-            V = variance_counts(Y, s2)
-        elif ot == "M_list":
-            M1 = _raw_dense(loc, "M1", xp, dt)
-            M2 = _raw_dense(loc, "M2", xp, dt)
-            Y = update_Y_paired(loc["Y"], Yhat, M1, M2, s2)
-            V = variance_paired(Y, M1, M2, s2)
-        else:
-            Y = update_Y_binary(Yhat, loc["raw"]["X"])
-            V = 0.0
-        loc["Y"] = Y.astype(dt)
-        E = Y - Yhat
-        esq = float(_f64(xp.sum(E * E)))
+        raw = loc["raw"]
+        esq = 0.0
+        V = 0.0
+        for sl in cell_blocks(Y.shape[1], Y.shape[0]):
+            Yhat = W @ DB[:, sl] + off
+            Yhat = Yhat + si[None, sl]
+            Yb = Y[:, sl]
+            if ot == "M":
+                Mb = densify(raw["M"][:, sl], xp, dt)
+                Yn = update_Y_counts(Yb, Yhat, Mb, s2)
+                V += float(_f64(variance_counts(Yn, s2)))
+            elif ot == "M_list":
+                M1 = densify(raw["M1"][:, sl], xp, dt)
+                M2 = densify(raw["M2"][:, sl], xp, dt)
+                Yn = update_Y_paired(Yb, Yhat, M1, M2, s2)
+                V += float(_f64(variance_paired(Yn, M1, M2, s2)))
+            else:
+                Yn = update_Y_binary(Yhat, raw["X"][:, sl])
+            Yn = Yn.astype(dt, copy=False)
+            E = Yn - Yhat
+            esq += float(_f64(xp.sum(E * E)))
+            Y[:, sl] = Yn
         oi, Q = loc["oi"], loc["Q"]
-        e = (
-            loc["lamO"] * float(_f64(xp.sum(oi * oi)))
-            + loc["lamQ"] * float(_f64(xp.sum(Q * Q)))
-            + esq
-            + float(_f64(V))
-        )
+        e = loc["lamO"] * float(_f64(xp.sum(oi * oi))) + loc["lamQ"] * float(_f64(xp.sum(Q * Q))) + esq + V
         ds = loc["si"] - loc["si0"]
         out.append((g, m, e, float(_f64(xp.sum(ds * ds))), esq))
     return out
