@@ -371,7 +371,9 @@ def test_checkpoint_dump_restore_gives_same_bits():
         shared = step(eng, shared, it)
     ckpt_local = {}
     for part in eng.map(dump_local):
-        ckpt_local.update(part)
+        # dump_local returns the live arrays (no copy); a checkpoint writer persists them at once,
+        # so keep copies here as the writer would
+        ckpt_local.update({g: {k: np.array(v) for k, v in d.items()} for g, d in part.items()})
     ckpt_shared = {k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in shared.items()}
     for it in range(2, 4):
         shared = step(eng, shared, it)

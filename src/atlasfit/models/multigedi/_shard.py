@@ -592,6 +592,8 @@ def dump_local(state) -> dict:
     """Checkpoint payload of a shard: ``{sample: {name: array}}`` (B, and per modality Y, Q, o_i, s_i, s_i0).
 
     Y is included: it cannot be rebuilt from the small state. Raw data are not (re-read from the store).
+    NumPy arrays are returned without copying (the checkpoint writer consumes them before the state
+    changes; a copy would double a worker's memory during a checkpoint).
 
     Examples
     --------
@@ -601,11 +603,11 @@ def dump_local(state) -> dict:
     """
     out = {}
     for g in state["samples"]:
-        d = {"B": to_numpy(state["B"][g]).copy()}
+        d = {"B": to_numpy(state["B"][g])}
         for m, per in state["mods"].items():
             if g in per:
                 for name in ("Y", "Q", "oi", "si", "si0"):
-                    d[f"{m}/{name}"] = to_numpy(per[g][name]).copy()
+                    d[f"{m}/{name}"] = to_numpy(per[g][name])
         out[g] = d
     return out
 
