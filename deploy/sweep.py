@@ -80,7 +80,8 @@ def make_store(cfg, cells, work: Path):
     store = work / f"atlas_{cells}.zarr"
     if not store.exists():
         synthetic_atlas(store, n_cells=cells, n_samples=cfg.get("n_samples", 16), features=cfg["features"],
-                        overlap=cfg.get("overlap", {}), seed=cfg.get("seed", 0), overwrite=True)
+                        overlap=cfg.get("overlap", {}), seed=cfg.get("seed", 0), overwrite=True,
+                        n_threads=cfg.get("gen_threads", 1))
     atlas = open_atlas(store)
     first = atlas.modalities[0]
     obs = atlas.obs(first)
@@ -102,7 +103,8 @@ def run_point(cfg, point, store, truth, work: Path, profile=None) -> dict:
             for m in cfg["features"]]
     tag = f"{cells}_{workers}_{K}_{model}_{device}_{dtype}"
     fit_cfg = {"K": K, "iterations": cfg["iterations"], "dtype": dtype, "workers": workers,
-               "modalities": mods, "memory_limit": cfg.get("memory_limit", "8GiB")}
+               "modalities": mods, "memory_limit": cfg.get("memory_limit", "8GiB"),
+               "checkpoint_every": cfg.get("checkpoint_every")}
     cfgp = work / f"cfg_{tag}.json"
     cfgp.write_text(json.dumps(fit_cfg))
     out = work / f"run_{tag}"

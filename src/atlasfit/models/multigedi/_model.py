@@ -324,7 +324,9 @@ class MultiGEDI:
         checkpoint_every
             Write a checkpoint every this many iterations (shared state on the driver, every
             sample's local state, Y included, by its owning worker). Default: only for store fits
-            with a Dask client, every 10 iterations.
+            with a Dask client, every 10 iterations (and at the start and the end). ``0``: none
+            (no fault tolerance; saves the checkpoint I/O, about 2.5 GB per 100k cells x 3,000
+            features in float64).
         checkpoint_dir
             Where checkpoints go (default: ``<store>.checkpoints/multigedi`` beside the store;
             not inside it, because anndata/mudata read or warn about every top-level entry of a
@@ -354,7 +356,9 @@ class MultiGEDI:
         self._state_cache = None
 
         ck = None
-        if checkpoint_dir is not None or resume_from_checkpoint or (
+        if checkpoint_every == 0 and not resume_from_checkpoint:
+            pass  # explicitly no checkpoints (no fault tolerance)
+        elif checkpoint_dir is not None or resume_from_checkpoint or (
             is_store and not isinstance(engine, SerialEngine)
         ):
             if checkpoint_dir is None:
