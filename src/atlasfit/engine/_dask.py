@@ -277,16 +277,7 @@ class DaskEngine:
                 distributed.wait(futs, timeout=self.poll_interval)
                 break
             except TimeoutError:
-                alive = set(self.live_workers())
-                dead = sorted(set(owners) - alive)
-                if dead:
-                    self._abort(futs, owners, alive)
-                    lost = tuple(i for i, w in sorted(self.owners.items()) if w in dead)
-                    raise ShardLostError(
-                        f"engine {self.id!r}: worker(s) {dead} left the cluster during a round; "
-                        f"shards {list(lost)} lost",
-                        lost,
-                    ) from None
+                self._raise_if_owner_died(futs, owners, "during a round")
         try:
             return self._gather(futs, owners)
         except _LOSS_ERRORS as e:
@@ -308,16 +299,19 @@ class DaskEngine:
             try:
                 return self.client.sync(self.client._gather, futs, callback_timeout=limit)
             except TimeoutError:
-                alive = set(self.live_workers())
-                dead = sorted(set(owners) - alive)
-                if dead:
-                    self._abort(futs, owners, alive)
-                    lost = tuple(i for i, w in sorted(self.owners.items()) if w in dead)
-                    raise ShardLostError(
-                        f"engine {self.id!r}: worker(s) {dead} left the cluster before their "
-                        f"results were fetched; shards {list(lost)} lost",
-                        lost,
-                    ) from None
+                self._raise_if_owner_died(futs, owners, "before their results were fetched")
+
+    def _raise_if_owner_died(self, futs: list, owners: list[str], when: str) -> None:
+        """Raise ShardLostError (after aborting the round) if an owner of ``futs`` left."""
+        alive = set(self.live_workers())
+        dead = sorted(set(owners) - alive)
+        if dead:
+            self._abort(futs, owners, alive)
+            lost = tuple(i for i, w in sorted(self.owners.items()) if w in dead)
+            raise ShardLostError(
+                f"engine {self.id!r}: worker(s) {dead} left the cluster {when}; shards {list(lost)} lost",
+                lost,
+            ) from None
 
     def _abort(self, futs: list, owners: list[str], alive: set) -> None:
         # Let tasks on surviving workers finish (so they do not touch state after a rollback),
