@@ -102,6 +102,6 @@ def run_demo(
           f"({t_fit / max(iterations, 1):.2f} s/iteration incl. initialisation)")
     for _, row in last.iterrows():
         print(f"  {row['modality']:<10} sigma2={row['sigma2']:.4g}  dZ={row['dZ']:.3g}")
-    print(f"atlasfit demo: results in {store} (obsm['X_multigedi_pca'], varm, atlasfit/models/"
+    print(f"atlasfit demo: results in {store} (obsm['X_multigedi_pca'], varm, uns/atlasfit_models/"
           f"multigedi); plot {png}")
     return {"store": str(store), "png": str(png), "fit_seconds": t_fit}

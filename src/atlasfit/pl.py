@@ -53,6 +53,9 @@ def convergence(model, which: str = "sigma2", *, ax=None, show: bool = True):
         ax.plot(sub["iteration"], sub[which], marker="o", ms=3, label=str(mod))
     if which in ("dZ", "objective") and (hist[which] > 0).all():
         ax.set_yscale("log")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("iteration")
     ax.set_ylabel(which)
     ax.set_title(f"MultiGEDI convergence: {which}")
