@@ -10,7 +10,7 @@ import numpy as np
 
 from . import _shard as sh
 from ._config import FitConfig, SamplePlan
-from ._init import _glob_order, bl2_scale, gather_by_sample, ordered_sum, set_D_from_rho
+from ._init import _glob_order, _pick, bl2_scale, gather_by_sample, ordered_sum, set_D_from_rho
 from ._kernels import update_hyperpriors, update_o, update_sigma2, update_Z_ortho, update_Z_regular
 
 LAM_Z = 1.0  # 1/S_Z (MultiGEDI default)
@@ -147,13 +147,6 @@ def iterate(engine, shared: dict, it: int | None = None, *, plan: SamplePlan, co
     shared["tracking/objective"] = np.append(shared["tracking/objective"], obj)
     shared["iteration"] = int(shared["iteration"]) + 1
     return shared
-
-
-def _pick(entries, m):
-    for e in entries:
-        if e[0] == m:
-            return e[1:] if len(e) > 2 else e[1]
-    raise KeyError(m)
 
 
 def fit(engine, shared: dict, n_iter: int, *, plan: SamplePlan, config: FitConfig) -> dict:

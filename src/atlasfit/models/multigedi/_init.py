@@ -126,9 +126,10 @@ def _glob_order(plan, m):
 
 
 def _pick(entries, m):
+    """The statistic(s) of modality ``m`` among a sample's ``(m, stat, ...)`` entries."""
     for e in entries:
         if e[0] == m:
-            return e[1]
+            return e[1:] if len(e) > 2 else e[1]
     raise KeyError(m)
 
 

@@ -178,6 +178,7 @@ class MultiGEDI:
         self.plan_ = None
         self.shared_ = None
         self._state_cache: dict | None = None
+        self._svd: dict | None = None
         self._atlas = None
         self._feature_names: dict[str, np.ndarray] = {}
         self._row_index: dict[str, np.ndarray] = {}
@@ -487,7 +488,8 @@ class MultiGEDI:
         if self._state_cache is None:
             if self._engine is None:
                 raise RuntimeError("MultiGEDI.export_state: the engine of this fit is closed")
-            self._state_cache = export_state(self._engine, self.shared_, self.plan_, self.config)
+            self._state_cache = export_state(self._engine, self.shared_, self.plan_, self.config,
+                                             svd=self._svd)
         return dict(self._state_cache)
 
     def embedding(self, modality: str | None = None) -> np.ndarray:
@@ -612,7 +614,7 @@ class MultiGEDI:
         tmp = Path(atlas.path).parent / f".{Path(atlas.path).name}.pca-{uuid.uuid4().hex[:10]}"
         tmp.mkdir()
         try:
-            store_pca(self._engine, self.shared_, self.plan_, self.config)
+            store_pca(self._engine, self.shared_, self.plan_, self.config, svd=self._svd)
             self._engine.map(_write_pca_rows, str(tmp))
             obsm = {}
             for m in self.config.names:

@@ -55,9 +55,9 @@ def joint_svd(engine, shared: dict, plan: SamplePlan, config: FitConfig) -> dict
     return {"d": d, "u": U, "T": T}
 
 
-def store_pca(engine, shared: dict, plan: SamplePlan, config: FitConfig) -> dict:
+def store_pca(engine, shared: dict, plan: SamplePlan, config: FitConfig, svd: dict | None = None) -> dict:
     """Leave each sample's joint-PCA rows in its shard state (``state["pca"][g]``) for a store
-    writer; returns the joint SVD dict of :func:`joint_svd`.
+    writer; returns the joint SVD dict of :func:`joint_svd` (``svd``: reuse one already computed).
 
     Examples
     --------
@@ -76,12 +76,12 @@ def store_pca(engine, shared: dict, plan: SamplePlan, config: FitConfig) -> dict
     >>> eng.states[0]["pca"]["a"].shape
     (30, 3)
     """
-    svd = joint_svd(engine, shared, plan, config)
+    svd = joint_svd(engine, shared, plan, config) if svd is None else svd
     engine.map(sh.store_pca_rows, svd["T"])
     return svd
 
 
-def export_state(engine, shared: dict, plan: SamplePlan, config: FitConfig) -> dict:
+def export_state(engine, shared: dict, plan: SamplePlan, config: FitConfig, svd: dict | None = None) -> dict:
     """The fitted state as a flat dict (the fixtures' key layout without ``iter<t>/``).
 
     Keys: ``<mod>/Z``, ``<mod>/U``, ``<mod>/S``, ``<mod>/D``, ``<mod>/o``, ``<mod>/sigma2``,
@@ -106,7 +106,7 @@ def export_state(engine, shared: dict, plan: SamplePlan, config: FitConfig) -> d
     >>> out["X_multigedi_pca"].shape, out["rna/Q/b"].shape, out["tracking/rna/dZ"].shape
     ((60, 3), (20, 3), (1,))
     """
-    svd = joint_svd(engine, shared, plan, config)
+    svd = joint_svd(engine, shared, plan, config) if svd is None else svd
     out: dict = {}
     for m in config.names:
         for k in ("Z", "U", "S", "D", "o"):
