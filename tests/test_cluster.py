@@ -175,6 +175,48 @@ def test_shipped_profiles_load_and_hpc_ones_build_scripts():
             script = cluster.job_script()
             assert "distributed.cli.dask_worker" in script or "dask-cuda-worker" in script, f.name
             assert str(prof["cluster"]["walltime"]) in script, f.name
+            # every HPC profile switches off Dask's worker profiler (atlasfit._compat: CPython < 3.11.9 deadlock)
+            assert "DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED=False" in script, f.name
             assert len(cluster.worker_spec) == 0  # nothing submitted
         finally:
             cluster.close()
+
+
+def test_worker_profiler_is_off_on_pythons_with_the_frames_gc_deadlock():
+    """CPython 3.11.0-3.11.8 can deadlock in sys._current_frames() + GC (gh-116969, dask/distributed#8616);
+    importing atlasfit must switch Dask's worker profiler off there, so clusters started afterwards have none."""
+    from atlasfit import _compat
+
+    if not _compat.profiler_unsafe():
+        assert not _compat.guard_worker_profiler()  # nothing changed on safe Pythons
+        pytest.skip(f"Python {sys.version.split()[0]} is not affected")
+    import dask
+
+    assert dask.config.get("distributed.worker.profile.enabled") is False
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=True,
+                                  dashboard_address=None) as cluster, distributed.Client(cluster) as client:
+        has = client.run(lambda dask_worker: "profile" in dask_worker.periodic_callbacks)
+    assert list(has.values()) == [False]
+
+
+def test_engine_setup_stops_a_running_worker_profiler(monkeypatch):
+    """A worker started with its profiler on (someone else's cluster) loses it at atlasfit's first task."""
+    import dask
+
+    from atlasfit import _compat
+    from atlasfit.engine import DaskEngine, plan_shards
+
+    if not _compat.profiler_unsafe():
+        pytest.skip(f"Python {sys.version.split()[0]} is not affected")
+    with dask.config.set({"distributed.worker.profile.enabled": True}), distributed.LocalCluster(
+        n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None
+    ) as cluster, distributed.Client(cluster) as client:
+        before = client.run(lambda dask_worker: dask_worker.periodic_callbacks["profile"].is_running())
+        eng = DaskEngine(client, plan_shards(["a"], [3]))
+        eng.setup(lambda spec: {"n": 1})
+        import time
+
+        time.sleep(0.2)  # the stop runs on the worker's event loop
+        after = client.run(lambda dask_worker: dask_worker.periodic_callbacks["profile"].is_running())
+        eng.close()
+    assert list(before.values()) == [True] and list(after.values()) == [False]

@@ -6,6 +6,10 @@ Public entry points: :class:`MultiGEDI`, :func:`fit`, and the namespaces :mod:`a
 
 from __future__ import annotations
 
+from ._compat import guard_worker_profiler as _guard_worker_profiler
+
+_guard_worker_profiler()  # Python 3.11.0-3.11.8: Dask's worker profiler can deadlock a worker
+
 from . import datasets, io, pl, tl
 from .models.multigedi import MultiGEDI
 

@@ -28,6 +28,7 @@ from dask.sizeof import sizeof
 from distributed.comm.core import CommClosedError
 from distributed.scheduler import KilledWorker
 
+from .._compat import stop_worker_profiler
 from ._errors import ShardLostError, StateMissingError
 from ._protocol import ShardSpec
 
@@ -87,6 +88,10 @@ def tune_allocator(mmap_threshold: int = 64 * 2**20, trim_threshold: int = 64 * 
 
 def _w_setup(eid: str, specs: Sequence[ShardSpec], load_fn, args, kwargs) -> list[int]:
     tune_allocator()
+    try:
+        stop_worker_profiler(distributed.get_worker())
+    except ValueError:  # not on a worker
+        pass
     reg = _registry()
     for spec in specs:
         reg[(eid, spec.index)] = load_fn(spec, *args, **kwargs)
