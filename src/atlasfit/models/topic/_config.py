@@ -16,6 +16,17 @@ LIKELIHOODS = ("multinomial", "gamma_poisson", "nb", "bernoulli", "gaussian")
 COUNT_LIKELIHOODS = ("multinomial", "gamma_poisson", "nb", "bernoulli")
 WEIGHT_MODES = ("equal", "universal", "cell")
 AGGREGATIONS = ("moe", "attention")
+TOPIC_FEATURE_PRIORS = ("logistic_normal", "horseshoe")
+SPATIAL_MODES = (None, "sgc", "gcn")
+
+#: Decoder batch-offset priors (§1.5): :math:`\tau^b\sim\mathrm{Beta}(0.5, 0.5)`,
+#: :math:`\Delta\sim\mathrm{StudentT}(\nu=10, 0, 0.01)`.
+BATCH_TAU_AB = 0.5
+BATCH_DELTA_DF = 10.0
+BATCH_DELTA_SCALE = 0.01
+#: Horseshoe slab :math:`c_m\sim\mathrm{InvGamma}(0.5, 0.5)` and the :math:`10^{-8}` of :math:`\tilde\lambda` (§1.3b).
+HS_SLAB_AB = 0.5
+HS_EPS = 1e-8
 
 CLAMP_EPS = 1e-5
 CLAMP_MAX = 1e5
@@ -58,6 +69,24 @@ class TopicModelConfig:
         a penalty); ``"documented"`` subtracts them (the documented "bonus").
     normalize_encoder_inputs
         log1p of depth-normalised counts as encoder input (§2.2).
+    topic_feature_prior_type
+        ``"logistic_normal"`` (default, §1.3a) or ``"horseshoe"`` (regularised horseshoe, §1.3b):
+        :math:`Z_{mkf}=\beta_{mkf}\tilde\lambda_{mkf}` with LogNormal :math:`q` for
+        :math:`c_m,\tau_{mk},\delta_{mf},\lambda_{mkf}` and Normal :math:`q` for :math:`\beta_{mkf}`.
+    n_batches, decoder_batch_offsets
+        Number of categories :math:`C` of the one categorical covariate (``batch`` codes per cell;
+        0 = no covariate). With ``n_batches >= 1`` and ``decoder_batch_offsets`` the decoder logits get
+        per-modality per-batch feature offsets :math:`\tau^b_{mk}\Delta_{m,c(n),f}` (§1.5).
+    encode_covariates, n_continuous_covariates
+        Encoder covariates (§2.2): the one-hot batch code (needs ``n_batches >= 2``; scvi ignores a
+        1-category covariate) and/or ``n_continuous_covariates`` continuous values per cell are
+        concatenated to every encoder input, in the order :math:`[\hat x, \text{cont}, \text{onehot}]`.
+    spatial_mode, sgc_n_layers, gcn_alpha_init
+        ``None`` (default), ``"sgc"`` (encoder input :math:`\log(1+[X,\hat AX,\ldots,\hat A^LX])`
+        precomputed per sample with :math:`L` = ``sgc_n_layers``, §4.5) or ``"gcn"`` (first encoder
+        layer :math:`\alpha\,XW_0 + (1-\alpha)\hat A_{\mathcal B,\mathcal S}X_{\mathcal S}W_g + b_0`,
+        :math:`\alpha=\sigma(a_\alpha)` learned, initialised at ``gcn_alpha_init``; §4.4), both over the
+        within-sample graph with :math:`\hat A = D^{-1/2}(A+I)D^{-1/2}` (see ``_spatial.py``).
     bernoulli_scaling
         ``"depth"`` (default, corrected): :math:`p = \\min(\\ell_n\\rho_{nf}, 1)`, so the expected number
         of ones of a cell is its observed number of ones. ``"reference"``:
@@ -98,6 +127,14 @@ class TopicModelConfig:
     regularizer_sign: str = "reference"
     normalize_encoder_inputs: bool = True
     bernoulli_scaling: str = "depth"
+    topic_feature_prior_type: str = "logistic_normal"
+    n_batches: int = 0
+    decoder_batch_offsets: bool = True
+    encode_covariates: bool = False
+    n_continuous_covariates: int = 0
+    spatial_mode: str | None = None
+    sgc_n_layers: int = 1
+    gcn_alpha_init: float = 0.7
 
     def __post_init__(self):
         object.__setattr__(self, "modalities", tuple(str(m) for m in self.modalities))
@@ -143,6 +180,28 @@ class TopicModelConfig:
             raise ValueError("topic_feature_prior must be None or a float (one value for every topic and feature)")
         if self.dispersion <= 0:
             raise ValueError(f"dispersion (NB size r) must be > 0, got {self.dispersion}")
+        if self.topic_feature_prior_type not in TOPIC_FEATURE_PRIORS:
+            raise ValueError(
+                f"topic_feature_prior_type {self.topic_feature_prior_type!r}: use one of {TOPIC_FEATURE_PRIORS}"
+            )
+        if int(self.n_batches) != self.n_batches or self.n_batches < 0:
+            raise ValueError(f"n_batches must be an integer >= 0 (0 = no batch covariate), got {self.n_batches}")
+        object.__setattr__(self, "n_batches", int(self.n_batches))
+        if self.encode_covariates and self.n_batches < 2 and self.n_continuous_covariates == 0:
+            raise ValueError(
+                "encode_covariates=True needs a categorical covariate with >= 2 categories (n_batches >= 2) "
+                f"or continuous covariates (n_continuous_covariates >= 1); got n_batches={self.n_batches}"
+            )
+        if int(self.n_continuous_covariates) != self.n_continuous_covariates or self.n_continuous_covariates < 0:
+            raise ValueError(f"n_continuous_covariates must be an integer >= 0, got {self.n_continuous_covariates}")
+        object.__setattr__(self, "n_continuous_covariates", int(self.n_continuous_covariates))
+        if self.spatial_mode not in SPATIAL_MODES:
+            raise ValueError(f"spatial_mode {self.spatial_mode!r}: use None, 'sgc' or 'gcn'")
+        if int(self.sgc_n_layers) != self.sgc_n_layers or self.sgc_n_layers < 1:
+            raise ValueError(f"sgc_n_layers must be an integer >= 1, got {self.sgc_n_layers}")
+        object.__setattr__(self, "sgc_n_layers", int(self.sgc_n_layers))
+        if not 0.0 < self.gcn_alpha_init < 1.0:
+            raise ValueError(f"gcn_alpha_init must be in (0, 1) (the self-path weight), got {self.gcn_alpha_init}")
         cell_topic_alpha(self)  # validates cell_topic_prior
 
     @property
@@ -167,6 +226,31 @@ class TopicModelConfig:
 
     def dispersion_shape(self, m: str) -> tuple[int]:
         return (1,) if self.global_dispersion else (self.n_feat(m),)
+
+    @property
+    def horseshoe(self) -> bool:
+        """True for ``topic_feature_prior_type="horseshoe"`` (§1.3b)."""
+        return self.topic_feature_prior_type == "horseshoe"
+
+    @property
+    def batch_offsets(self) -> bool:
+        """True when the decoder has per-batch feature offsets (§1.5)."""
+        return self.decoder_batch_offsets and self.n_batches >= 1
+
+    @property
+    def needs_batch(self) -> bool:
+        """True when per-cell batch codes must be supplied (decoder offsets or one-hot encoder input)."""
+        return self.batch_offsets or (self.encode_covariates and self.n_batches >= 2)
+
+    @property
+    def n_onehot(self) -> int:
+        """Width of the one-hot batch block of the encoder input (0 when not encoded)."""
+        return self.n_batches if (self.encode_covariates and self.n_batches >= 2) else 0
+
+    @property
+    def n_cont_encoded(self) -> int:
+        """Width of the continuous-covariate block of the encoder input."""
+        return self.n_continuous_covariates if self.encode_covariates else 0
 
     @property
     def regularizer_factor(self) -> float:

@@ -38,6 +38,7 @@ from ._loss import (
     softmax,
 )
 from ._nn import encoder_eval, lower_median, normalize_counts
+from ._spatial import load_shard_extras, minibatch_extras
 from ._optim import AdamWState, adamw_init, adamw_step, adamw_update
 from ._params import (
     background_init,
@@ -138,7 +139,8 @@ def _np(d: dict) -> dict:
 # --------------------------------------------------------------------------- shard functions
 
 
-def _shard_load(spec, data, groups, sample_index, cfg, dtype):
+def _shard_load(spec, data, groups, sample_index, cfg, dtype, extras=None):
+    # extras: per-cell covariates / spatial graph ({"batch", "cont", "graph"}, see _spatial.load_shard_extras)
     rows = np.concatenate([groups[s] for s in spec.samples]) if spec.samples else np.zeros(0, dtype=np.int64)
     state = {
         "rows": rows,
@@ -152,6 +154,8 @@ def _shard_load(spec, data, groups, sample_index, cfg, dtype):
         k = len(groups[s])
         state["parts"].append((sample_index[s], off, k))
         off += k
+    n_all = data[cfg.modalities[0]].shape[0]
+    state.update(load_shard_extras(extras, rows, [(s, len(groups[s])) for s in spec.samples], cfg, n_all))
     if cfg.weight_mode == "cell" and cfg.aggregation == "moe":
         om = init_cell_omega(cfg, len(rows), dtype)
         state["omega"], state["omega_m"], state["omega_v"] = om, np.zeros_like(om), np.zeros_like(om)
@@ -211,8 +215,9 @@ def _shard_forward(state, params, gnoise, buffers, seed, epoch, step, n_steps, l
     buf = _to_xp(buffers, xp)
     draws = global_draws(p, _to_xp(gnoise, xp), cfg, buf)
     omega = xp.asarray(state["omega"][local]) if "omega" in state else None
+    extra = minibatch_extras(state, local, lib_median, xp)  # batch codes, covariates, SGC inputs, GCN graph
     cache, stats = forward_cells(
-        p, x, cnoise, cfg, buf, draws, lib_median=lib_median, bern_depth=bern_depth, cell_omega=omega
+        p, x, cnoise, cfg, buf, draws, lib_median=lib_median, bern_depth=bern_depth, cell_omega=omega, **extra
     )
     state["_cache"] = cache
     state["_params"] = p
