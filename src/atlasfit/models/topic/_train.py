@@ -1,18 +1,27 @@
-"""Serial trainer on the engine protocol, and posterior summaries (spec §3.6, §5, §6).
+"""Trainer on the engine protocol, and posterior summaries (spec §3.6, §5, §6).
 
-One optimisation step is two engine rounds:
+A synchronous optimisation step (``steps_per_round=1``) is one or two engine rounds:
 
-1. ``_shard_forward``: every shard takes its part of the step's minibatch, runs
-   :func:`~atlasfit.models.topic.forward_cells` with the broadcast parameters and global noise,
-   keeps the cache in its state and returns small sums (per-cell loss terms, :math:`\\sum\\theta`,
-   :math:`\\sum\\theta^2`, BatchNorm sums).
-2. ``_shard_backward``: with the global minibatch size :math:`B`, the global :math:`\\bar\\theta`
-   (needed by the topic-variance gradient) and :math:`\\beta`, every shard returns the gradient of
-   its cells' share of the loss and updates its per-cell :math:`\\Omega` rows (``weight_mode="cell"``).
+* ``_shard_step`` (one round, used whenever the step's global statistics are known beforehand):
+  every shard takes its part of the step's minibatch, runs the forward and the backward pass with
+  the broadcast parameters, the step's global noise, the global minibatch size :math:`B` (known from
+  the sample sizes) and :math:`\\bar\\theta` (only the topic-variance gradient needs it), updates its
+  per-cell :math:`\\Omega` rows and returns its gradient with small sums (loss terms,
+  :math:`\\sum\\theta`, :math:`\\sum\\theta^2`, BatchNorm sums).
+* ``_shard_forward`` then ``_shard_backward`` (two rounds) when the topic-variance regulariser is on
+  and ``theta_bar_sync="exact"``: the first round's :math:`\\sum\\theta` gives the step's exact
+  global :math:`\\bar\\theta` for the second. ``theta_bar_sync="lagged"`` uses the previous step's
+  global :math:`\\bar\\theta` instead and keeps one round per step.
 
 The driver sums the statistics in shard order, adds the global KL gradient once, applies AdamW and
-broadcasts the new parameters. See ``docs/topic_model.md`` for the choices made for the
-statistics that are not additive over cells.
+broadcasts the new parameters.
+
+With ``steps_per_round=S > 1`` (local steps with periodic averaging, ``_shard_local_steps``) every
+shard runs :math:`S` AdamW steps on its own part of :math:`S` consecutive minibatches with its own
+copy of the parameters and Adam moments; the driver then averages parameters and moments weighted
+by the cells each shard used, in shard order, and broadcasts the average: one round per :math:`S`
+steps. See ``docs/topic_model.md`` for the choices made for the statistics that are not additive
+over cells.
 """
 
 from __future__ import annotations
@@ -258,6 +267,81 @@ def _shard_get_omega(state):
     return (state["rows"], state["omega"]) if "omega" in state else None
 
 
+def _shard_step(state, fwd_args, bwd_args, fwd_kw=None):
+    """Forward and backward pass of one synchronous step in one round (the global statistics the
+    backward needs, ``bwd_args``, are known before the round). Returns ``(stats, grads)``."""
+    stats = _shard_forward(state, *fwd_args, **(fwd_kw or {}))
+    grads = _shard_backward(state, *bwd_args)
+    return stats, grads
+
+
+def _full_grads(p, gnoise, cell_grads, beta, cfg, buffers):
+    """Parameter gradients of the step's loss from the summed per-cell gradients: chain the
+    gradients w.r.t. the global draws into the variational parameters and add
+    :math:`\\beta\\nabla\\mathcal G` once. Returns ``(grads, global_value)``."""
+    grads = dict(cell_grads)
+    gval, gkl = global_kl(p, gnoise, cfg, buffers)
+    draws = global_draws(p, gnoise, cfg, buffers)
+    for k, v in global_draws_backward(p, gnoise, draws, grads, cfg).items():
+        grads[k] = grads[k] + v if k in grads else v
+    for k, v in gkl.items():
+        grads[k] = grads[k] + beta * v if k in grads else beta * v
+    return {k: grads.get(k, np.zeros_like(v)) for k, v in p.items()}, gval
+
+
+def _shard_local_steps(
+    state, params, m, v, t0, steps, seed, epoch, n_steps, buffers, lib_median, bern_depth,
+    n_total, beta, opt, omega_update, fwd_kw=None,
+):
+    """``steps_per_round > 1``: run the listed steps locally on this shard's parts of their minibatches.
+
+    The shard starts from the broadcast parameters and Adam moments (step count ``t0``) and runs one
+    AdamW step per listed step on the gradient of its local objective
+    :math:`\\frac{N}{B_s}\\sum_{n\\in\\mathcal B_s}\\mathcal C_n + \\beta\\mathcal G + s\\lambda_V V(\\Theta_{\\mathcal B_s})`
+    (:math:`B_s`: its cells in the step; the same global noise as every other shard, drawn here from
+    the key (seed, epoch, step)). Returns its parameters, moments, the number of cells it used and
+    the per-step sums the driver needs for the loss and the BatchNorm running statistics.
+    """
+    cfg = state["cfg"]
+    dtype = state["dtype"]
+    st = AdamWState(step=int(t0), m=dict(m), v=dict(v))
+    p = params
+    n_used = 0
+    per_step = []
+    for i, step in enumerate(steps):
+        t = int(t0) + i + 1
+        gnoise = draw_global_noise(cfg, (seed, epoch, step), dtype)
+        stats = _shard_forward(state, p, gnoise, buffers, seed, epoch, step, n_steps, lib_median, bern_depth, **(fwd_kw or {}))
+        bs = int(stats["n"])
+        theta_bar = stats["theta_sum"] / bs if bs else None
+        cell = _shard_backward(state, n_total / max(bs, 1), beta, bs, theta_bar, t, opt, omega_update)
+        if bs == 0:
+            per_step.append(None)
+            continue
+        grads, gval = _full_grads(p, gnoise, cell, beta, cfg, buffers)
+        st.step = t - 1
+        p = adamw_step(p, grads, st, **opt)
+        n_used += bs
+        stats["global_value"] = gval
+        per_step.append(stats)
+    return {"n": n_used, "params": p, "m": st.m, "v": st.v, "steps": per_step}
+
+
+def _weighted_mean(arrays, weights):
+    """:math:`\\sum_s w_s a_s` in shard order (a single weight of 1 returns the array's own bits)."""
+    out = None
+    for a, w in zip(arrays, weights):
+        if w == 0.0:
+            continue
+        out = w * a if out is None else out + w * a
+    return out
+
+
+def _step_size(sizes: Sequence[int], step: int, n_steps: int) -> int:
+    """Global minibatch size of ``step``: the sum over samples of their chunk sizes (see :func:`_step_rows`)."""
+    return int(sum(((step + 1) * k) // n_steps - (step * k) // n_steps for k in sizes))
+
+
 # --------------------------------------------------------------------------- driver
 
 
@@ -293,6 +377,8 @@ def train_serial(
     omega_update: str = "all",
     engine_factory: Callable | None = None,
     callback: Callable | None = None,
+    theta_bar_sync: str = "exact",
+    steps_per_round: int = 1,
 ) -> TopicFit:
     """Fit MultimodalAmortizedLDA with minibatch AdamW over shards of whole samples (serial engine).
 
@@ -328,13 +414,28 @@ def train_serial(
         :math:`\\Omega` at every step, :math:`O(N)` work per step) or ``"minibatch"`` (lazy AdamW: only
         the rows in the minibatch are updated, each with its own step count in the bias correction).
     max_shards, engine_factory
-        Shard plan limit; ``engine_factory(shards)`` builds the engine (default :class:`~atlasfit.engine.SerialEngine`).
+        Shard plan limit; ``engine_factory(shards)`` builds the engine (default
+        :class:`~atlasfit.engine.SerialEngine`; e.g. ``lambda sh: DaskEngine(client, sh)``). The
+        result is the same bits on any engine and any number of workers.
     dtype
         Floating dtype of parameters and minibatches.
     params
         Initial parameters (default :func:`~atlasfit.models.topic.init_params` with ``seed``).
     callback
         ``callback(epoch, fit)`` after each epoch.
+    theta_bar_sync
+        Only matters when the topic-variance regulariser is on (``cfg.topic_variance_weight != 0``),
+        whose gradient needs the global minibatch mean :math:`\\bar\\theta`. ``"exact"``: two engine
+        rounds per step (forward, then backward with the step's own :math:`\\bar\\theta`).
+        ``"lagged"``: one round per step, with the previous step's global :math:`\\bar\\theta` (the
+        fit's first step uses two rounds). Without the regulariser every step is one round.
+    steps_per_round
+        ``1``: synchronous steps (the shards' gradients are summed before each AdamW step).
+        ``S > 1``: local steps with periodic averaging: each shard runs ``S`` AdamW steps on its own
+        parts of ``S`` consecutive minibatches with its own copy of the parameters and Adam moments
+        (its gradient scaled by :math:`N/B_s`, its own :math:`\\bar\\theta`), then parameters and
+        moments are averaged weighted by the cells each shard used, in shard order. One engine round
+        per ``S`` steps; rounds do not cross epochs.
 
     Returns
     -------
@@ -362,6 +463,11 @@ def train_serial(
         raise ValueError(f"bernoulli_depth {bernoulli_depth!r}: use 'dataset' or 'minibatch'")
     if omega_update not in ("all", "minibatch"):
         raise ValueError(f"omega_update {omega_update!r}: use 'all' (reference) or 'minibatch' (lazy)")
+    if theta_bar_sync not in ("exact", "lagged"):
+        raise ValueError(f"theta_bar_sync {theta_bar_sync!r}: use 'exact' (two rounds per step) or 'lagged' (one round)")
+    if isinstance(steps_per_round, bool) or not isinstance(steps_per_round, (int, np.integer)) or steps_per_round < 1:
+        raise ValueError(f"steps_per_round must be an integer >= 1, got {steps_per_round!r}")
+    steps_per_round = int(steps_per_round)
     if batch_size < 2:
         raise ValueError(f"batch_size must be >= 2 (BatchNorm and the topic variance need 2 cells), got {batch_size}")
     N = _check_data(data, cfg)
@@ -395,35 +501,52 @@ def train_serial(
         med_arg = None if input_median == "minibatch" else lib_median
         depth_arg = bern_depth if bernoulli_depth == "dataset" else None
         fit = TopicFit(cfg, p, bn, buffers, lib_median, bern_depth, None, [], N, opt_state)
+        sizes = [len(groups[s]) for s in names]
+        needs_theta_bar = bool(cfg.topic_variance_weight)
+        fwd_kw: dict = {}  # extra keyword arguments of _shard_forward, the same every step
+        theta_prev = None  # global mean theta of the previous step (theta_bar_sync="lagged")
         for epoch in range(n_epochs):
             beta = kl_weight_schedule(epoch, kl_schedule, **kw)
             losses = []
-            for step in range(n_steps):
-                gnoise = draw_global_noise(cfg, (seed, epoch, step), dtype)
-                fstats = engine.map(_shard_forward, p, gnoise, buffers, seed, epoch, step, n_steps, med_arg, depth_arg)
-                live = [s for s in fstats if s["n"] > 0]
-                B = sum(s["n"] for s in live)
-                if B == 0:
-                    continue
-                tot = {k: sum(s[k] for s in live) for k in live[0]}
-                theta_bar = tot["theta_sum"] / B
-                cell_scale = N / B
-                gval, gkl = global_kl(p, gnoise, cfg, buffers)
-                losses.append(combine_loss(tot, cfg, cell_scale=cell_scale, beta=beta, global_value=gval))
-                t = opt_state.step + 1
-                shard_grads = engine.map(_shard_backward, cell_scale, beta, B, theta_bar, t, opt, omega_update)
-                grads: dict = {}
-                for sg in shard_grads:  # shard order: deterministic
-                    for k, v in sg.items():
-                        grads[k] = grads[k] + v if k in grads else v
-                draws = global_draws(p, gnoise, cfg, buffers)
-                for k, v in global_draws_backward(p, gnoise, draws, grads, cfg).items():
-                    grads[k] = grads[k] + v if k in grads else v
-                for k, v in gkl.items():
-                    grads[k] = grads[k] + beta * v if k in grads else beta * v
-                grads = {k: grads.get(k, np.zeros_like(v)) for k, v in p.items()}
-                p = adamw_step(p, grads, opt_state, **opt)
-                _update_bn(bn, tot, B, cfg)
+            if steps_per_round > 1:
+                for s0 in range(0, n_steps, steps_per_round):
+                    steps = list(range(s0, min(n_steps, s0 + steps_per_round)))
+                    res = engine.map(
+                        _shard_local_steps, p, opt_state.m, opt_state.v, opt_state.step, steps, seed, epoch,
+                        n_steps, buffers, med_arg, depth_arg, N, beta, opt, omega_update, fwd_kw,
+                    )
+                    p = _average_round(res, p, opt_state, bn, cfg, N, beta, len(steps), losses)
+            else:
+                for step in range(n_steps):
+                    B = _step_size(sizes, step, n_steps)
+                    if B == 0:
+                        continue
+                    gnoise = draw_global_noise(cfg, (seed, epoch, step), dtype)
+                    cell_scale = N / B
+                    t = opt_state.step + 1
+                    fwd = (p, gnoise, buffers, seed, epoch, step, n_steps, med_arg, depth_arg)
+                    if not needs_theta_bar or (theta_bar_sync == "lagged" and theta_prev is not None):
+                        bwd = (cell_scale, beta, B, theta_prev, t, opt, omega_update)
+                        out = engine.map(_shard_step, fwd, bwd, fwd_kw)
+                        fstats, shard_grads = [o[0] for o in out], [o[1] for o in out]
+                        live = [s for s in fstats if s["n"] > 0]
+                        tot = {k: sum(s[k] for s in live) for k in live[0]}
+                    else:
+                        fstats = engine.map(_shard_forward, *fwd, **fwd_kw)
+                        live = [s for s in fstats if s["n"] > 0]
+                        tot = {k: sum(s[k] for s in live) for k in live[0]}
+                        shard_grads = engine.map(_shard_backward, cell_scale, beta, B, tot["theta_sum"] / B, t, opt, omega_update)
+                    if tot["n"] != B:
+                        raise RuntimeError(f"step {step}: shards used {tot['n']} cells, the plan has {B}")
+                    theta_prev = tot["theta_sum"] / B
+                    grads: dict = {}
+                    for sg in shard_grads:  # shard order: deterministic
+                        for k, v in sg.items():
+                            grads[k] = grads[k] + v if k in grads else v
+                    grads, gval = _full_grads(p, gnoise, grads, beta, cfg, buffers)
+                    losses.append(combine_loss(tot, cfg, cell_scale=cell_scale, beta=beta, global_value=gval))
+                    p = adamw_step(p, grads, opt_state, **opt)
+                    _update_bn(bn, tot, B, cfg)
             fit.params = p
             fit.history.append({"epoch": epoch, "beta": beta, "loss": float(np.mean(losses)) if losses else float("nan")})
             if callback is not None:
@@ -437,6 +560,30 @@ def train_serial(
     finally:
         engine.close()
     return fit
+
+
+def _average_round(res, p, opt_state, bn, cfg, N, beta, n_round_steps, losses):
+    """Driver side of ``steps_per_round > 1``: average the shards' parameters and Adam moments
+    weighted by the cells each used (shard order), advance the step count, record each step's loss
+    and update the BatchNorm running statistics from the step's global sums. Returns the parameters."""
+    n_tot = sum(r["n"] for r in res)
+    opt_state.step += n_round_steps
+    if n_tot == 0:
+        return p
+    w = [r["n"] / n_tot for r in res]
+    p = {k: _weighted_mean([r["params"][k] for r in res], w) for k in p}
+    opt_state.m = {k: _weighted_mean([r["m"][k] for r in res], w) for k in p}
+    opt_state.v = {k: _weighted_mean([r["v"][k] for r in res], w) for k in p}
+    for i in range(n_round_steps):
+        live = [r["steps"][i] for r in res if r["steps"][i] is not None]
+        if not live:
+            continue
+        B = sum(s["n"] for s in live)
+        gval = sum(s["n"] * s["global_value"] for s in live) / B
+        tot = {k: sum(s[k] for s in live) for k in live[0] if k != "global_value"}
+        losses.append(combine_loss(tot, cfg, cell_scale=N / B, beta=beta, global_value=gval))
+        _update_bn(bn, tot, B, cfg)
+    return p
 
 
 def _update_bn(bn: dict, tot: dict, B: int, cfg: TopicModelConfig) -> None:
