@@ -28,6 +28,7 @@ from ._loss import (
     masked_softmax,
     moment_match,
 )
+from ._model import MultimodalAmortizedLDA
 from ._optim import AdamWState, adamw_init, adamw_step
 from ._params import (
     background_init,
@@ -48,6 +49,7 @@ from ._train import (
 
 __all__ = [
     "AdamWState",
+    "MultimodalAmortizedLDA",
     "TopicFit",
     "TopicModelConfig",
     "adamw_init",
