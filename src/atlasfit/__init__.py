@@ -12,6 +12,8 @@ _guard_worker_profiler()  # Python 3.11.0-3.11.8: Dask's worker profiler can dea
 
 from . import datasets, io, pl, tl
 from .models.multigedi import MultiGEDI
+from .models.topic import MultimodalAmortizedLDA
+from .models.gedi import GEDI  # noqa: F401  (single-modality GEDI with C and H)
 
 __version__ = "0.1.0"
 
