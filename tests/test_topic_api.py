@@ -370,7 +370,8 @@ def test_dask_client_gives_the_serial_result(planted):
     serial = MultimodalAmortizedLDA.from_data(d, n_topics=K, n_hidden=8)
     serial._data.samples[:] = np.repeat(["a", "b", "c"], 100)
     serial.train(max_epochs=2, batch_size=60, progress=False)
-    with distributed.Client(processes=False, n_workers=2, threads_per_worker=1, dashboard_address=None) as client:
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=False,
+                                  dashboard_address=None) as cluster, distributed.Client(cluster) as client:
         dist = MultimodalAmortizedLDA.from_data(d, n_topics=K, n_hidden=8)
         dist._data.samples[:] = np.repeat(["a", "b", "c"], 100)
         dist.train(max_epochs=2, batch_size=60, progress=False, client=client)

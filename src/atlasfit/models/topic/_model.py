@@ -464,7 +464,7 @@ class MultimodalAmortizedLDA:
         >>> rng = np.random.default_rng(0)
         >>> d = {"rna": rng.poisson(1.5, (50, 10)), "atac": (rng.random((50, 20)) < 0.3).astype(float)}
         >>> MultimodalAmortizedLDA.from_data(d, n_topics=4).config.likelihoods
-        ('multinomial', 'bernoulli')
+        ('gamma_poisson', 'bernoulli')
         """
         spatial_cfg = sorted(k for k in cfg if k.startswith(("spatial", "gcn", "sgc")))
         if spatial_cfg and spatial_key is None:
