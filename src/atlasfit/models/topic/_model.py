@@ -793,6 +793,11 @@ class MultimodalAmortizedLDA:
         return pd.DataFrame(self._history)
 
     @property
+    def spatial_graphs_(self) -> dict:
+        """``{modality: (n, n) CSR}`` graphs read from ``.obsp[spatial_key]`` (empty without ``spatial_key``)."""
+        return {} if self._data is None else dict(self._data.spatial)
+
+    @property
     def is_trained(self) -> bool:
         """Whether :meth:`train` has run (or a trained model was loaded)."""
         return self._fit is not None
@@ -828,6 +833,8 @@ class MultimodalAmortizedLDA:
         if data is None:
             if self._data is None:
                 raise ValueError("this model has no data attached; pass data= (or load(path, data=...))")
+            if cells is None:  # no row copy of the registered matrices
+                return dict(self._data.X), None if self._omega is None else self._omega[0], self._data.obs_names
             idx = self._cell_index(cells, self._data.n_obs, self._data.obs_names)
             X = {m: self._data.X[m][idx] for m in cfg.modalities}
             om = None if self._omega is None else self._omega[0][idx]
