@@ -194,22 +194,34 @@ def test_embedding_follows_caller_cell_order(planted):
 # ------------------------------------------------------------------------------- engines
 
 
-def test_d_same_bits_serial_and_dask():
+@pytest.mark.filterwarnings("ignore:Port 8787 is already in use")  # another process's dashboard
+def test_d_same_bits_serial_and_dask(tmp_path):
+    """Serial (in-process) fit vs a 2-worker Dask fit of the same AnnData, and of the same data as an
+    atlas store (shards loaded on the workers): the same bits."""
     distributed = pytest.importorskip("distributed")
+    from atlasfit.engine import DaskEngine
+    from atlasfit.io import write_atlas
+
     a, C, H, _truth = make_planted(3, J=120, I=4, n=60)
     C = C.iloc[:, :4]
+    store = write_atlas(str(tmp_path / "a.zarr"),
+                        [(g, {"rna": a[a.obs["sample"] == g].copy()}) for g in H.columns])
     serial = atlasfit.GEDI(K=3, C=C, H=H, sample_key="sample").fit(a, max_iterations=6, progress=False)
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=False,
                                   dashboard_address=None) as cluster, distributed.Client(cluster) as client:
-        dask = atlasfit.GEDI(K=3, C=C, H=H, sample_key="sample").fit(a, max_iterations=6, client=client,
-                                                                    progress=False)
-        emb = dask.embedding()
-        de = dask.diff_expression({"treated": 1.0})
-        dask.close()
-    for key in ("Z", "D", "o", "A", "R", "Ro", "sigma2", "tracking/sigma2"):
-        np.testing.assert_array_equal(np.asarray(serial.shared_[key]), np.asarray(dask.shared_[key]), key)
-    np.testing.assert_array_equal(serial.embedding(), emb)
-    pd.testing.assert_frame_equal(serial.diff_expression({"treated": 1.0}), de)
+        fits = {}
+        for name, data, key in (("memory", a, "sample"), ("store", store, None)):
+            m = atlasfit.GEDI(K=3, C=C, H=H, sample_key=key).fit(data, max_iterations=6, client=client,
+                                                                progress=False)
+            assert isinstance(m._engine, DaskEngine)
+            fits[name] = (m.shared_, m.embedding(), m.diff_expression({"treated": 1.0}))
+            m.close()
+    for name, (shared, emb, de) in fits.items():
+        for key in ("Z", "D", "o", "A", "R", "Ro", "sigma2", "tracking/sigma2"):
+            np.testing.assert_array_equal(np.asarray(serial.shared_[key]), np.asarray(shared[key]),
+                                          f"{name}: {key}")
+        np.testing.assert_array_equal(serial.embedding(), emb)  # store rows = sample-sorted = a's rows
+        pd.testing.assert_frame_equal(serial.diff_expression({"treated": 1.0}), de)
 
 
 # ------------------------------------------------------------------------------- bad inputs
