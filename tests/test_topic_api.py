@@ -363,6 +363,24 @@ def test_continued_training_keeps_optimizer_state(planted):
         a.train(max_epochs=1, validation_fraction=0.2, progress=False)
 
 
+def test_training_continues_after_save_and_load(planted, tmp_path):
+    _, _, _, rna, atac = planted
+    d = {"rna": rna[:300], "atac": atac[:300]}
+    kw = dict(batch_size=64, lr=0.02, progress=False, seed=3)
+    a = MultimodalAmortizedLDA.from_data(d, n_topics=K, n_hidden=8, weight_mode="cell")
+    a.train(max_epochs=2, omega_update="minibatch", **kw)
+    a.save(tmp_path / "m")
+    a = MultimodalAmortizedLDA.load(tmp_path / "m", data=d)
+    a.train(max_epochs=1, omega_update="minibatch", **kw)
+    b = MultimodalAmortizedLDA.from_data(d, n_topics=K, n_hidden=8, weight_mode="cell")
+    b.train(max_epochs=3, omega_update="minibatch", **kw)
+    # save keeps the AdamW moments, the per-row Omega step counts and the split: same as one run
+    for k, v in b._fit.params.items():
+        np.testing.assert_array_equal(a._fit.params[k], v)
+    for x, y in zip(a._omega, b._omega):
+        np.testing.assert_array_equal(x, y)
+
+
 def test_dask_client_gives_the_serial_result(planted):
     distributed = pytest.importorskip("distributed")
     _, _, _, rna, atac = planted

@@ -219,6 +219,7 @@ def _register(data, modalities=None, layers=None, sample_key=None, spatial_key=N
                 mods[m].obs_names = [f"cell{i}" for i in range(n)]
                 mods[m].var_names = [f"{m}_{j}" for j in range(v.shape[1])]
             root_names = mods[list(mods)[0]].obs_names
+            layers = None  # plain arrays are the matrices themselves
         else:
             raise TypeError("a dict input must hold only AnnData or only (n_cells, n_features) arrays, got "
                             f"{sorted({type(v).__name__ for v in vals})}")
