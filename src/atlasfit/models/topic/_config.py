@@ -71,22 +71,22 @@ class TopicModelConfig:
         log1p of depth-normalised counts as encoder input (§2.2).
     topic_feature_prior_type
         ``"logistic_normal"`` (default, §1.3a) or ``"horseshoe"`` (regularised horseshoe, §1.3b):
-        :math:`Z_{mkf}=\beta_{mkf}\tilde\lambda_{mkf}` with LogNormal :math:`q` for
-        :math:`c_m,\tau_{mk},\delta_{mf},\lambda_{mkf}` and Normal :math:`q` for :math:`\beta_{mkf}`.
+        :math:`Z_{mkf}=\\beta_{mkf}\\tilde\\lambda_{mkf}` with LogNormal :math:`q` for
+        :math:`c_m,\\tau_{mk},\\delta_{mf},\\lambda_{mkf}` and Normal :math:`q` for :math:`\\beta_{mkf}`.
     n_batches, decoder_batch_offsets
         Number of categories :math:`C` of the one categorical covariate (``batch`` codes per cell;
         0 = no covariate). With ``n_batches >= 1`` and ``decoder_batch_offsets`` the decoder logits get
-        per-modality per-batch feature offsets :math:`\tau^b_{mk}\Delta_{m,c(n),f}` (§1.5).
+        per-modality per-batch feature offsets :math:`\\tau^b_{mk}\\Delta_{m,c(n),f}` (§1.5).
     encode_covariates, n_continuous_covariates
         Encoder covariates (§2.2): the one-hot batch code (needs ``n_batches >= 2``; scvi ignores a
         1-category covariate) and/or ``n_continuous_covariates`` continuous values per cell are
-        concatenated to every encoder input, in the order :math:`[\hat x, \text{cont}, \text{onehot}]`.
+        concatenated to every encoder input, in the order :math:`[\\hat x, \\text{cont}, \\text{onehot}]`.
     spatial_mode, sgc_n_layers, gcn_alpha_init
-        ``None`` (default), ``"sgc"`` (encoder input :math:`\log(1+[X,\hat AX,\ldots,\hat A^LX])`
+        ``None`` (default), ``"sgc"`` (encoder input :math:`\\log(1+[X,\\hat AX,\\ldots,\\hat A^LX])`
         precomputed per sample with :math:`L` = ``sgc_n_layers``, §4.5) or ``"gcn"`` (first encoder
-        layer :math:`\alpha\,XW_0 + (1-\alpha)\hat A_{\mathcal B,\mathcal S}X_{\mathcal S}W_g + b_0`,
-        :math:`\alpha=\sigma(a_\alpha)` learned, initialised at ``gcn_alpha_init``; §4.4), both over the
-        within-sample graph with :math:`\hat A = D^{-1/2}(A+I)D^{-1/2}` (see ``_spatial.py``).
+        layer :math:`\\alpha\\,XW_0 + (1-\\alpha)\\hat A_{\\mathcal B,\\mathcal S}X_{\\mathcal S}W_g + b_0`,
+        :math:`\\alpha=\\sigma(a_\\alpha)` learned, initialised at ``gcn_alpha_init``; §4.4), both over the
+        within-sample graph with :math:`\\hat A = D^{-1/2}(A+I)D^{-1/2}` (see ``_spatial.py``).
     bernoulli_scaling
         ``"depth"`` (default, corrected): :math:`p = \\min(\\ell_n\\rho_{nf}, 1)`, so the expected number
         of ones of a cell is its observed number of ones. ``"reference"``:

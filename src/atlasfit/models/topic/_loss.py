@@ -30,8 +30,16 @@ import math
 import numpy as np
 
 from ..._xp import get_xp, to_numpy
-from ._config import EPS32, TopicModelConfig
-from ._nn import clamppos, clampsym, encoder_backward, encoder_forward, normalize_counts
+from ._config import (
+    BATCH_DELTA_DF,
+    BATCH_DELTA_SCALE,
+    BATCH_TAU_AB,
+    EPS32,
+    HS_EPS,
+    HS_SLAB_AB,
+    TopicModelConfig,
+)
+from ._nn import clamppos, clampsym, encoder_backward, encoder_forward, lower_median, normalize_counts
 from ._params import sigmoid, softplus
 from ._special import digamma, gammaln
 
@@ -73,14 +81,24 @@ def global_draws(params: dict, gnoise: dict, cfg: TopicModelConfig, buffers: dic
         d_m = \\exp(\\text{loc} + \\mathrm{sp}(\\text{scale})\\,e),\\quad
         \\varsigma_m = \\exp(\\text{loc} + \\mathrm{sp}(\\text{scale})\\odot e)
 
+    With the horseshoe prior :math:`Z_m = \\beta_m\\odot\\tilde\\lambda_m` (:func:`horseshoe_draw`); with
+    decoder batch offsets also :math:`\\tau^b_m = \\sigma(\\text{tb\\_loc} + \\mathrm{sp}(\\text{tb\\_scale})\\,e)`
+    and :math:`\\Delta_m = \\text{delta\\_loc} + \\mathrm{sp}(\\text{delta\\_scale})\\odot e` (§1.5).
+
     Returns ``{"Z/{m}", "b/{m}" (background modalities), "d/{m}" (learned NB dispersion),
-    "sigma/{m}" (Gaussian)}``.
+    "sigma/{m}" (Gaussian), "tb/{m}", "delta/{m}" (batch offsets)}``.
     """
     xp = get_xp(*params.values())
     out = {}
     for m, lik in zip(cfg.modalities, cfg.likelihoods):
         d = f"dec/{m}/"
-        out[f"Z/{m}"] = params[f"{d}Z_loc"] + softplus(params[f"{d}Z_scale"], xp) * gnoise[f"E/{m}"]
+        if cfg.horseshoe:
+            out[f"Z/{m}"] = horseshoe_draw(params, gnoise, m)[0]
+        else:
+            out[f"Z/{m}"] = params[f"{d}Z_loc"] + softplus(params[f"{d}Z_scale"], xp) * gnoise[f"E/{m}"]
+        if cfg.batch_offsets:
+            out[f"tb/{m}"] = sigmoid(params[f"{d}tb_loc"] + softplus(params[f"{d}tb_scale"], xp) * gnoise[f"e_tb/{m}"], xp)
+            out[f"delta/{m}"] = params[f"{d}delta_loc"] + softplus(params[f"{d}delta_scale"], xp) * gnoise[f"e_delta/{m}"]
         if cfg.has_background(m):
             b = buffers[f"b0/{m}"]
             if cfg.learns_background(m):
@@ -107,9 +125,21 @@ def global_draws_backward(params: dict, gnoise: dict, draws: dict, dgrads: dict,
     for m in cfg.modalities:
         d = f"dec/{m}/"
         dZ = dgrads.get(f"draw/Z/{m}")
-        if dZ is not None:
+        if dZ is not None and cfg.horseshoe:
+            g.update(horseshoe_draw_backward(params, gnoise, m, dZ))
+        elif dZ is not None:
             g[f"{d}Z_loc"] = dZ
             g[f"{d}Z_scale"] = dZ * gnoise[f"E/{m}"] * sigmoid(params[f"{d}Z_scale"], xp)
+        dtb = dgrads.get(f"draw/tb/{m}")
+        if dtb is not None:
+            tb = draws[f"tb/{m}"]
+            dv = dtb * tb * (1.0 - tb)
+            g[f"{d}tb_loc"] = dv
+            g[f"{d}tb_scale"] = dv * gnoise[f"e_tb/{m}"] * sigmoid(params[f"{d}tb_scale"], xp)
+        ddl = dgrads.get(f"draw/delta/{m}")
+        if ddl is not None:
+            g[f"{d}delta_loc"] = ddl
+            g[f"{d}delta_scale"] = ddl * gnoise[f"e_delta/{m}"] * sigmoid(params[f"{d}delta_scale"], xp)
         db = dgrads.get(f"draw/b/{m}")
         if db is not None and cfg.learns_background(m):
             g[f"{d}bg_loc"] = db
@@ -163,17 +193,32 @@ def global_kl(params: dict, gnoise: dict, cfg: TopicModelConfig, buffers: dict) 
     .. math::
         \\mathcal G = \\sum_m \\mathrm{KL}(\\mathcal N(M^\\phi_m,\\mathrm{sp}(S^\\phi_m)^2)\\,\\|\\,\\mathcal N(0,(\\sigma^\\phi_m)^2))
         + \\mathrm{KL}(q(u_m)\\,\\|\\,\\mathcal N(0,I)) + [\\log q - \\log p](d_m) + [\\log q - \\log p](\\varsigma_m)
+
+    The horseshoe replaces the first term by :func:`horseshoe_kl`; batch offsets add the one-sample
+    :math:`[\\log q - \\log p](\\tau^b_m)` (logit-normal vs Beta(0.5, 0.5)) and
+    :math:`[\\log q - \\log p](\\Delta_m)` (Normal vs StudentT(10, 0, 0.01)) (§3.1).
     """
     xp = get_xp(*params.values())
     total = 0.0
     g = {}
     for m, lik in zip(cfg.modalities, cfg.likelihoods):
         d = f"dec/{m}/"
-        raw = params[f"{d}Z_scale"]
-        val, dmu, ds = kl_normal(params[f"{d}Z_loc"], softplus(raw, xp), 0.0, buffers[f"phi_sd/{m}"])
-        total += float(val)
-        g[f"{d}Z_loc"] = dmu
-        g[f"{d}Z_scale"] = ds * sigmoid(raw, xp)
+        if cfg.horseshoe:
+            val, gh = horseshoe_kl(params, gnoise, m)
+            total += val
+            g.update(gh)
+        else:
+            raw = params[f"{d}Z_scale"]
+            val, dmu, ds = kl_normal(params[f"{d}Z_loc"], softplus(raw, xp), 0.0, buffers[f"phi_sd/{m}"])
+            total += float(val)
+            g[f"{d}Z_loc"] = dmu
+            g[f"{d}Z_scale"] = ds * sigmoid(raw, xp)
+        if cfg.batch_offsets:
+            for name, fn in (("tb", _logitnormal_beta_mc), ("delta", _normal_studentt_mc)):
+                val, dloc, draw = fn(params[f"{d}{name}_loc"], params[f"{d}{name}_scale"], gnoise[f"e_{name}/{m}"], xp)
+                total += float(val)
+                g[f"{d}{name}_loc"] = dloc
+                g[f"{d}{name}_scale"] = draw
         if cfg.learns_background(m):
             raw = params[f"{d}bg_scale"]
             val, dmu, ds = kl_normal(params[f"{d}bg_loc"], softplus(raw, xp), 0.0, 1.0)
@@ -192,6 +237,164 @@ def global_kl(params: dict, gnoise: dict, cfg: TopicModelConfig, buffers: dict) 
                 g[f"{d}{name}_loc"] = dloc
                 g[f"{d}{name}_scale"] = draw
     return total, g
+
+
+def _lognormal_invgamma_mc(loc, raw, e, xp, a=HS_SLAB_AB, b=HS_SLAB_AB):
+    """One-sample :math:`\\log q(c) - \\log p(c)` for :math:`q=\\mathrm{LogNormal}(\\text{loc},\\mathrm{sp}(\\text{raw}))`,
+    :math:`p=\\mathrm{InvGamma}(a, b)`, at :math:`c = e^\\ell`, :math:`\\ell=\\text{loc}+s e`:
+
+    .. math:: f = a\\ell + b e^{-\\ell} - \\log s - \\tfrac12\\log2\\pi - \\tfrac{e^2}2 - a\\log b + \\log\\Gamma(a),
+              \\qquad \\partial f/\\partial\\ell = a - b e^{-\\ell}
+
+    Returns ``(value, d/dloc, d/draw)``.
+    """
+    s = softplus(raw, xp)
+    ell = loc + s * e
+    val = (a * ell + b * xp.exp(-ell) - xp.log(s) - 0.5 * _LOG_2PI - 0.5 * e * e - a * math.log(b) + math.lgamma(a)).sum()
+    dl = a - b * xp.exp(-ell)
+    return val, dl, (dl * e - 1.0 / s) * sigmoid(raw, xp)
+
+
+def _logitnormal_beta_mc(loc, raw, e, xp, a=BATCH_TAU_AB, b=BATCH_TAU_AB):
+    """One-sample :math:`\\log q(\\tau) - \\log p(\\tau)`, :math:`\\tau=\\sigma(v)`, :math:`v=\\text{loc}+s e`,
+    :math:`q` logit-normal (the Jacobian :math:`-\\log\\tau(1-\\tau)` included), :math:`p=\\mathrm{Beta}(a,b)`:
+
+    .. math:: f = a\\,\\mathrm{sp}(-v) + b\\,\\mathrm{sp}(v) + \\log B(a,b) - \\log s - \\tfrac12\\log2\\pi - \\tfrac{e^2}2,
+              \\qquad \\partial f/\\partial v = b\\tau - a(1-\\tau)
+
+    Returns ``(value, d/dloc, d/draw)``.
+    """
+    s = softplus(raw, xp)
+    v = loc + s * e
+    lbeta = math.lgamma(a) + math.lgamma(b) - math.lgamma(a + b)
+    val = (a * softplus(-v, xp) + b * softplus(v, xp) + lbeta - xp.log(s) - 0.5 * _LOG_2PI - 0.5 * e * e).sum()
+    t = sigmoid(v, xp)
+    dv = b * t - a * (1.0 - t)
+    return val, dv, (dv * e - 1.0 / s) * sigmoid(raw, xp)
+
+
+def _normal_studentt_mc(loc, raw, e, xp, df=BATCH_DELTA_DF, scale=BATCH_DELTA_SCALE):
+    """One-sample :math:`\\log q(\\Delta) - \\log p(\\Delta)`, :math:`q=\\mathcal N(\\text{loc},\\mathrm{sp}(\\text{raw})^2)`,
+    :math:`p=\\mathrm{StudentT}(\\nu, 0, \\sigma)`, at :math:`\\Delta=\\text{loc}+s e`:
+
+    .. math:: f = -\\log s - \\tfrac12\\log2\\pi - \\tfrac{e^2}2 - \\log\\Gamma(\\tfrac{\\nu+1}2) + \\log\\Gamma(\\tfrac\\nu2)
+              + \\tfrac12\\log(\\nu\\pi) + \\log\\sigma + \\tfrac{\\nu+1}2\\log(1+\\Delta^2/(\\nu\\sigma^2)),
+              \\qquad \\partial f/\\partial\\Delta = \\frac{(\\nu+1)\\Delta}{\\nu\\sigma^2+\\Delta^2}
+
+    Returns ``(value, d/dloc, d/draw)``.
+    """
+    s = softplus(raw, xp)
+    x = loc + s * e
+    const = -math.lgamma((df + 1) / 2) + math.lgamma(df / 2) + 0.5 * math.log(df * math.pi) + math.log(scale)
+    val = (-xp.log(s) - 0.5 * _LOG_2PI - 0.5 * e * e + const + 0.5 * (df + 1) * xp.log1p(x * x / (df * scale * scale))).sum()
+    dx = (df + 1) * x / (df * scale * scale + x * x)
+    return val, dx, (dx * e - 1.0 / s) * sigmoid(raw, xp)
+
+
+_HS_LOGNORMAL = ("c", "tau", "delta", "lam")
+
+
+def horseshoe_draw(params: dict, gnoise: dict, m: str):
+    """Reparameterised horseshoe logits of modality ``m`` (§1.3b):
+
+    .. math::
+        \\ell_g = \\text{loc}_g + \\mathrm{sp}(\\text{scale}_g)\\odot e_g\\ (g = c,\\tau,\\delta,\\lambda),\\quad
+        u_{kf} = (\\tau_k\\delta_f\\lambda_{kf})^2,\\quad D = c^2 + u + 10^{-8},\\quad
+        \\tilde\\lambda = \\sqrt{c^2u/D},\\quad Z = \\beta\\odot\\tilde\\lambda
+
+    with :math:`\\beta = \\text{loc}_\\beta + \\mathrm{sp}(\\text{scale}_\\beta)\\odot e_\\beta`.
+    Returns ``(Z, parts)`` with ``parts = (beta, lt, c2, u, D)``.
+
+    Examples
+    --------
+    >>> from atlasfit.models.topic import TopicModelConfig, init_params, draw_global_noise
+    >>> cfg = TopicModelConfig(("rna",), (5,), ("multinomial",), n_topics=2, topic_feature_prior_type="horseshoe")
+    >>> Z, _ = horseshoe_draw(init_params(cfg), draw_global_noise(cfg, (0,)), "rna")
+    >>> Z.shape
+    (2, 5)
+    """
+    xp = get_xp(*params.values())
+    d = f"dec/{m}/"
+    ell = {g: params[f"{d}hs_{g}_loc"] + softplus(params[f"{d}hs_{g}_scale"], xp) * gnoise[f"e_hs_{g}/{m}"] for g in _HS_LOGNORMAL}
+    beta = params[f"{d}hs_beta_loc"] + softplus(params[f"{d}hs_beta_scale"], xp) * gnoise[f"e_hs_beta/{m}"]
+    s = ell["tau"][:, None] + ell["delta"][None, :] + ell["lam"]
+    c2 = xp.exp(2.0 * ell["c"])
+    u = xp.exp(2.0 * s)
+    D = c2 + u + HS_EPS
+    lt = xp.exp(ell["c"] + s - 0.5 * xp.log(D))
+    return beta * lt, (beta, lt, c2, u, D)
+
+
+def horseshoe_draw_backward(params: dict, gnoise: dict, m: str, dZ) -> dict:
+    """Chain :math:`\\partial Z` into the horseshoe variational parameters of modality ``m``.
+
+    :math:`\\partial\\beta = \\partial Z\\odot\\tilde\\lambda`; with :math:`r = \\partial Z\\odot\\beta\\odot\\tilde\\lambda`,
+    :math:`\\partial\\ell_\\lambda = r(c^2+10^{-8})/D`, :math:`\\partial\\ell_\\tau = \\sum_f\\partial\\ell_\\lambda`,
+    :math:`\\partial\\ell_\\delta = \\sum_k\\partial\\ell_\\lambda`, :math:`\\partial\\ell_c = \\sum_{kf} r(u+10^{-8})/D`;
+    then :math:`\\partial\\,\\text{loc} = \\partial\\ell`, :math:`\\partial\\,\\text{scale} = \\partial\\ell\\odot e\\odot\\sigma(\\text{scale})`.
+    """
+    xp = get_xp(dZ)
+    d = f"dec/{m}/"
+    _, (beta, lt, c2, u, D) = horseshoe_draw(params, gnoise, m)
+    r = dZ * beta * lt
+    dlam = r * (c2 + HS_EPS) / D
+    dell = {
+        "lam": dlam,
+        "tau": dlam.sum(axis=1),
+        "delta": dlam.sum(axis=0),
+        "c": (r * (u + HS_EPS) / D).sum(keepdims=True).reshape(1),
+        "beta": dZ * lt,
+    }
+    g = {}
+    for name, dl in dell.items():
+        g[f"{d}hs_{name}_loc"] = dl
+        g[f"{d}hs_{name}_scale"] = dl * gnoise[f"e_hs_{name}/{m}"] * sigmoid(params[f"{d}hs_{name}_scale"], xp)
+    return g
+
+
+def horseshoe_kl(params: dict, gnoise: dict, m: str) -> tuple[float, dict]:
+    """Horseshoe terms of :math:`\\mathcal G` for modality ``m`` (§3.1) and their gradient:
+    analytic :math:`\\mathrm{KL}(q(\\beta)\\|\\mathcal N(0,1))`, one-sample LogNormal vs
+    :math:`\\mathrm{InvGamma}(0.5,0.5)` for :math:`c` and LogNormal vs HalfCauchy(1) for
+    :math:`\\tau,\\delta,\\lambda`.
+    """
+    xp = get_xp(*params.values())
+    d = f"dec/{m}/"
+    raw = params[f"{d}hs_beta_scale"]
+    val, dmu, ds = kl_normal(params[f"{d}hs_beta_loc"], softplus(raw, xp), 0.0, 1.0)
+    total = float(val)
+    g = {f"{d}hs_beta_loc": dmu, f"{d}hs_beta_scale": ds * sigmoid(raw, xp)}
+    for name in _HS_LOGNORMAL:
+        fn = _lognormal_invgamma_mc if name == "c" else _lognormal_halfcauchy_mc
+        val, dloc, draw = fn(params[f"{d}hs_{name}_loc"], params[f"{d}hs_{name}_scale"], gnoise[f"e_hs_{name}/{m}"], xp)
+        total += float(val)
+        g[f"{d}hs_{name}_loc"] = dloc
+        g[f"{d}hs_{name}_scale"] = draw
+    return total, g
+
+
+def topic_feature_logits(params: dict, cfg: TopicModelConfig, m: str):
+    """Plug-in topic-feature logits :math:`\\bar Z_m` (K, F_m) at the variational means (§5).
+
+    Logistic normal: :math:`M^\\phi_m`. Horseshoe: :math:`\\text{loc}_\\beta\\odot\\tilde\\lambda` with
+    :math:`c,\\tau,\\delta,\\lambda` at their LogNormal means :math:`e^{\\text{loc}+\\mathrm{sp}(\\text{scale})^2/2}`.
+    Background and batch offsets are not included.
+
+    Examples
+    --------
+    >>> from atlasfit.models.topic import TopicModelConfig, init_params
+    >>> cfg = TopicModelConfig(("rna",), (5,), ("multinomial",), n_topics=2, topic_feature_prior_type="horseshoe")
+    >>> topic_feature_logits(init_params(cfg), cfg, "rna").shape
+    (2, 5)
+    """
+    d = f"dec/{m}/"
+    if not cfg.horseshoe:
+        return params[f"{d}Z_loc"]
+    xp = get_xp(*params.values())
+    ell = {g: params[f"{d}hs_{g}_loc"] + 0.5 * softplus(params[f"{d}hs_{g}_scale"], xp) ** 2 for g in _HS_LOGNORMAL}
+    s = ell["tau"][:, None] + ell["delta"][None, :] + ell["lam"]
+    D = xp.exp(2.0 * ell["c"]) + xp.exp(2.0 * s) + HS_EPS
+    return params[f"{d}hs_beta_loc"] * xp.exp(ell["c"] + s - 0.5 * xp.log(D))
 
 
 # --------------------------------------------------------------------------- likelihoods
@@ -379,6 +582,10 @@ def forward_cells(
     lib_median: dict | None = None,
     bern_depth: dict | None = None,
     cell_omega=None,
+    batch=None,
+    cont_covariates=None,
+    enc_inputs: dict | None = None,
+    graph: dict | None = None,
 ) -> tuple[dict, dict]:
     """Per-cell forward pass for the rows ``x[m]`` (B, F_m) of one minibatch part.
 
@@ -388,6 +595,14 @@ def forward_cells(
     ``lib_median[m]``: median library for the encoder input (``None``: lower median of this part);
     ``bern_depth[m]``: :math:`\\bar\\ell` for ``bernoulli_scaling="reference"`` (``None``: mean of this part);
     ``cell_omega``: (B, M) rows of :math:`\\Omega` for ``weight_mode="cell"``.
+
+    Extensions (all off by default): ``batch`` (B,) integer batch codes (decoder offsets, one-hot
+    encoder covariate); ``cont_covariates`` (B, P) continuous encoder covariates; ``enc_inputs[m]``
+    precomputed encoder inputs (B, F_m (L+1)) for ``spatial_mode="sgc"``
+    (:func:`~atlasfit.models.topic._spatial.sgc_features` rows); ``graph = {"adj": (B, S) rows of
+    the normalised adjacency restricted to the neighbourhood, "x_nbr": {m: (S, F_m) raw rows of the
+    neighbourhood}}`` for ``spatial_mode="gcn"`` (:func:`~atlasfit.models.topic._spatial.neighbourhood`).
+    Encoder inputs are :math:`[\\hat x, \\text{cont}, \\text{onehot}]` (§2.2).
 
     Returns ``(cache, stats)``; ``stats`` holds sums over the rows: ``nll`` (weighted
     :math:`-\\sum_m w_m\\log p_m`), ``nll/{m}`` (unweighted), ``kl``, ``entropy``, ``theta_sum``,
@@ -400,17 +615,46 @@ def forward_cells(
     K = cfg.n_topics
     mus, vs, enc_caches, present = [], [], [], []
     stats: dict = {"n": B}
+    batch, cov_blocks = _covariate_inputs(cfg, B, batch, cont_covariates, xp, dtype)
+    if cfg.spatial_mode == "sgc" and enc_inputs is None:
+        raise ValueError("spatial_mode='sgc' needs enc_inputs (the precomputed SGC features of these cells, sgc_features)")
+    if cfg.spatial_mode == "gcn" and (graph is None or "adj" not in graph or "x_nbr" not in graph):
+        raise ValueError("spatial_mode='gcn' needs graph={'adj': (B, S) normalised adjacency rows, 'x_nbr': {m: (S, F_m)}}")
     for m, lik in zip(cfg.modalities, cfg.likelihoods):
         xm = x[m]
         if xm.shape != (B, cfg.n_feat(m)):
             raise ValueError(f"modality {m!r}: minibatch has shape {xm.shape}, expected ({B}, {cfg.n_feat(m)})")
         present.append(xm.sum(axis=1) > 0)
-        if lik == "gaussian" or not cfg.normalize_encoder_inputs:
+        raw_input = lik == "gaussian" or not cfg.normalize_encoder_inputs
+        med = None if lib_median is None else lib_median[m]
+        gcn = None
+        if cfg.spatial_mode == "gcn":
+            xs = graph["x_nbr"][m]
+            if xs.shape[1:] != (cfg.n_feat(m),) or graph["adj"].shape != (B, xs.shape[0]):
+                raise ValueError(
+                    f"modality {m!r}: graph['adj'] has shape {graph['adj'].shape} and graph['x_nbr'] {xs.shape}; "
+                    f"expected ({B}, S) and (S, {cfg.n_feat(m)})"
+                )
+            if not raw_input:
+                if med is None:  # the minibatch median of these rows, as for the minibatch itself
+                    med = lower_median(xp.maximum(xp.maximum(xm.sum(axis=1), 0.0), 1.0))
+                xs = normalize_counts(xs, med)
+            gcn = (graph["adj"], xs)
+        if enc_inputs is not None:
+            xh = enc_inputs[m]
+            want = (B, cfg.n_feat(m) * (cfg.sgc_n_layers + 1))
+            if xh.shape != want:
+                raise ValueError(f"modality {m!r}: enc_inputs has shape {xh.shape}, expected {want} (sgc_n_layers={cfg.sgc_n_layers})")
+        elif raw_input:
             xh = xm
         else:
-            xh = normalize_counts(xm, None if lib_median is None else lib_median[m])
+            xh = normalize_counts(xm, med)
+        if cov_blocks:
+            xh = xp.concatenate([xh] + cov_blocks, axis=1)
         masks = [cnoise[f"drop/{m}/{l}"] for l in range(cfg.n_layers)]
-        mu, v, c, bn_sums = encoder_forward(params, f"enc/{m}/", xh, masks, cfg.n_layers, cfg.bn_eps, cfg.var_eps)
+        mu, v, c, bn_sums = encoder_forward(
+            params, f"enc/{m}/", xh, masks, cfg.n_layers, cfg.bn_eps, cfg.var_eps, gcn=gcn
+        )
         for l, (s1, s2) in enumerate(bn_sums):
             stats[f"bn/{m}/{l}/s1"] = s1
             stats[f"bn/{m}/{l}/s2"] = s2
@@ -457,14 +701,30 @@ def forward_cells(
         wm = float(buffers[f"lik_w/{m}"])
         Z = draws[f"Z/{m}"]
         entry = {"lik": lik, "w": wm}
+        if cfg.batch_offsets:
+            tb, dl = draws[f"tb/{m}"], draws[f"delta/{m}"]
         if lik == "gaussian":
             mean = theta @ Z
+            if cfg.batch_offsets:  # mean_n = theta_n (Z + tb Delta_c(n)) = theta_n Z + (theta_n . tb) Delta_c(n)
+                s_n = theta @ tb
+                dlb = dl[batch]
+                mean = mean + s_n[:, None] * dlb
+                entry.update(s_n=s_n, dlb=dlb)
             lp, dmean, dsig = loglik_gaussian(xm, mean, draws[f"sigma/{m}"])
             entry.update(dmean=dmean, dsig=dsig)
         else:
             eta = Z + draws[f"b/{m}"][None, :] if cfg.has_background(m) else Z
-            phi = softmax(eta, axis=1)
-            rho = theta @ phi
+            if cfg.batch_offsets:  # phi^(c) = softmax_f(eta + tb Delta_c), one per batch present
+                phi = []
+                rho = xp.empty((B, xm.shape[1]), dtype=dtype)
+                for cb in np.unique(to_numpy(batch)):
+                    idx = xp.flatnonzero(batch == int(cb))
+                    ph = softmax(eta + tb[:, None] * dl[int(cb)][None, :], axis=1)
+                    rho[idx] = theta[idx] @ ph
+                    phi.append((int(cb), idx, ph))
+            else:
+                phi = softmax(eta, axis=1)
+                rho = theta @ phi
             lib = xp.maximum(xm.sum(axis=1), 0.0)
             if lik == "multinomial":
                 lp, drho = loglik_multinomial(xm, rho)
@@ -500,9 +760,37 @@ def forward_cells(
     cache = dict(
         mus=mus, vs=vs, pres=pres, w=w, ok_w=ok_w, att=att_cache, mm=mm_cache, mbar=mbar, vbar=vbar,
         sd=sd, eps=eps, theta=theta, liks=liks, enc=enc_caches, prior_mu=prior_mu, prior_sd=prior_sd,
-        draws=draws,
+        draws=draws, batch=batch,
     )
     return cache, stats
+
+
+def _covariate_inputs(cfg: TopicModelConfig, B: int, batch, cont, xp, dtype):
+    """Validated batch codes (or None) and the encoder covariate blocks ``[cont, onehot]`` (§2.2)."""
+    if cfg.needs_batch:
+        if batch is None:
+            raise ValueError(
+                f"the model has a categorical covariate (n_batches={cfg.n_batches}): pass batch= integer codes "
+                "in [0, n_batches) for the minibatch rows"
+            )
+        batch = xp.asarray(batch)
+        if batch.shape != (B,):
+            raise ValueError(f"batch codes have shape {batch.shape}; expected ({B},), one per minibatch row")
+        bmin, bmax = int(batch.min()), int(batch.max())
+        if bmin < 0 or bmax >= cfg.n_batches:
+            raise ValueError(f"batch codes must be in [0, n_batches={cfg.n_batches}), got min {bmin}, max {bmax}")
+        batch = batch.astype(xp.int64)
+    else:
+        batch = None
+    blocks = []
+    if cfg.n_cont_encoded:
+        if cont is None or tuple(cont.shape) != (B, cfg.n_cont_encoded):
+            got = None if cont is None else tuple(cont.shape)
+            raise ValueError(f"cont_covariates must have shape ({B}, {cfg.n_cont_encoded}); got {got}")
+        blocks.append(xp.asarray(cont, dtype=dtype))
+    if cfg.n_onehot:
+        blocks.append((batch[:, None] == xp.arange(cfg.n_batches)[None, :]).astype(dtype))
+    return batch, blocks
 
 
 def backward_cells(
@@ -533,11 +821,38 @@ def backward_cells(
     for m, entry in zip(cfg.modalities, cache["liks"]):
         c = -cell_scale * entry["w"]
         Z = cache["draws"][f"Z/{m}"]
+        if cfg.batch_offsets:
+            tb, dl = cache["draws"][f"tb/{m}"], cache["draws"][f"delta/{m}"]
         if entry["lik"] == "gaussian":
             dmean = c * entry["dmean"]
             dtheta = dtheta + dmean @ Z.T
             g[f"draw/Z/{m}"] = theta.T @ dmean
             g[f"draw/sigma/{m}"] = c * entry["dsig"]
+            if cfg.batch_offsets:
+                q = (dmean * entry["dlb"]).sum(axis=1)
+                dtheta = dtheta + q[:, None] * tb[None, :]
+                g[f"draw/tb/{m}"] = theta.T @ q
+                onehot = (cache["batch"][:, None] == xp.arange(cfg.n_batches)[None, :]).astype(theta.dtype)
+                g[f"draw/delta/{m}"] = onehot.T @ (entry["s_n"][:, None] * dmean)
+        elif cfg.batch_offsets:
+            G = c * entry["drho"]
+            deta = xp.zeros_like(Z)
+            dtb = xp.zeros_like(tb)
+            ddl = xp.zeros_like(dl)
+            for cb, idx, ph in entry["phi"]:
+                Gi = G[idx]
+                dtheta[idx] = dtheta[idx] + Gi @ ph.T
+                de = softmax_backward(ph, theta[idx].T @ Gi, axis=1)
+                deta = deta + de
+                dtb = dtb + (de * dl[cb][None, :]).sum(axis=1)
+                ddl[cb] = ddl[cb] + (de * tb[:, None]).sum(axis=0)
+            g[f"draw/Z/{m}"] = deta
+            g[f"draw/tb/{m}"] = dtb
+            g[f"draw/delta/{m}"] = ddl
+            if cfg.has_background(m):
+                g[f"draw/b/{m}"] = deta.sum(axis=0)
+            if "dd" in entry:
+                g[f"draw/d/{m}"] = c * entry["dd"]
         else:
             G = c * entry["drho"]
             phi = entry["phi"]
@@ -620,6 +935,10 @@ def loss_and_grad(
     lib_median: dict | None = None,
     bern_depth: dict | None = None,
     cell_omega=None,
+    batch=None,
+    cont_covariates=None,
+    enc_inputs: dict | None = None,
+    graph: dict | None = None,
 ) -> tuple[float, dict]:
     """Loss :math:`\\mathcal L` of one minibatch scaled to ``n_total`` cells (§3.2) and its gradient.
 
@@ -638,7 +957,7 @@ def loss_and_grad(
         :math:`N`, the number of training cells (the per-cell terms are scaled by :math:`N/B`).
     beta
         KL weight :math:`\\beta_t` (:func:`kl_weight_schedule`).
-    lib_median, bern_depth, cell_omega
+    lib_median, bern_depth, cell_omega, batch, cont_covariates, enc_inputs, graph
         See :func:`forward_cells`.
 
     Returns
@@ -663,7 +982,8 @@ def loss_and_grad(
     B = x[cfg.modalities[0]].shape[0]
     draws = global_draws(params, gnoise, cfg, buffers)
     cache, stats = forward_cells(
-        params, x, cnoise, cfg, buffers, draws, lib_median=lib_median, bern_depth=bern_depth, cell_omega=cell_omega
+        params, x, cnoise, cfg, buffers, draws, lib_median=lib_median, bern_depth=bern_depth, cell_omega=cell_omega,
+        batch=batch, cont_covariates=cont_covariates, enc_inputs=enc_inputs, graph=graph,
     )
     cell_scale = n_total / B
     theta_bar = stats["theta_sum"] / B

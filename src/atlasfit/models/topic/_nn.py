@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from ..._xp import get_xp
 from ._config import CLAMP_EPS, CLAMP_MAX
+from ._params import sigmoid
 
 #: Exponent cap for the variance head: exp(20) > CLAMP_MAX, so the clamp is active (zero gradient) anyway.
 _EXP_CAP = 20.0
@@ -117,7 +118,26 @@ def batchnorm_train_backward(dy, cache, gamma):
     return da, dgamma, dbeta
 
 
-def encoder_forward(p: dict, prefix: str, xh, masks, n_layers: int, bn_eps: float, var_eps: float):
+def _first_layer(p: dict, prefix: str, h, gcn):
+    """Pre-activation of layer 0: :math:`hW_0 + b_0`, or with a graph (``gcn = (adj, xs)``, §4.4)
+
+    .. math:: a = \\alpha\\,hW_0 + (1-\\alpha)\\,\\hat A_{\\mathcal B,\\mathcal S}(X_{\\mathcal S}W_g) + b_0,
+              \\qquad \\alpha = \\sigma(a_\\alpha)
+
+    where ``adj`` is the (B, S) block of the normalised adjacency and ``xs`` the (S, F) encoder
+    inputs of the neighbourhood. Returns ``(a, gcache)``.
+    """
+    if gcn is None:
+        return h @ p[f"{prefix}W0"] + p[f"{prefix}b0"], None
+    adj, xs = gcn
+    xp = get_xp(h)
+    al = sigmoid(p[f"{prefix}alpha"], xp)
+    own = h @ p[f"{prefix}W0"]
+    nei = xp.asarray(adj @ (xs @ p[f"{prefix}Wg"]))
+    return al * own + (1.0 - al) * nei + p[f"{prefix}b0"], (adj, xs, own, nei, al)
+
+
+def encoder_forward(p: dict, prefix: str, xh, masks, n_layers: int, bn_eps: float, var_eps: float, gcn=None):
     """Training-mode encoder of one modality (§2.2) with clamps.
 
     .. math::
@@ -127,14 +147,19 @@ def encoder_forward(p: dict, prefix: str, xh, masks, n_layers: int, bn_eps: floa
 
     ``masks[l]`` is the inverted-dropout mask of layer ``l`` (0 or 1/(1-p); all ones for no dropout).
     Returns ``(mu, v, cache, bn_sums)``; ``bn_sums[l] = (sum_n a, sum_n a**2)`` of the pre-BN activations
-    (used on the driver to update running statistics).
+    (used on the driver to update running statistics). ``gcn = (adj, xs)`` adds the graph convolution
+    to the first layer (:func:`_first_layer`, ``spatial_mode="gcn"``).
     """
     xp = get_xp(xh)
     h = xh
     layers = []
     bn_sums = []
+    gcache = None
     for l in range(n_layers):
-        a = h @ p[f"{prefix}W{l}"] + p[f"{prefix}b{l}"]
+        if l == 0:
+            a, gcache = _first_layer(p, prefix, h, gcn)
+        else:
+            a = h @ p[f"{prefix}W{l}"] + p[f"{prefix}b{l}"]
         bn_sums.append((a.sum(axis=0), (a * a).sum(axis=0)))
         y, bn_cache = batchnorm_train_forward(a, p[f"{prefix}g{l}"], p[f"{prefix}be{l}"], bn_eps)
         relu = (y > 0).astype(y.dtype)
@@ -147,7 +172,7 @@ def encoder_forward(p: dict, prefix: str, xh, masks, n_layers: int, bn_eps: floa
     ev = xp.exp(xp.minimum(pre_v, _EXP_CAP))
     v, ok_v = clamppos(ev + var_eps)
     ok_v = ok_v * (pre_v < _EXP_CAP)
-    cache = {"layers": layers, "h": h, "ok_mu": ok_mu, "ok_v": ok_v, "ev": ev}
+    cache = {"layers": layers, "h": h, "ok_mu": ok_mu, "ok_v": ok_v, "ev": ev, "gcn": gcache}
     return mu, v, cache, bn_sums
 
 
@@ -156,6 +181,9 @@ def encoder_backward(p: dict, prefix: str, cache: dict, dmu, dv, n_layers: int) 
     :math:`\\partial\\mu`, :math:`\\partial v` (the input is data, so no gradient is returned for it).
 
     Uses :math:`\\partial v/\\partial(\\text{pre-activation}) = \\exp(\\cdot)` where the clamp is inactive.
+    With a graph layer: :math:`\\partial W_0 = h^\\top(\\alpha\\,\\partial a)`,
+    :math:`\\partial W_g = X_{\\mathcal S}^\\top\\hat A_{\\mathcal B,\\mathcal S}^\\top((1-\\alpha)\\partial a)`,
+    :math:`\\partial a_\\alpha = \\alpha(1-\\alpha)\\sum\\partial a\\odot(hW_0 - \\hat A X_{\\mathcal S}W_g)`.
     """
     g = {}
     dpre_mu = dmu * cache["ok_mu"]
@@ -172,19 +200,31 @@ def encoder_backward(p: dict, prefix: str, cache: dict, dmu, dv, n_layers: int) 
         da, dgam, dbeta = batchnorm_train_backward(dy, bn_cache, p[f"{prefix}g{l}"])
         g[f"{prefix}g{l}"] = dgam
         g[f"{prefix}be{l}"] = dbeta
-        g[f"{prefix}W{l}"] = h_in.T @ da
         g[f"{prefix}b{l}"] = da.sum(axis=0)
+        gc = cache.get("gcn") if l == 0 else None
+        if gc is None:
+            g[f"{prefix}W{l}"] = h_in.T @ da
+        else:
+            adj, xs, own, nei, al = gc
+            xp = get_xp(da)
+            g[f"{prefix}W0"] = h_in.T @ (al * da)
+            g[f"{prefix}Wg"] = xs.T @ xp.asarray(adj.T @ ((1.0 - al) * da))
+            g[f"{prefix}alpha"] = (da * (own - nei)).sum(keepdims=True).reshape(1) * (al * (1.0 - al))
         if l > 0:
             dh = da @ p[f"{prefix}W{l}"].T
     return g
 
 
-def encoder_eval(p: dict, prefix: str, xh, bn_state: dict, n_layers: int, bn_eps: float, var_eps: float):
-    """Eval-mode encoder (running BatchNorm statistics, no dropout, §5); returns clamped ``(mu, v)``."""
+def encoder_eval(p: dict, prefix: str, xh, bn_state: dict, n_layers: int, bn_eps: float, var_eps: float, gcn=None):
+    """Eval-mode encoder (running BatchNorm statistics, no dropout, §5); returns clamped ``(mu, v)``.
+
+    ``gcn = (adj, xs)`` as in :func:`encoder_forward` (the neighbourhood is exact, so inference is
+    deterministic, unlike the reference's sampled subgraphs, §11 item 24).
+    """
     xp = get_xp(xh)
     h = xh
     for l in range(n_layers):
-        a = h @ p[f"{prefix}W{l}"] + p[f"{prefix}b{l}"]
+        a = _first_layer(p, prefix, h, gcn)[0] if l == 0 else h @ p[f"{prefix}W{l}"] + p[f"{prefix}b{l}"]
         rm = bn_state[f"{prefix}rm{l}"]
         rv = bn_state[f"{prefix}rv{l}"]
         y = p[f"{prefix}g{l}"] * (a - rm) / (rv + bn_eps) ** 0.5 + p[f"{prefix}be{l}"]

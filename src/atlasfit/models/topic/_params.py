@@ -24,7 +24,26 @@ def sigmoid(x, xp=np):
 
 
 def encoder_input_dim(cfg: TopicModelConfig, m: str) -> int:
-    return cfg.n_feat(m)
+    """Width of the first encoder layer's input: :math:`F_m` (:math:`F_m(L+1)` for SGC) plus the
+    continuous and one-hot covariate blocks (§2.2, §4.5).
+
+    Examples
+    --------
+    >>> cfg = TopicModelConfig(("rna",), (10,), ("multinomial",), n_topics=2, n_batches=3,
+    ...                        encode_covariates=True, spatial_mode="sgc", sgc_n_layers=2)
+    >>> encoder_input_dim(cfg, "rna")
+    33
+    """
+    base = cfg.n_feat(m) * (cfg.sgc_n_layers + 1) if cfg.spatial_mode == "sgc" else cfg.n_feat(m)
+    return base + cfg.n_cont_encoded + cfg.n_onehot
+
+
+#: Horseshoe variational groups (§2.1): name -> (shape kind, initial loc). All but ``beta`` are LogNormal.
+HS_GROUPS = {"c": ("1", 0.1), "tau": ("K", 0.0), "delta": ("F", 0.0), "lam": ("KF", 0.0), "beta": ("KF", 0.0)}
+
+
+def _hs_shape(kind: str, K: int, F: int) -> tuple:
+    return {"1": (1,), "K": (K,), "F": (F,), "KF": (K, F)}[kind]
 
 
 def init_params(cfg: TopicModelConfig, seed: int = 0, dtype=np.float64) -> dict[str, np.ndarray]:
@@ -36,6 +55,13 @@ def init_params(cfg: TopicModelConfig, seed: int = 0, dtype=np.float64) -> dict[
     * ``dec/{m}/bg_loc`` = 0, ``bg_scale`` = :math:`s_{0.1}` (learned background only);
       ``disp_loc/disp_scale`` (learned NB dispersion), ``sigma_loc/sigma_scale`` (Gaussian) likewise.
     * ``mix/omega`` = ones (``weight_mode="universal"``); ``att/W``, ``att/u`` Xavier-uniform (attention).
+    * Horseshoe (``topic_feature_prior_type="horseshoe"``, replaces ``Z_loc``/``Z_scale``):
+      ``dec/{m}/hs_{g}_loc``, ``hs_{g}_scale`` for :math:`g\\in\\{c,\\tau,\\delta,\\lambda,\\beta\\}` with
+      shapes (1,), (K,), (F,), (K, F), (K, F); loc 0 (0.1 for :math:`c`), raw scale :math:`s_{0.1}` (§2.1).
+    * Decoder batch offsets: ``dec/{m}/tb_loc``, ``tb_scale`` (K,) and ``dec/{m}/delta_loc``,
+      ``delta_scale`` (C, F); loc 0, raw scale :math:`s_{0.1}` (§2.1).
+    * GCN: ``enc/{m}/Wg`` (F, H) uniform :math:`\\pm1/\\sqrt F` and the skip logit ``enc/{m}/alpha``
+      (1,) = logit(``gcn_alpha_init``).
 
     Per-cell weights of ``weight_mode="cell"`` are not global: see :func:`init_cell_omega`.
 
@@ -67,9 +93,23 @@ def init_params(cfg: TopicModelConfig, seed: int = 0, dtype=np.float64) -> dict[
         for head in ("mu", "v"):
             p[f"{pre}W_{head}"] = uni(bound, (H, K))
             p[f"{pre}b_{head}"] = uni(bound, (K,))
+        if cfg.spatial_mode == "gcn":
+            p[f"{pre}Wg"] = uni(1.0 / math.sqrt(F), (F, H))
+            a0 = cfg.gcn_alpha_init
+            p[f"{pre}alpha"] = np.full(1, math.log(a0 / (1.0 - a0)))
         d = f"dec/{m}/"
-        p[f"{d}Z_loc"] = np.zeros((K, F))
-        p[f"{d}Z_scale"] = np.full((K, F), math.sqrt(max(1.0 - 1.0 / F, 0.0)))
+        if cfg.horseshoe:
+            for g, (kind, loc) in HS_GROUPS.items():
+                p[f"{d}hs_{g}_loc"] = np.full(_hs_shape(kind, K, F), loc)
+                p[f"{d}hs_{g}_scale"] = np.full(_hs_shape(kind, K, F), S01)
+        else:
+            p[f"{d}Z_loc"] = np.zeros((K, F))
+            p[f"{d}Z_scale"] = np.full((K, F), math.sqrt(max(1.0 - 1.0 / F, 0.0)))
+        if cfg.batch_offsets:
+            p[f"{d}tb_loc"] = np.zeros(K)
+            p[f"{d}tb_scale"] = np.full(K, S01)
+            p[f"{d}delta_loc"] = np.zeros((cfg.n_batches, F))
+            p[f"{d}delta_scale"] = np.full((cfg.n_batches, F), S01)
         if cfg.learns_background(m):
             p[f"{d}bg_loc"] = np.zeros(F)
             p[f"{d}bg_scale"] = np.full(F, S01)
@@ -173,15 +213,26 @@ def draw_global_noise(cfg: TopicModelConfig, key, dtype=np.float64) -> dict[str,
 
     ``E/{m}`` (K, F) for :math:`Z_m`; ``e_bg/{m}`` (F) for :math:`u_m`; ``e_disp/{m}`` for
     :math:`d_m`; ``e_sigma/{m}`` (F) for :math:`\\varsigma_m`, each only where the latent exists.
+    Horseshoe: ``e_hs_{g}/{m}`` for :math:`g\\in\\{c,\\tau,\\delta,\\lambda,\\beta\\}` instead of ``E/{m}``;
+    batch offsets: ``e_tb/{m}`` (K) and ``e_delta/{m}`` (C, F), drawn after the default ones of the
+    modality, so the default noise is unchanged when the options are off.
     """
     rng = _rng(tuple(key) + (2,))
     out = {}
+    K = cfg.n_topics
     for m, F, lik in zip(cfg.modalities, cfg.n_features, cfg.likelihoods):
-        out[f"E/{m}"] = rng.standard_normal((cfg.n_topics, F))
+        if cfg.horseshoe:
+            for g, (kind, _) in HS_GROUPS.items():
+                out[f"e_hs_{g}/{m}"] = rng.standard_normal(_hs_shape(kind, K, F))
+        else:
+            out[f"E/{m}"] = rng.standard_normal((cfg.n_topics, F))
         if cfg.learns_background(m):
             out[f"e_bg/{m}"] = rng.standard_normal(F)
         if cfg.learns_dispersion(m):
             out[f"e_disp/{m}"] = rng.standard_normal(cfg.dispersion_shape(m))
         if lik == "gaussian":
             out[f"e_sigma/{m}"] = rng.standard_normal(F)
+        if cfg.batch_offsets:
+            out[f"e_tb/{m}"] = rng.standard_normal(K)
+            out[f"e_delta/{m}"] = rng.standard_normal((cfg.n_batches, F))
     return {k: np.asarray(v, dtype=dtype) for k, v in out.items()}

@@ -89,7 +89,7 @@ def normalized_adjacency(adj) -> sps.csr_matrix:
     Examples
     --------
     >>> import numpy as np
-    >>> normalized_adjacency(np.array([[0, 1.0], [1.0, 0]])).toarray().tolist()
+    >>> normalized_adjacency(np.array([[0, 1.0], [1.0, 0]])).toarray().round(12).tolist()
     [[0.5, 0.5], [0.5, 0.5]]
     """
     A = sps.csr_matrix(adj, dtype=np.float64)
@@ -118,7 +118,7 @@ def sgc_features(adj, X, n_layers: int = 1, *, median: float | None = None, tran
     --------
     >>> import numpy as np
     >>> A = np.array([[0, 1.0], [1.0, 0]])
-    >>> sgc_features(A, np.array([[2.0, 0.0], [0.0, 2.0]]), 1, median=2.0, transform="none").tolist()
+    >>> sgc_features(A, np.array([[2.0, 0.0], [0.0, 2.0]]), 1, median=2.0, transform="none").round(12).tolist()
     [[2.0, 0.0, 1.0, 1.0], [0.0, 2.0, 1.0, 1.0]]
     """
     if transform not in ("log1p", "none"):
