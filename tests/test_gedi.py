@@ -191,6 +191,29 @@ def test_embedding_follows_caller_cell_order(planted):
     np.testing.assert_allclose(m2.embedding(), m1.embedding()[perm], rtol=1e-6, atol=1e-9)
 
 
+def test_save_load_and_write_anndata(planted, tmp_path):
+    a, C, H, _truth, model, _rec = planted
+    model.save(tmp_path / "gedi.zarr")
+    back = atlasfit.GEDI.load(tmp_path / "gedi.zarr")
+    pd.testing.assert_frame_equal(back.get_A(), model.get_A())
+    np.testing.assert_array_equal(back.get_R().values, model.get_R().values)
+    np.testing.assert_array_equal(back.embedding(), model.embedding())
+    np.testing.assert_array_equal(back.pathway_scores().to_numpy(), model.pathway_scores().to_numpy())
+    np.testing.assert_array_equal(back.get_diff_exp({"treated": 1.0}), model.get_diff_exp({"treated": 1.0}))
+    pd.testing.assert_frame_equal(back.diff_expression({"treated": 1.0}),
+                                  model.diff_expression({"treated": 1.0}), rtol=1e-12)
+    pd.testing.assert_frame_equal(back.history_, model.history_)
+    b = a.copy()
+    model.write(b)
+    np.testing.assert_array_equal(b.obsm["X_gedi"], model.embedding())
+    np.testing.assert_array_equal(b.varm["gedi_pathway_assoc"], model.pathway_associations().to_numpy())
+    np.testing.assert_array_equal(b.uns["gedi"]["A"], model.get_A().to_numpy())
+    with pytest.raises(ValueError, match="is not the one the model was fitted on"):
+        model.write(b[:10].copy())
+    ds = model.to_xarray()
+    assert ds["R"].dims == ("gene", "factor", "covariate") and list(ds["pathway"].values) == list(C.columns)
+
+
 # ------------------------------------------------------------------------------- engines
 
 
@@ -215,7 +238,15 @@ def test_d_same_bits_serial_and_dask(tmp_path):
                                                                 progress=False)
             assert isinstance(m._engine, DaskEngine)
             fits[name] = (m.shared_, m.embedding(), m.diff_expression({"treated": 1.0}))
+            if name == "store":
+                m.write(key="gedi")  # into the store the model was fitted on
             m.close()
+    import anndata as ad
+
+    written = ad.read_zarr(f"{store}/mod/rna")
+    np.testing.assert_array_equal(written.obsm["X_gedi"], fits["store"][1])
+    np.testing.assert_array_equal(written.varm["gedi_Z"], fits["store"][0]["Z"])
+    assert written.varm["gedi_pathway_assoc"].shape == (120, 4)
     for name, (shared, emb, de) in fits.items():
         for key in ("Z", "D", "o", "A", "R", "Ro", "sigma2", "tracking/sigma2"):
             np.testing.assert_array_equal(np.asarray(serial.shared_[key]), np.asarray(shared[key]),
