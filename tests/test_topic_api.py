@@ -16,7 +16,7 @@ from scipy import stats
 from scipy.optimize import linear_sum_assignment
 
 import atlasfit
-from atlasfit.models.topic import MultimodalAmortizedLDA
+from atlasfit.models.topic import MultimodalAmortizedLDA, train_serial
 from atlasfit.models.topic._loss import softmax
 from atlasfit.models.topic._params import softplus
 
@@ -343,6 +343,22 @@ def test_validation_split_is_stratified_and_seeded(fitted):
     assert (fitted._data.samples[val] == "s1").sum() == 30 == (fitted._data.samples[val] == "s2").sum()  # 10% each
 
 
+@pytest.mark.parametrize("kw", [{}, {"steps_per_round": 2}, {"theta_bar_sync": "lagged"}])
+def test_train_is_train_serial(planted, kw):
+    _, _, _, rna, atac = planted
+    d = {"rna": rna[:300], "atac": atac[:300]}
+    sample = np.repeat(["a", "b", "c"], 100)
+    m = MultimodalAmortizedLDA.from_data(d, n_topics=K, n_hidden=8, weight_mode="cell")
+    m._data.samples[:] = sample
+    m.train(max_epochs=2, batch_size=40, lr=0.02, validation_fraction=0.0, progress=False, seed=4, **kw)
+    fit = train_serial(d, m.config, sample=sample, n_epochs=2, batch_size=40, lr=0.02, seed=4, **kw)
+    # the API drives the same shard functions with the same keys: the core trainer's bits
+    for k, v in fit.params.items():
+        np.testing.assert_array_equal(m._fit.params[k], v)
+    np.testing.assert_array_equal(m._omega[0], fit.cell_omega)
+    assert m.history_["train_loss"].tolist() == [h["loss"] for h in fit.history]
+
+
 def test_continued_training_keeps_optimizer_state(planted):
     _, _, _, rna, atac = planted
     d = {"rna": rna[:300], "atac": atac[:300]}
@@ -366,7 +382,7 @@ def test_continued_training_keeps_optimizer_state(planted):
 def test_training_continues_after_save_and_load(planted, tmp_path):
     _, _, _, rna, atac = planted
     d = {"rna": rna[:300], "atac": atac[:300]}
-    kw = dict(batch_size=64, lr=0.02, progress=False, seed=3)
+    kw = dict(batch_size=64, lr=0.02, progress=False, seed=3, theta_bar_sync="lagged")
     a = MultimodalAmortizedLDA.from_data(d, n_topics=K, n_hidden=8, weight_mode="cell")
     a.train(max_epochs=2, omega_update="minibatch", **kw)
     a.save(tmp_path / "m")
@@ -374,7 +390,8 @@ def test_training_continues_after_save_and_load(planted, tmp_path):
     a.train(max_epochs=1, omega_update="minibatch", **kw)
     b = MultimodalAmortizedLDA.from_data(d, n_topics=K, n_hidden=8, weight_mode="cell")
     b.train(max_epochs=3, omega_update="minibatch", **kw)
-    # save keeps the AdamW moments, the per-row Omega step counts and the split: same as one run
+    # save keeps the AdamW moments, the per-row Omega step counts, the lagged mean theta and the
+    # split: the same as one run
     for k, v in b._fit.params.items():
         np.testing.assert_array_equal(a._fit.params[k], v)
     for x, y in zip(a._omega, b._omega):

@@ -25,7 +25,6 @@ from ._config import COUNT_LIKELIHOODS, LIKELIHOODS, TopicModelConfig, kl_weight
 from ._loss import (
     combine_loss,
     global_draws,
-    global_draws_backward,
     global_kl,
     loglik_bernoulli,
     loglik_gaussian,
@@ -41,12 +40,17 @@ from ._optim import AdamWState, adamw_init, adamw_step
 from ._params import background_init, draw_global_noise, init_bn_state, init_params, make_buffers, softplus
 from ._train import (
     TopicFit,
+    _average_round,
     _check_data,
+    _full_grads,
     _merge_median,
     _shard_backward,
     _shard_data_stats,
     _shard_forward,
     _shard_load,
+    _shard_local_steps,
+    _shard_step,
+    _step_size,
     _update_bn,
     topic_feature_dist,
     topic_proportions,
@@ -405,6 +409,7 @@ class MultimodalAmortizedLDA:
         self.train_indices_: np.ndarray | None = None
         self.validation_indices_: np.ndarray | None = None
         self._train_settings: dict = {}
+        self._theta_prev = None  # global mean theta of the last step (theta_bar_sync="lagged")
 
     # ------------------------------------------------------------------ constructors
 
@@ -572,6 +577,8 @@ class MultimodalAmortizedLDA:
         bernoulli_depth: str = "dataset",
         n_eval_samples: int = 1,
         max_shards: int = 64,
+        theta_bar_sync: str = "exact",
+        steps_per_round: int = 1,
     ) -> MultimodalAmortizedLDA:
         """Train by minibatch AdamW on the engine protocol (spec §3, §6), with held-out tracking.
 
@@ -613,8 +620,10 @@ class MultimodalAmortizedLDA:
             dict); returning True stops training.
         kl_schedule, kl_kwargs
             :func:`~atlasfit.models.topic.kl_weight_schedule` preset and arguments.
-        omega_update, input_median, bernoulli_depth, max_shards
-            As in :func:`~atlasfit.models.topic.train_serial`.
+        omega_update, input_median, bernoulli_depth, max_shards, theta_bar_sync, steps_per_round
+            As in :func:`~atlasfit.models.topic.train_serial` (``steps_per_round > 1``: local steps with
+            periodic averaging, one engine round per that many steps; ``theta_bar_sync="lagged"``: one
+            round per step with the topic-variance regulariser on).
         n_eval_samples
             Monte-Carlo draws for the per-epoch ``val_loss``.
 
@@ -645,6 +654,10 @@ class MultimodalAmortizedLDA:
             raise ValueError(f"input_median {input_median!r}: use 'dataset', 'minibatch' or a positive scale factor")
         if bernoulli_depth not in ("dataset", "minibatch"):
             raise ValueError(f"bernoulli_depth {bernoulli_depth!r}: use 'dataset' or 'minibatch'")
+        if theta_bar_sync not in ("exact", "lagged"):
+            raise ValueError(f"theta_bar_sync {theta_bar_sync!r}: use 'exact' (two rounds per step) or 'lagged'")
+        if isinstance(steps_per_round, bool) or not isinstance(steps_per_round, (int, np.integer)) or steps_per_round < 1:
+            raise ValueError(f"steps_per_round must be an integer >= 1, got {steps_per_round!r}")
         first_call = self._fit is None
         if first_call:
             self._split(validation_fraction, seed)
@@ -706,6 +719,9 @@ class MultimodalAmortizedLDA:
             kw.setdefault("max_epochs", self.n_epochs_ + max_epochs)
             med_arg = None if input_median == "minibatch" else fit.lib_median
             depth_arg = fit.bern_depth if bernoulli_depth == "dataset" else None
+            sizes = [len(groups[s]) for s in names]
+            needs_theta_bar = bool(cfg.topic_variance_weight)
+            fwd_kw: dict = {}
             sign = 1.0 if monitor == "val_loss" else -1.0
             best, best_epoch, waited = math.inf, None, 0
             self.stopped_early_ = False
@@ -718,31 +734,41 @@ class MultimodalAmortizedLDA:
                 epoch = self.n_epochs_
                 beta = kl_weight_schedule(epoch, kl_schedule, **kw)
                 losses = []
-                for step in range(n_steps):
-                    gnoise = draw_global_noise(cfg, (seed, epoch, step), dtype)
-                    fstats = engine.map(_shard_forward, p, gnoise, buffers, seed, epoch, step, n_steps, med_arg,
-                                        depth_arg)
-                    live = [s for s in fstats if s["n"] > 0]
-                    B = sum(s["n"] for s in live)
-                    if B == 0:
-                        continue
-                    tot = {k: sum(s[k] for s in live) for k in live[0]}
-                    gval, gkl = global_kl(p, gnoise, cfg, buffers)
-                    losses.append(combine_loss(tot, cfg, cell_scale=N / B, beta=beta, global_value=gval))
-                    shard_grads = engine.map(_shard_backward, N / B, beta, B, tot["theta_sum"] / B,
-                                             opt_state.step + 1, opt, omega_update)
-                    grads: dict = {}
-                    for sg in shard_grads:  # shard order: deterministic
-                        for k, v in sg.items():
-                            grads[k] = grads[k] + v if k in grads else v
-                    draws = global_draws(p, gnoise, cfg, buffers)
-                    for k, v in global_draws_backward(p, gnoise, draws, grads, cfg).items():
-                        grads[k] = grads[k] + v if k in grads else v
-                    for k, v in gkl.items():
-                        grads[k] = grads[k] + beta * v if k in grads else beta * v
-                    grads = {k: grads.get(k, np.zeros_like(v)) for k, v in p.items()}
-                    p = adamw_step(p, grads, opt_state, **opt)
-                    _update_bn(bn, tot, B, cfg)
+                if steps_per_round > 1:  # local steps with periodic averaging (train_serial's scheme)
+                    for s0 in range(0, n_steps, steps_per_round):
+                        steps = list(range(s0, min(n_steps, s0 + steps_per_round)))
+                        res = engine.map(_shard_local_steps, p, opt_state.m, opt_state.v, opt_state.step, steps, seed,
+                                         epoch, n_steps, buffers, med_arg, depth_arg, N, beta, opt, omega_update, fwd_kw)
+                        p = _average_round(res, p, opt_state, bn, cfg, N, beta, len(steps), losses)
+                else:
+                    for step in range(n_steps):
+                        B = _step_size(sizes, step, n_steps)
+                        if B == 0:
+                            continue
+                        gnoise = draw_global_noise(cfg, (seed, epoch, step), dtype)
+                        t = opt_state.step + 1
+                        fwd = (p, gnoise, buffers, seed, epoch, step, n_steps, med_arg, depth_arg)
+                        if not needs_theta_bar or (theta_bar_sync == "lagged" and self._theta_prev is not None):
+                            out = engine.map(_shard_step, fwd, (N / B, beta, B, self._theta_prev, t, opt, omega_update),
+                                             fwd_kw)
+                            fstats, shard_grads = [o[0] for o in out], [o[1] for o in out]
+                            live = [s for s in fstats if s["n"] > 0]
+                            tot = {k: sum(s[k] for s in live) for k in live[0]}
+                        else:
+                            fstats = engine.map(_shard_forward, *fwd, **fwd_kw)
+                            live = [s for s in fstats if s["n"] > 0]
+                            tot = {k: sum(s[k] for s in live) for k in live[0]}
+                            shard_grads = engine.map(_shard_backward, N / B, beta, B, tot["theta_sum"] / B, t, opt,
+                                                     omega_update)
+                        self._theta_prev = tot["theta_sum"] / B
+                        grads: dict = {}
+                        for sg in shard_grads:  # shard order: deterministic
+                            for k, v in sg.items():
+                                grads[k] = grads[k] + v if k in grads else v
+                        grads, gval = _full_grads(p, gnoise, grads, beta, cfg, buffers)
+                        losses.append(combine_loss(tot, cfg, cell_scale=N / B, beta=beta, global_value=gval))
+                        p = adamw_step(p, grads, opt_state, **opt)
+                        _update_bn(bn, tot, B, cfg)
                 fit.params = p
                 self.n_epochs_ += 1
                 self._collect_omega(engine)
@@ -1399,6 +1425,8 @@ class MultimodalAmortizedLDA:
         if self._omega is not None:
             for name, v in zip(("omega", "omega_m", "omega_v", "omega_t"), self._omega):
                 a[f"cell|{name}"] = v
+        if self._theta_prev is not None:
+            a["lag|theta_prev"] = np.asarray(self._theta_prev)
         a["split|train"] = self.train_indices_
         a["split|validation"] = self.validation_indices_
         return a
@@ -1522,6 +1550,7 @@ class MultimodalAmortizedLDA:
         if "cell" in groups:
             c = groups["cell"]
             model._omega = (c["omega"], c["omega_m"], c["omega_v"], c["omega_t"])
+        model._theta_prev = groups.get("lag", {}).get("theta_prev")
         model.train_indices_ = groups["split"]["train"]
         model.validation_indices_ = groups["split"]["validation"]
         if model._omega is not None:
