@@ -70,7 +70,7 @@ def _fd(f, arr, idx):
     return (8 * (at(H) - at(-H)) - (at(2 * H) - at(-2 * H))) / (12 * H)
 
 
-def _check_all(cfg, B=6, seed=0, n_total=40, beta=0.7, per_array=3, n_graph=11):
+def _check_all(cfg, B=6, seed=0, n_total=40, beta=0.7, per_array=3, n_graph=11, graph_per_modality=False):
     """FD check of every parameter; builds batch codes, covariates, SGC inputs or the GCN graph as
     the configuration needs them."""
     rng = np.random.default_rng(seed)
@@ -96,10 +96,15 @@ def _check_all(cfg, B=6, seed=0, n_total=40, beta=0.7, per_array=3, n_graph=11):
                 m: sgc_features(A, big[m], cfg.sgc_n_layers, transform="none" if lik == "gaussian" else "log1p")[rows]
                 for m, lik in zip(cfg.modalities, cfg.likelihoods)
             }
-        else:
+        elif not graph_per_modality:
             sub, cols = neighbourhood(normalized_adjacency(A), rows)
             assert cols.size > B  # the neighbourhood reaches cells outside the minibatch
             kw["graph"] = {"adj": sub, "x_nbr": {m: big[m][cols] for m in cfg.modalities}}
+        else:  # a different graph (and neighbourhood) per modality
+            kw["graph"] = {"adj": {}, "x_nbr": {}}
+            for i, m in enumerate(cfg.modalities):
+                sub, cols = neighbourhood(normalized_adjacency(_random_graph(n_graph, rng, 0.2 + 0.2 * i)), rows)
+                kw["graph"]["adj"][m], kw["graph"]["x_nbr"][m] = sub, big[m][cols]
 
     def loss(pp):
         return loss_and_grad(pp, x, cn, gn, cfg, buf, n_total=n_total, beta=beta, **kw)
@@ -153,10 +158,12 @@ def test_gradients_encoder_covariates(offsets):
     assert ("dec/rna/delta_loc" in checked) == offsets
 
 
-@pytest.mark.parametrize("extra", [{}, {"n_layers": 2, "aggregation": "attention", "att_dim": 3}])
-def test_gradients_gcn(extra):
+@pytest.mark.parametrize(
+    "extra,per_mod", [({}, False), ({"n_layers": 2, "aggregation": "attention", "att_dim": 3}, True)]
+)
+def test_gradients_gcn(extra, per_mod):
     cfg = TopicModelConfig(("rna", "atac"), (7, 6), ("gamma_poisson", "bernoulli"), spatial_mode="gcn", **BASE, **extra)
-    checked = _check_all(cfg, seed=4, per_array=4)
+    checked = _check_all(cfg, seed=4, per_array=4, graph_per_modality=per_mod)
     assert {"enc/rna/Wg", "enc/rna/alpha", "enc/atac/Wg", "enc/atac/alpha"} <= checked
 
 
@@ -224,7 +231,12 @@ def test_graph_errors_name_the_problem():
     A = sps.csr_matrix(np.array([[0, 1.0, 0, 0], [1.0, 0, 0, 0], [0, 0, 0, 1.0], [0, 0, 1.0, 0]]))
     parts = [("s0", 2), ("s1", 2)]
     st = load_shard_extras({"graph": A}, np.arange(4), parts, cfg, 4)
-    assert st["adj_hat"].shape == (4, 4)
+    assert st["adj_hat"]["rna"].shape == (4, 4)
+    c2 = TopicModelConfig(("rna", "atac"), (4, 3), ("multinomial",) * 2, n_topics=2, spatial_mode="sgc")
+    with pytest.raises(ValueError, match=r"no graph for modalities \['atac'\]"):
+        load_shard_extras({"graph": {"rna": A}}, np.arange(4), parts, c2, 4)
+    st = load_shard_extras({"graph": {"rna": A, "atac": sps.csr_matrix((4, 4))}}, np.arange(4), parts, c2, 4)
+    assert st["adj"]["atac"].nnz == 0 and st["adj"]["rna"].nnz == 4
     with pytest.raises(ValueError, match="needs the spatial graph"):
         load_shard_extras(None, np.arange(4), parts, cfg, 4)
     with pytest.raises(ValueError, match="there are 5 cells"):
@@ -275,7 +287,7 @@ def test_shard_functions_pass_batch_codes_and_graph():
     kw = minibatch_extras(state, local, med)
     L, g = loss_and_grad(p, {"rna": x["rna"][local]}, cn, gn, cfg, buf, n_total=30, beta=1.0, lib_median=med, **kw)
     np.testing.assert_array_equal(kw["batch"], batch[local])
-    assert kw["graph"]["adj"].shape[0] == B
+    assert kw["graph"]["adj"]["rna"].shape[0] == B
     draws = global_draws(p, gn, cfg, buf)
     full = dict(grads)
     for k, v in global_draws_backward(p, gn, draws, grads, cfg).items():

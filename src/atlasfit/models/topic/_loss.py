@@ -600,8 +600,9 @@ def forward_cells(
     encoder covariate); ``cont_covariates`` (B, P) continuous encoder covariates; ``enc_inputs[m]``
     precomputed encoder inputs (B, F_m (L+1)) for ``spatial_mode="sgc"``
     (:func:`~atlasfit.models.topic._spatial.sgc_features` rows); ``graph = {"adj": (B, S) rows of
-    the normalised adjacency restricted to the neighbourhood, "x_nbr": {m: (S, F_m) raw rows of the
-    neighbourhood}}`` for ``spatial_mode="gcn"`` (:func:`~atlasfit.models.topic._spatial.neighbourhood`).
+    the normalised adjacency restricted to the neighbourhood (or ``{m: ...}`` per modality),
+    "x_nbr": {m: (S, F_m) raw rows of the neighbourhood}}`` for ``spatial_mode="gcn"``
+    (:func:`~atlasfit.models.topic._spatial.neighbourhood`).
     Encoder inputs are :math:`[\\hat x, \\text{cont}, \\text{onehot}]` (§2.2).
 
     Returns ``(cache, stats)``; ``stats`` holds sums over the rows: ``nll`` (weighted
@@ -630,16 +631,17 @@ def forward_cells(
         gcn = None
         if cfg.spatial_mode == "gcn":
             xs = graph["x_nbr"][m]
-            if xs.shape[1:] != (cfg.n_feat(m),) or graph["adj"].shape != (B, xs.shape[0]):
+            adj = graph["adj"][m] if isinstance(graph["adj"], dict) else graph["adj"]
+            if xs.shape[1:] != (cfg.n_feat(m),) or adj.shape != (B, xs.shape[0]):
                 raise ValueError(
-                    f"modality {m!r}: graph['adj'] has shape {graph['adj'].shape} and graph['x_nbr'] {xs.shape}; "
+                    f"modality {m!r}: graph['adj'] has shape {adj.shape} and graph['x_nbr'] {xs.shape}; "
                     f"expected ({B}, S) and (S, {cfg.n_feat(m)})"
                 )
             if not raw_input:
                 if med is None:  # the minibatch median of these rows, as for the minibatch itself
                     med = lower_median(xp.maximum(xp.maximum(xm.sum(axis=1), 0.0), 1.0))
                 xs = normalize_counts(xs, med)
-            gcn = (graph["adj"], xs)
+            gcn = (adj, xs)
         if enc_inputs is not None:
             xh = enc_inputs[m]
             want = (B, cfg.n_feat(m) * (cfg.sgc_n_layers + 1))

@@ -174,16 +174,50 @@ def _labels_per_row(parts) -> np.ndarray:
     return np.concatenate([np.full(k, i, dtype=np.int64) for i, (_, k) in enumerate(parts)]) if parts else np.zeros(0, np.int64)
 
 
+def _local_graph(G, rows, parts, n_cells: int, name: str) -> sps.csr_matrix:
+    """The shard's block of a (n_cells, n_cells) graph, checked: square, matching cells, finite,
+    non-negative, symmetric, and with every edge inside one sample."""
+    shape = tuple(G.shape) if hasattr(G, "shape") else np.shape(G)
+    if len(shape) != 2 or shape[0] != shape[1]:
+        raise ValueError(f"{name}: adjacency must be square (cells x cells), got shape {shape}")
+    if shape[0] != n_cells:
+        raise ValueError(
+            f"{name}: adjacency is {shape[0]} x {shape[1]} but there are {n_cells} cells; "
+            "pass the .obsp graph of exactly these cells, in the same order"
+        )
+    full_rows = sps.csr_matrix(G[rows] if sps.issparse(G) else np.asarray(G)[rows], dtype=np.float64)
+    full_rows.eliminate_zeros()
+    local = full_rows[:, rows].tocsr()
+    if local.nnz != full_rows.nnz:
+        r = int(np.flatnonzero(np.diff(full_rows.indptr) != np.diff(local.indptr))[0])
+        raise ValueError(
+            f"{name}: cell {int(rows[r])} has edges to cells of other samples; the graph must be "
+            "within-sample (block diagonal over samples)"
+        )
+    local = check_adjacency(local, rows.size, name=name, ids=rows)
+    lab = _labels_per_row(parts)
+    co = local.tocoo()
+    cross = lab[co.row] != lab[co.col]
+    if cross.any():
+        j = int(np.flatnonzero(cross)[0])
+        raise ValueError(
+            f"{name}: edge between cell {int(rows[co.row[j]])} (sample {parts[lab[co.row[j]]][0]!r}) and "
+            f"cell {int(rows[co.col[j]])} (sample {parts[lab[co.col[j]]][0]!r}); the graph must be within-sample"
+        )
+    return local
+
+
 def load_shard_extras(extras, rows, parts, cfg: TopicModelConfig, n_cells: int) -> dict:
     """Shard-local covariates and graph for ``_shard_load`` (``rows``: the shard's global cell indices,
     ``parts``: ``[(sample name, n_cells), ...]`` in row order; ``n_cells``: all cells).
 
     ``extras`` (or ``None``) may hold, aligned with all cells: ``"batch"`` integer codes in
     ``[0, n_batches)`` (needed when ``cfg.needs_batch``), ``"cont"`` (n_cells, n_continuous_covariates)
-    and ``"graph"`` the (n_cells, n_cells) ``.obsp`` adjacency (needed for ``cfg.spatial_mode``).
-    Returns entries for the shard state: ``batch``, ``cont``, ``adj`` (the shard-local symmetric
-    adjacency, edges only within samples) and ``adj_hat`` (its normalisation). Only the shard's rows of
-    the graph are read and checked.
+    and ``"graph"`` the (n_cells, n_cells) ``.obsp`` adjacency shared by all modalities, or
+    ``{modality: adjacency}`` (needed for ``cfg.spatial_mode``; a missing modality is an error, not a
+    silent misalignment as in the reference, §11 item 25). Returns entries for the shard state:
+    ``batch``, ``cont``, ``adj[m]`` (the shard-local symmetric adjacency, edges only within samples)
+    and ``adj_hat[m]`` (its normalisation). Only the shard's rows of the graph are read and checked.
 
     Examples
     --------
@@ -230,37 +264,24 @@ def load_shard_extras(extras, rows, parts, cfg: TopicModelConfig, n_cells: int) 
         if G is None:
             raise ValueError(
                 f"spatial_mode={cfg.spatial_mode!r} needs the spatial graph: pass the .obsp adjacency "
-                "(cells x cells, edges within samples) of all cells"
+                "(cells x cells, edges within samples) of all cells, or {modality: adjacency}"
             )
-        shape = tuple(G.shape) if hasattr(G, "shape") else np.shape(G)
-        if len(shape) != 2 or shape[0] != shape[1]:
-            raise ValueError(f"spatial graph: adjacency must be square (cells x cells), got shape {shape}")
-        if shape[0] != n_cells:
+        per_mod = G if isinstance(G, dict) else {m: G for m in cfg.modalities}
+        missing = [m for m in cfg.modalities if per_mod.get(m) is None]
+        if missing:
             raise ValueError(
-                f"spatial graph: adjacency is {shape[0]} x {shape[1]} but there are {n_cells} cells; "
-                "pass the .obsp graph of exactly these cells, in the same order"
+                f"spatial graph: no graph for modalities {missing}; spatial_mode={cfg.spatial_mode!r} encodes every "
+                "modality over a graph, so give one per modality (or one shared adjacency)"
             )
-        full_rows = sps.csr_matrix(G[rows] if sps.issparse(G) else np.asarray(G)[rows], dtype=np.float64)
-        full_rows.eliminate_zeros()
-        local = full_rows[:, rows].tocsr()
-        if local.nnz != full_rows.nnz:
-            r = int(np.flatnonzero(np.diff(full_rows.indptr) != np.diff(local.indptr))[0])
-            raise ValueError(
-                f"spatial graph: cell {int(rows[r])} has edges to cells of other samples; the graph must be "
-                "within-sample (block diagonal over samples)"
-            )
-        local = check_adjacency(local, rows.size, name="spatial graph", ids=rows)
-        lab = _labels_per_row(parts)
-        co = local.tocoo()
-        cross = lab[co.row] != lab[co.col]
-        if cross.any():
-            j = int(np.flatnonzero(cross)[0])
-            raise ValueError(
-                f"spatial graph: edge between cell {int(rows[co.row[j]])} (sample {parts[lab[co.row[j]]][0]!r}) and "
-                f"cell {int(rows[co.col[j]])} (sample {parts[lab[co.col[j]]][0]!r}); the graph must be within-sample"
-            )
-        out["adj"] = local
-        out["adj_hat"] = normalized_adjacency(local)
+        done: dict = {}  # one shared matrix is checked and normalised once
+        out["adj"], out["adj_hat"] = {}, {}
+        for m in cfg.modalities:
+            key = id(per_mod[m])
+            if key not in done:
+                name = "spatial graph" if not isinstance(G, dict) else f"spatial graph of modality {m!r}"
+                local = _local_graph(per_mod[m], rows, parts, n_cells, name)
+                done[key] = (local, normalized_adjacency(local))
+            out["adj"][m], out["adj_hat"][m] = done[key]
     return out
 
 
@@ -294,7 +315,7 @@ def minibatch_extras(state: dict, local, lib_median: dict | None, xp=np) -> dict
 
     ``batch`` and ``cont_covariates`` rows; for SGC the precomputed ``enc_inputs`` rows (computed once
     per shard with the dataset median ``lib_median[m]``, or the shard's own lower median when it is
-    ``None``); for GCN the ``graph`` of the minibatch: ``{"adj": sub, "x_nbr": {m: rows of the
+    ``None``); for GCN the ``graph`` of the minibatch: ``{"adj": {m: sub}, "x_nbr": {m: rows of the
     neighbourhood}}`` (:func:`neighbourhood`). Empty when no extension is configured.
     """
     cfg = state["cfg"]
@@ -310,7 +331,7 @@ def minibatch_extras(state: dict, local, lib_median: dict | None, xp=np) -> dict
         if state.get("_sgc_key", "unset") != key:
             state["_sgc"] = {
                 m: sgc_features(
-                    state["adj"],
+                    state["adj"][m],
                     state["x"][m],
                     cfg.sgc_n_layers,
                     median=None if lib_median is None else lib_median[m],
@@ -322,11 +343,15 @@ def minibatch_extras(state: dict, local, lib_median: dict | None, xp=np) -> dict
             state["_sgc_key"] = key
         out["enc_inputs"] = {m: _dense_rows(state["_sgc"][m], local, dtype, xp) for m in cfg.modalities}
     elif cfg.spatial_mode == "gcn":
-        sub, cols = neighbourhood(state["adj_hat"], local)
-        out["graph"] = {
-            "adj": _sparse_like(sub.astype(dtype), xp),
-            "x_nbr": {m: _dense_rows(state["x"][m], cols, dtype, xp) for m in cfg.modalities},
-        }
+        adj, x_nbr, done = {}, {}, {}
+        for m in cfg.modalities:
+            key = id(state["adj_hat"][m])
+            if key not in done:
+                sub, cols = neighbourhood(state["adj_hat"][m], local)
+                done[key] = (_sparse_like(sub.astype(dtype), xp), cols)
+            adj[m], cols = done[key]
+            x_nbr[m] = _dense_rows(state["x"][m], cols, dtype, xp)
+        out["graph"] = {"adj": adj, "x_nbr": x_nbr}
     return out
 
 
