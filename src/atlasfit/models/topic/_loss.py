@@ -616,43 +616,16 @@ def forward_cells(
     K = cfg.n_topics
     mus, vs, enc_caches, present = [], [], [], []
     stats: dict = {"n": B}
-    batch, cov_blocks = _covariate_inputs(cfg, B, batch, cont_covariates, xp, dtype)
-    if cfg.spatial_mode == "sgc" and enc_inputs is None:
-        raise ValueError("spatial_mode='sgc' needs enc_inputs (the precomputed SGC features of these cells, sgc_features)")
-    if cfg.spatial_mode == "gcn" and (graph is None or "adj" not in graph or "x_nbr" not in graph):
-        raise ValueError("spatial_mode='gcn' needs graph={'adj': (B, S) normalised adjacency rows, 'x_nbr': {m: (S, F_m)}}")
+    for m in cfg.modalities:
+        if x[m].shape != (B, cfg.n_feat(m)):
+            raise ValueError(f"modality {m!r}: minibatch has shape {x[m].shape}, expected ({B}, {cfg.n_feat(m)})")
+    batch, inputs = encoder_inputs(
+        cfg, x, lib_median=lib_median, batch=batch, cont_covariates=cont_covariates, enc_inputs=enc_inputs, graph=graph
+    )
     for m, lik in zip(cfg.modalities, cfg.likelihoods):
         xm = x[m]
-        if xm.shape != (B, cfg.n_feat(m)):
-            raise ValueError(f"modality {m!r}: minibatch has shape {xm.shape}, expected ({B}, {cfg.n_feat(m)})")
         present.append(xm.sum(axis=1) > 0)
-        raw_input = lik == "gaussian" or not cfg.normalize_encoder_inputs
-        med = None if lib_median is None else lib_median[m]
-        gcn = None
-        if cfg.spatial_mode == "gcn":
-            xs = graph["x_nbr"][m]
-            adj = graph["adj"][m] if isinstance(graph["adj"], dict) else graph["adj"]
-            if xs.shape[1:] != (cfg.n_feat(m),) or adj.shape != (B, xs.shape[0]):
-                raise ValueError(
-                    f"modality {m!r}: graph['adj'] has shape {adj.shape} and graph['x_nbr'] {xs.shape}; "
-                    f"expected ({B}, S) and (S, {cfg.n_feat(m)})"
-                )
-            if not raw_input:
-                if med is None:  # the minibatch median of these rows, as for the minibatch itself
-                    med = lower_median(xp.maximum(xp.maximum(xm.sum(axis=1), 0.0), 1.0))
-                xs = normalize_counts(xs, med)
-            gcn = (adj, xs)
-        if enc_inputs is not None:
-            xh = enc_inputs[m]
-            want = (B, cfg.n_feat(m) * (cfg.sgc_n_layers + 1))
-            if xh.shape != want:
-                raise ValueError(f"modality {m!r}: enc_inputs has shape {xh.shape}, expected {want} (sgc_n_layers={cfg.sgc_n_layers})")
-        elif raw_input:
-            xh = xm
-        else:
-            xh = normalize_counts(xm, med)
-        if cov_blocks:
-            xh = xp.concatenate([xh] + cov_blocks, axis=1)
+        xh, gcn = inputs[m]
         masks = [cnoise[f"drop/{m}/{l}"] for l in range(cfg.n_layers)]
         mu, v, c, bn_sums = encoder_forward(
             params, f"enc/{m}/", xh, masks, cfg.n_layers, cfg.bn_eps, cfg.var_eps, gcn=gcn
@@ -765,6 +738,83 @@ def forward_cells(
         draws=draws, batch=batch,
     )
     return cache, stats
+
+
+def encoder_inputs(
+    cfg: TopicModelConfig,
+    x: dict,
+    *,
+    lib_median: dict | None = None,
+    batch=None,
+    cont_covariates=None,
+    enc_inputs: dict | None = None,
+    graph: dict | None = None,
+):
+    """Encoder inputs of every modality for the rows ``x[m]`` (B, F_m), training or eval (§2.2, §4).
+
+    :math:`\\hat x` is the depth-normalised log1p input (raw for Gaussian modalities or
+    ``normalize_encoder_inputs=False``; the SGC rows ``enc_inputs[m]`` for ``spatial_mode="sgc"``),
+    followed by the covariate blocks :math:`[\\hat x, \\text{cont}, \\text{onehot}]`. For
+    ``spatial_mode="gcn"`` the neighbourhood rows ``graph["x_nbr"][m]`` are normalised with the same
+    median as the minibatch (the given ``lib_median[m]``, else the rows' lower median).
+
+    Returns ``(batch, {m: (xh, gcn)})``: the validated batch codes (``None`` without a categorical
+    covariate) and per modality the first-layer input and ``gcn = (adj, xs)`` or ``None``, ready for
+    :func:`~atlasfit.models.topic._nn.encoder_forward` / ``encoder_eval``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> cfg = TopicModelConfig(("rna",), (3,), ("multinomial",), n_topics=2, n_batches=2, encode_covariates=True)
+    >>> b, ins = encoder_inputs(cfg, {"rna": np.ones((2, 3))}, lib_median={"rna": 3.0}, batch=np.array([1, 0]))
+    >>> ins["rna"][0].round(4).tolist()
+    [[0.6931, 0.6931, 0.6931, 0.0, 1.0], [0.6931, 0.6931, 0.6931, 1.0, 0.0]]
+    """
+    first = x[cfg.modalities[0]]
+    xp = get_xp(first)
+    dtype = first.dtype
+    B = first.shape[0]
+    batch, cov_blocks = _covariate_inputs(cfg, B, batch, cont_covariates, xp, dtype)
+    if cfg.spatial_mode == "sgc" and enc_inputs is None:
+        raise ValueError("spatial_mode='sgc' needs enc_inputs (the precomputed SGC features of these cells, sgc_features)")
+    if cfg.spatial_mode != "sgc" and enc_inputs is not None:
+        raise ValueError("enc_inputs (precomputed SGC features) are only used with spatial_mode='sgc'")
+    if cfg.spatial_mode == "gcn" and (graph is None or "adj" not in graph or "x_nbr" not in graph):
+        raise ValueError("spatial_mode='gcn' needs graph={'adj': (B, S) normalised adjacency rows, 'x_nbr': {m: (S, F_m)}}")
+    out = {}
+    for m, lik in zip(cfg.modalities, cfg.likelihoods):
+        xm = x[m]
+        raw_input = lik == "gaussian" or not cfg.normalize_encoder_inputs
+        med = None if lib_median is None else lib_median[m]
+        gcn = None
+        if cfg.spatial_mode == "gcn":
+            xs = graph["x_nbr"][m]
+            adj = graph["adj"][m] if isinstance(graph["adj"], dict) else graph["adj"]
+            if xs.shape[1:] != (cfg.n_feat(m),) or adj.shape != (B, xs.shape[0]):
+                raise ValueError(
+                    f"modality {m!r}: graph['adj'] has shape {adj.shape} and graph['x_nbr'] {xs.shape}; "
+                    f"expected ({B}, S) and (S, {cfg.n_feat(m)})"
+                )
+            if not raw_input:
+                if med is None:  # the minibatch median of these rows, as for the minibatch itself
+                    med = lower_median(xp.maximum(xp.maximum(xm.sum(axis=1), 0.0), 1.0))
+                xs = normalize_counts(xs, med)
+            gcn = (adj, xs)
+        if enc_inputs is not None:
+            xh = enc_inputs[m]
+            want = (B, cfg.n_feat(m) * (cfg.sgc_n_layers + 1))
+            if xh.shape != want:
+                raise ValueError(
+                    f"modality {m!r}: enc_inputs has shape {xh.shape}, expected {want} (sgc_n_layers={cfg.sgc_n_layers})"
+                )
+        elif raw_input:
+            xh = xm
+        else:
+            xh = normalize_counts(xm, med)
+        if cov_blocks:
+            xh = xp.concatenate([xh] + cov_blocks, axis=1)
+        out[m] = (xh, gcn)
+    return batch, out
 
 
 def _covariate_inputs(cfg: TopicModelConfig, B: int, batch, cont, xp, dtype):
