@@ -304,7 +304,7 @@ def test_e_non_count_data(small):
     c = a.copy()
     c.X[35, 7] = -1.0  # cell row 5 of sample s1
     with pytest.raises(ValueError, match=r"sample 's1' has a negative or non-finite value -1.0 \(first at "
-                                         r"cell row 5 of the sample, feature 'g7'\)"):
+                                         r"cell row 5 of the sample \(cell 'c35'\), feature 'g7'\)"):
         atlasfit.GEDI(K=2, sample_key="sample").fit(c, max_iterations=1, progress=False)
 
 

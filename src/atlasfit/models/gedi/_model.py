@@ -316,8 +316,11 @@ class GEDI:
                              max_shards=self.max_shards)
         self.close()
         engine = reg._make_engine(shards, client, is_store)
-        engine.setup(sh.load_gedi_shard, sh.CheckedReader(reader, self.obs_type, genes), plan, config,
-                     ctx.lamQ, ctx.lamO, hcols)
+        union = getattr(reg, "_union", None)
+        cell_names = None if is_store or union is None else {
+            g: np.asarray(union[plan.cells[g]]).astype(str) for g in plan.global_samples}
+        engine.setup(sh.load_gedi_shard, sh.CheckedReader(reader, self.obs_type, genes, cell_names), plan,
+                     config, ctx.lamQ, ctx.lamO, hcols)
         self._engine = engine
         self._local = None
         shared = initialize_gedi(engine, plan, config, ctx)

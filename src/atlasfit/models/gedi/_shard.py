@@ -50,10 +50,21 @@ class CheckedReader:
     ValueError: GEDI: modality 'rna' sample 'a' has non-integer value 0.5 (first at cell row 0 of the sample, feature 'g1'); obs_type 'M' needs raw counts (integers >= 0), not normalised or log-transformed values: pass the raw counts (layer=...)
     """
 
-    def __init__(self, reader, obs_type: str, feature_names):
+    def __init__(self, reader, obs_type: str, feature_names, cell_names: dict | None = None):
         self.reader = reader
         self.obs_type = obs_type
         self.feature_names = np.asarray(feature_names)
+        self.cell_names = cell_names
+
+    def _cell(self, mod, sample, r) -> str:
+        """' (cell NAME)' for row r of ``sample``: from ``cell_names``, or an atlas store's obs."""
+        try:
+            if self.cell_names is not None:
+                return f" (cell {str(self.cell_names[sample][r])!r})"
+            sl = self.reader.sample_slices(mod)[sample]
+            return f" (cell {str(self.reader.obs(mod).index[sl.start + r])!r})"
+        except (AttributeError, KeyError, IndexError, TypeError):
+            return ""
 
     def read_block(self, mod, sample, layer=None):
         """The block of ``reader.read_block``, after the count checks."""
@@ -64,31 +75,31 @@ class CheckedReader:
 
     def _check(self, blk, mod, sample, layer):
         sparse = hasattr(blk, "tocoo") and not isinstance(blk, np.ndarray)
-        if sparse:
+        if sparse:  # only the stored entries can be bad; report the first in cell-row order
             coo = blk.tocoo()
-            vals, rows, cols = np.asarray(coo.data), coo.row, coo.col
+            vals = np.asarray(coo.data)
         else:
-            dense = np.asarray(to_numpy(blk))
-            flat = dense.reshape(-1)
-            vals = flat
-            rows, cols = np.divmod(np.arange(flat.size), max(dense.shape[1], 1))
-        finite = np.isfinite(vals)
-        bad = ~finite | (np.where(finite, vals, 0) < 0)
-        what = "a negative or non-finite value"
-        if not bad.any():
-            bad = vals != np.round(vals)
-            what = "non-integer value"
+            vals = np.asarray(to_numpy(blk))
+        with np.errstate(invalid="ignore"):
+            bad = ~np.isfinite(vals) | (vals < 0)
+            what = "a negative or non-finite value"
+            if not bad.any():
+                bad = vals != np.round(vals)
+                what = "non-integer value"
         if not bad.any():
             return
-        k = int(np.flatnonzero(bad)[0])
-        if sparse:  # first in cell-row order
-            order = np.lexsort((cols[bad], rows[bad]))
-            k = int(np.flatnonzero(bad)[order[0]])
-        r, c = int(rows[k]), int(cols[k])
+        if sparse:
+            idx = np.flatnonzero(bad)
+            k = idx[np.lexsort((coo.col[idx], coo.row[idx]))[0]]
+            r, c, v = int(coo.row[k]), int(coo.col[k]), float(vals[k])
+        else:
+            r, c = (int(x) for x in np.argwhere(bad)[0])
+            v = float(vals[r, c])
         lay = "" if layer is None else f" (layer {layer!r})"
         raise ValueError(
-            f"GEDI: modality {mod!r} sample {sample!r}{lay} has {what} {float(vals[k])!r} (first at cell "
-            f"row {r} of the sample, feature {str(self.feature_names[c])!r}); obs_type {self.obs_type!r} "
+            f"GEDI: modality {mod!r} sample {sample!r}{lay} has {what} {v!r} (first at cell "
+            f"row {r} of the sample{self._cell(mod, sample, r)}, feature {str(self.feature_names[c])!r}); "
+            f"obs_type {self.obs_type!r} "
             "needs raw counts (integers >= 0), not normalised or log-transformed values: pass the raw "
             "counts (layer=...)"
         )
