@@ -182,6 +182,8 @@ class GEDI:
         Keep the per-cell offsets s_i at 0.
     max_shards
         At most this many shards (groups of whole samples); fixed by the data, not by the workers.
+    device
+        ``"cpu"``, ``"gpu"`` (CuPy state on the workers / in process) or ``"auto"``, as MultiGEDI.
 
     Attributes
     ----------
@@ -224,6 +226,7 @@ class GEDI:
         S_oi: float = 1.0,
         is_si_fixed: bool = False,
         max_shards: int = 64,
+        device: str = "cpu",
     ):
         if mode not in ("Bsphere", "Bl2"):
             raise ValueError(f"GEDI: mode must be 'Bsphere' or 'Bl2', got {mode!r}")
@@ -231,6 +234,8 @@ class GEDI:
             raise ValueError(f"GEDI: obs_type must be 'M', 'M_list' or 'X', got {obs_type!r}")
         if int(K) < 1:
             raise ValueError(f"GEDI: K must be >= 1, got {K}")
+        if device not in ("cpu", "gpu", "auto"):
+            raise ValueError(f"GEDI: device must be 'cpu', 'gpu' or 'auto', got {device!r}")
         for nm, v in (("S_Qi", S_Qi), ("S_oi", S_oi)):
             if not (np.isfinite(v) and v > 0):
                 raise ValueError(f"GEDI: {nm} must be a positive number, got {v!r}")
@@ -250,6 +255,7 @@ class GEDI:
         self.S_oi = float(S_oi)
         self.is_si_fixed = bool(is_si_fixed)
         self.max_shards = int(max_shards)
+        self.device = device
         self.shared_ = None
         self._engine = None
         self._local = None
@@ -290,7 +296,7 @@ class GEDI:
         elif self.layer is not None:
             cfg["layer"] = self.layer
         reg = MultiGEDI({name: cfg}, sample_key=self.sample_key, K=self.K, mode=self.mode, seed=self.seed,
-                        dtype=self.dtype, max_shards=self.max_shards)
+                        dtype=self.dtype, max_shards=self.max_shards, device=self.device)
         is_store = isinstance(data, (str, Path, Atlas))
         reader = reg._register_store(data) if is_store else reg._register_memory(data)
         plan, config = reg.plan_, reg.config
@@ -319,8 +325,9 @@ class GEDI:
         union = getattr(reg, "_union", None)
         cell_names = None if is_store or union is None else {
             g: np.asarray(union[plan.cells[g]]).astype(str) for g in plan.global_samples}
+        array_module = "cupy" if reg._use_gpu(engine) else None
         engine.setup(sh.load_gedi_shard, sh.CheckedReader(reader, self.obs_type, genes, cell_names), plan,
-                     config, ctx.lamQ, ctx.lamO, hcols)
+                     config, ctx.lamQ, ctx.lamO, hcols, array_module)
         self._engine = engine
         self._local = None
         shared = initialize_gedi(engine, plan, config, ctx)
@@ -611,7 +618,8 @@ class GEDI:
                 "sample_key": self.sample_key, "modality": self.modality_, "obs_type": self.obs_type,
                 "layer": self.layer, "layers": list(self.layers) if self.layers else None,
                 "orthoZ": self.orthoZ, "S_Qi": self.S_Qi, "S_oi": self.S_oi,
-                "is_si_fixed": self.is_si_fixed, "n_iter": int(getattr(self, "n_iter_", 0))}
+                "is_si_fixed": self.is_si_fixed, "device": self.device,
+                "n_iter": int(getattr(self, "n_iter_", 0))}
 
     def write(self, target=None, key: str = "gedi") -> None:
         """Write the results next to the data (the reference's ``tl.gedi`` layout, spec §7.7).

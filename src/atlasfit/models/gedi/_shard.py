@@ -105,10 +105,12 @@ class CheckedReader:
         )
 
 
-def load_gedi_shard(spec, reader, plan, config, lamQ: float, lamO: float, hcols: dict) -> dict:
+def load_gedi_shard(spec, reader, plan, config, lamQ: float, lamO: float, hcols: dict,
+                    array_module=None) -> dict:
     """Engine loader: MultiGEDI's :func:`~atlasfit.models.multigedi.load_shard` (Y from the data,
     §1.2) for the one modality, then the single-modal hyperparameters λ_Qi = 1/S_Qi, λ_oi = 1/S_oi
     (§1.4), the covariate column h_i of each sample and zero prior means Q̂_i, ô_i.
+    ``array_module="cupy"`` keeps the state on the GPU (as MultiGEDI's loader).
 
     Examples
     --------
@@ -121,7 +123,7 @@ def load_gedi_shard(spec, reader, plan, config, lamQ: float, lamO: float, hcols:
     >>> st["mods"]["rna"]["a"]["Qhat"].shape
     (3, 2)
     """
-    state = msh.load_shard(spec, reader, plan, config)
+    state = msh.load_shard(spec, reader, plan, config, array_module)
     for g, _m, loc in _items(state):
         xp = get_xp(loc["Y"])
         loc["lamQ"] = float(lamQ)
