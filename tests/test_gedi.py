@@ -255,6 +255,24 @@ def test_d_same_bits_serial_and_dask(tmp_path):
         pd.testing.assert_frame_equal(serial.diff_expression({"treated": 1.0}), de)
 
 
+def test_checkpoint_resume_equals_uninterrupted(tmp_path):
+    a, C, H, _truth = make_planted(4, J=80, I=4, n=40)
+    kw = dict(K=3, C=C.iloc[:, :4], H=H, sample_key="sample")
+    full = atlasfit.GEDI(**kw).fit(a, max_iterations=7, progress=False)
+    part = atlasfit.GEDI(**kw).fit(a, max_iterations=4, checkpoint_dir=tmp_path / "ck", checkpoint_every=3,
+                                   progress=False)
+    assert part.checkpoint_info_.iteration == 4  # saved every 3 iterations and at the end
+    # a new driver (the first one "died" after iteration 4) continues from the checkpoint
+    resumed = atlasfit.GEDI(**kw).fit(a, max_iterations=7, checkpoint_dir=tmp_path / "ck",
+                                      resume_from_checkpoint=True, progress=False)
+    for key in ("Z", "D", "o", "A", "R", "Ro", "sigma2", "S_o", "S_si", "tracking/sigma2", "tracking/dA"):
+        np.testing.assert_array_equal(np.asarray(resumed.shared_[key]), np.asarray(full.shared_[key]), key)
+    np.testing.assert_array_equal(resumed.embedding(), full.embedding())
+    with pytest.raises(ValueError, match="was written with H; resume with the same C, H"):
+        atlasfit.GEDI(K=3, C=C.iloc[:, :4], sample_key="sample").fit(
+            a, max_iterations=7, checkpoint_dir=tmp_path / "ck", resume_from_checkpoint=True, progress=False)
+
+
 # ------------------------------------------------------------------------------- bad inputs
 
 

@@ -17,10 +17,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ...engine import plan_shards, run_iterations
+from ...engine import Checkpoint, SerialEngine, plan_shards, resume, run_iterations
 from ..multigedi import _shard as msh
 from ..multigedi._init import gather_by_sample, ordered_sum
-from ..multigedi._model import MultiGEDI
+from ..multigedi._model import MultiGEDI, _dump_local, _restore_local
 from . import _shard as sh
 from ._fit import GediContext, initialize_gedi, iterate_gedi
 from ._kernels import diff_exp, diff_O, diff_Q, pathway_solver
@@ -264,7 +264,8 @@ class GEDI:
     # ------------------------------------------------------------------ fit
 
     def fit(self, data, max_iterations: int = 100, *, client=None, progress: Any = None,
-            callback=None) -> GEDI:
+            callback=None, checkpoint_every: int | None = None, checkpoint_dir=None,
+            resume_from_checkpoint: bool = False) -> GEDI:
         """Fit the model.
 
         Parameters
@@ -281,6 +282,15 @@ class GEDI:
             ``None``: a bar on a terminal, a log line otherwise; ``False``: silent.
         callback
             ``callback(iteration, shared)`` after every iteration; a truthy return stops the fit.
+        checkpoint_every, checkpoint_dir
+            Checkpoint the driver's state and every sample's local state (Y included) every this
+            many iterations into ``checkpoint_dir`` (MultiGEDI's mechanism: a lost worker rolls all
+            shards back to the last checkpoint and replays, bit for bit). Default: for a store fitted
+            with a Dask client, every 10 iterations into ``<store>.checkpoints/gedi``; otherwise
+            none unless ``checkpoint_dir`` is given. ``checkpoint_every=0``: none.
+        resume_from_checkpoint
+            Continue a fit whose driver was killed from the last checkpoint in ``checkpoint_dir``
+            (same data, C, H and settings).
 
         Returns
         -------
@@ -330,10 +340,38 @@ class GEDI:
                      config, ctx.lamQ, ctx.lamO, hcols, array_module)
         self._engine = engine
         self._local = None
-        shared = initialize_gedi(engine, plan, config, ctx)
+        ck = None
+        if checkpoint_every == 0 and not resume_from_checkpoint:
+            pass
+        elif checkpoint_dir is not None or resume_from_checkpoint or (
+            is_store and not isinstance(engine, SerialEngine)
+        ):
+            if checkpoint_dir is None:
+                if not is_store:
+                    raise ValueError("GEDI.fit: give checkpoint_dir to checkpoint or resume an in-memory fit")
+                st = Path(reg._atlas.path)
+                checkpoint_dir = st.parent / f"{st.name}.checkpoints" / "gedi"
+            ck = Checkpoint(checkpoint_dir)
+            if checkpoint_every is None:
+                checkpoint_every = 10
+        if resume_from_checkpoint:
+            if ck.iteration is None:
+                raise FileNotFoundError(f"GEDI.fit: no checkpoint to resume from in {str(checkpoint_dir)!r}; "
+                                        "start without resume_from_checkpoint")
+            start, shared = resume(engine, ck, _restore_local)
+            for key, given, what in (("A", ctx.C, "C"), ("R", ctx.H, "H")):
+                if (key in shared) != (given is not None):
+                    raise ValueError(f"GEDI.fit: the checkpoint in {str(checkpoint_dir)!r} was written "
+                                     f"{'with' if key in shared else 'without'} {what}; resume with the same "
+                                     "C, H and settings")
+        else:
+            start, shared = 0, initialize_gedi(engine, plan, config, ctx)
         shared = run_iterations(engine, partial(iterate_gedi, plan=plan, config=config, ctx=ctx), shared,
-                                start=0, stop=int(max_iterations), progress=progress, callback=callback,
-                                desc="GEDI")
+                                start=start, stop=int(max_iterations), progress=progress, callback=callback,
+                                checkpoint_every=checkpoint_every if ck is not None else None, checkpoint=ck,
+                                dump_local=_dump_local if ck is not None else None,
+                                restore_local=_restore_local if ck is not None else None, desc="GEDI")
+        self.checkpoint_info_ = ck.last_info if ck is not None else None
         self.shared_ = shared
         self.n_iter_ = int(shared["iteration"])
         self.plan_ = plan
