@@ -23,7 +23,6 @@ from __future__ import annotations
 import numpy as np
 import scipy.sparse as sps
 
-from ..._xp import get_xp
 from ._config import TopicModelConfig
 
 _SYM_RTOL = 1e-10
@@ -368,10 +367,3 @@ def _sparse_like(S, xp):
     import cupyx.scipy.sparse as cps  # noqa: PLC0415 - optional GPU dependency
 
     return cps.csr_matrix(S)
-
-
-def graph_matmul(adj, H):
-    """``adj @ H`` for a SciPy/CuPy sparse or dense ``adj`` and a dense ``H`` of the same array module."""
-    out = adj @ H
-    xp = get_xp(H)
-    return xp.asarray(out)
