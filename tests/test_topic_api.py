@@ -226,6 +226,24 @@ def test_nb_and_dispersion(planted):
         fixed.get_learned_dispersion("atac")
 
 
+def test_horseshoe_summaries(planted):
+    _, _, _, rna, _ = planted
+    m = MultimodalAmortizedLDA.from_data({"rna": rna[:200]}, likelihoods=["gamma_poisson"], n_topics=K, n_hidden=8,
+                                         topic_feature_prior_type="horseshoe")
+    m.train(max_epochs=2, batch_size=50, lr=0.05, progress=False)
+    p = m._fit.params
+    # §5 horseshoe: beta_loc * lambda_tilde with c, tau, delta, lambda at their LogNormal means, then
+    # softmax with the background
+    e = {g: p[f"dec/rna/hs_{g}_loc"] + 0.5 * softplus(p[f"dec/rna/hs_{g}_scale"]) ** 2
+         for g in ("c", "tau", "delta", "lam")}
+    lt2 = np.exp(2 * e["c"]) * np.exp(2 * (e["tau"][:, None] + e["delta"][None, :] + e["lam"]))
+    lt = np.sqrt(lt2 / (np.exp(2 * e["c"]) + np.exp(2 * (e["tau"][:, None] + e["delta"][None, :] + e["lam"])) + 1e-8))
+    b = m._fit.buffers["b0/rna"] + p["dec/rna/bg_loc"]
+    np.testing.assert_allclose(m.get_feature_topic_dist("rna", include_background=True).to_numpy().T,
+                               softmax(p["dec/rna/hs_beta_loc"] * lt + b[None], axis=1), rtol=1e-9)
+    assert np.isfinite(m.get_elbo()) and np.isfinite(m.get_perplexity())
+
+
 def test_elbo(fitted, planted):
     _, _, _, rna, atac = planted
     elbo = fitted.get_elbo()
@@ -502,7 +520,7 @@ def test_bad_inputs(planted):
         MultimodalAmortizedLDA.from_mudata(mdata, sample_key="donor", n_topics=K)
     with pytest.raises(ValueError, match=r"spatial key 'spatial_connectivities' is absent.*\.obsp"):
         MultimodalAmortizedLDA.from_mudata(mdata, spatial_key="spatial_connectivities", n_topics=K)
-    with pytest.raises(ValueError, match="need a graph: pass spatial_key"):
+    with pytest.raises(ValueError, match="needs a graph: pass spatial_key"):
         MultimodalAmortizedLDA.from_mudata(mdata, spatial_mode="gcn", n_topics=K)
     mdata["rna"].obsp["knn"] = sp.identity(50, format="csr")
     mdata["atac"].obsp["knn"] = sp.identity(50, format="csr")
@@ -521,6 +539,45 @@ def test_bad_inputs(planted):
         m.get_latent_representation()
     with pytest.raises(ValueError, match="early_stopping needs validation"):
         m.train(max_epochs=1, validation_fraction=0.0, early_stopping=True, progress=False)
+
+
+def test_covariates_and_graph_reach_the_trainer(planted):
+    _, _, _, rna, atac = planted
+    mdata = _mudata(rna[:200], atac[:200])
+    mdata.obs["plate"] = np.tile(["p1", "p2", "p3", "p4"], 50)
+    mdata.obs["depth"] = np.log(rna[:200].sum(1))
+    # decoder batch offsets (§1.5): n_batches comes from the batch_key column
+    m = MultimodalAmortizedLDA.from_mudata(mdata, sample_key="batch", batch_key="plate", n_topics=K, n_hidden=8)
+    assert m.config.n_batches == 4 and m.config.batch_offsets
+    np.testing.assert_array_equal(m._data.batch[:4], [0, 1, 2, 3])
+    m.train(max_epochs=2, batch_size=50, lr=0.05, progress=False)
+    assert m._fit.params["dec/rna/delta_loc"].shape == (4, 60)
+    assert np.abs(m._fit.params["dec/rna/delta_loc"]).max() > 0  # the offsets were trained with the codes
+    assert m.get_latent_representation().shape == (200, K)  # the encoder does not see the batch
+    assert "val_loss" not in m.history_  # held-out likelihoods would need the offsets
+    with pytest.raises(ValueError, match="get_elbo: .*decoder batch offsets"):
+        m.get_elbo()
+    # continuous encoder covariates (§2.2)
+    c = MultimodalAmortizedLDA.from_mudata(mdata, continuous_covariate_keys=["depth"], n_topics=K, n_hidden=8)
+    assert c.config.n_continuous_covariates == 1 and c.config.encode_covariates
+    c.train(max_epochs=1, batch_size=50, progress=False)
+    assert c._fit.params["enc/rna/W0"].shape[0] == 60 + 1  # [x_hat, cont] input
+    with pytest.raises(ValueError, match="posterior summaries: encoder covariates"):
+        c.get_latent_representation()
+    # spatial encoders (§4): the .obsp graph goes to the shards (edges within samples)
+    G = sp.block_diag([sp.diags([1.0, 1.0], [-1, 1], shape=(100, 100))] * 2, format="csr")
+    mdata["rna"].obsp["knn"] = G
+    mdata["atac"].obsp["knn"] = G
+    s = MultimodalAmortizedLDA.from_mudata(mdata, sample_key="batch", spatial_key="knn", spatial_mode="sgc",
+                                           n_topics=K, n_hidden=8)
+    s.train(max_epochs=1, batch_size=50, progress=False)
+    assert s._fit.params["enc/rna/W0"].shape[0] == 60 * 2  # [X, A X] (sgc_n_layers=1)
+    with pytest.raises(ValueError, match="n_batches=3 needs per-cell batch labels"):
+        MultimodalAmortizedLDA.from_mudata(mdata, n_batches=3, n_topics=K)
+    with pytest.raises(ValueError, match="n_batches=3 but batch_key 'plate' has 4 categories"):
+        MultimodalAmortizedLDA.from_mudata(mdata, batch_key="plate", n_batches=3, n_topics=K)
+    with pytest.raises(ValueError, match="unknown batch_key 'lane'"):
+        MultimodalAmortizedLDA.from_mudata(mdata, batch_key="lane", n_topics=K)
 
 
 def test_store_bad_inputs(planted, tmp_path):

@@ -34,6 +34,7 @@ from ._loss import (
     masked_softmax,
     moment_match,
     softmax,
+    topic_feature_logits,
 )
 from ._nn import encoder_eval, normalize_counts
 from ._optim import AdamWState, adamw_init, adamw_step
@@ -162,6 +163,9 @@ class _Registered:
         self.kinds = kinds  # {m: store kind or None}
         self.source = source  # store path or None
         self.spatial = spatial or {}
+        self.batch = None  # integer codes per cell (batch_key)
+        self.batch_categories: list[str] = []
+        self.cont = None  # (n_cells, n_continuous) floats (continuous_covariate_keys)
 
     @property
     def n_obs(self) -> int:
@@ -178,7 +182,8 @@ def _take_layer(a, m, layer):
     return a.layers[layer]
 
 
-def _register(data, modalities=None, layers=None, sample_key=None, spatial_key=None) -> _Registered:
+def _register(data, modalities=None, layers=None, sample_key=None, spatial_key=None, batch_key=None,
+              continuous_covariate_keys=None) -> _Registered:
     """Turn any supported input into aligned per-modality matrices (no copy where possible)."""
     import anndata as ad
 
@@ -190,7 +195,7 @@ def _register(data, modalities=None, layers=None, sample_key=None, spatial_key=N
 
     if isinstance(data, (str, Path, Atlas)):
         return _register_store(data if isinstance(data, Atlas) else open_atlas(data), modalities, layers,
-                               sample_key, spatial_key)
+                               sample_key, spatial_key, batch_key, continuous_covariate_keys)
     root_obs = None
     if md is not None and isinstance(data, md.MuData):
         mods = dict(data.mod)
@@ -255,27 +260,18 @@ def _register(data, modalities=None, layers=None, sample_key=None, spatial_key=N
             X[m] = X[m][:, None]
         var_names[m] = a.var_names
     n = len(root_names)
-    if sample_key is None:
-        samples = np.zeros(n, dtype=str)
-    else:
-        col = None
-        if root_obs is not None and sample_key in root_obs.columns:
-            col = root_obs[sample_key]
-        else:
-            for m in names:
-                if sample_key in mods[m].obs.columns:
-                    col = mods[m].obs[sample_key]
-                    break
-        if col is None:
-            cols = sorted(set().union(*[set(mods[m].obs.columns) for m in names],
-                                      set(root_obs.columns) if root_obs is not None else set()))
-            raise ValueError(f"unknown sample_key {sample_key!r}: no obs column of that name (columns: {cols}); "
-                             "pass the column with the sample labels, or sample_key=None for one sample")
-        if col.isna().any():
-            k = int(np.flatnonzero(col.isna().to_numpy())[0])
-            raise ValueError(f"sample_key {sample_key!r}: cell {str(root_names[k])!r} has no sample label; "
-                             "fill or drop such cells")
-        samples = col.astype(str).to_numpy()
+    frames = ([root_obs] if root_obs is not None else []) + [mods[m].obs for m in names]
+
+    def column(key, what):
+        for f in frames:  # MuData global obs first, then the modalities' obs
+            if key in f.columns:
+                return f[key]
+        cols = sorted(set().union(*[set(f.columns) for f in frames]))
+        raise ValueError(f"unknown {what} {key!r}: no obs column of that name (columns: {cols}); pass an existing "
+                         f"column, or {what}=None")
+
+    samples = np.zeros(n, dtype=str) if sample_key is None else _labels(column(sample_key, "sample_key"),
+                                                                       "sample_key", sample_key, root_names)
     spatial = {}
     if spatial_key is not None:
         for m in names:
@@ -289,10 +285,41 @@ def _register(data, modalities=None, layers=None, sample_key=None, spatial_key=N
             if G.shape != (n, n):
                 raise ValueError(f"modality {m!r}: .obsp[{spatial_key!r}] has shape {G.shape}, expected ({n}, {n})")
             spatial[m] = sp.csr_matrix(G)
-    return _Registered(X, root_names, var_names, samples, {m: None for m in names}, None, spatial)
+    reg = _Registered(X, root_names, var_names, samples, {m: None for m in names}, None, spatial)
+    _covariates(reg, column, batch_key, continuous_covariate_keys)
+    return reg
 
 
-def _register_store(atlas, modalities, layers, sample_key, spatial_key) -> _Registered:
+def _labels(col: pd.Series, what: str, key: str, names) -> np.ndarray:
+    if col.isna().any():
+        k = int(np.flatnonzero(col.isna().to_numpy())[0])
+        raise ValueError(f"{what} {key!r}: cell {str(names[k])!r} has no label; fill or drop such cells")
+    return col.astype(str).to_numpy()
+
+
+def _covariates(reg: _Registered, column, batch_key, cont_keys) -> None:
+    """Per-cell covariates (§1.5, §2.2): batch codes of ``batch_key`` (categories in order of first
+    appearance) and the ``continuous_covariate_keys`` columns as floats."""
+    if batch_key is not None:
+        lab = _labels(column(batch_key, "batch_key"), "batch_key", batch_key, reg.obs_names)
+        cats, first = np.unique(lab, return_index=True)
+        cats = cats[np.argsort(first)]
+        reg.batch_categories = [str(c) for c in cats]
+        reg.batch = pd.Index(cats).get_indexer(lab).astype(np.int64)
+    if cont_keys:
+        cols = []
+        for key in cont_keys:
+            c = pd.to_numeric(column(key, "continuous_covariate_keys"), errors="coerce").to_numpy(dtype=np.float64)
+            if not np.all(np.isfinite(c)):
+                k = int(np.flatnonzero(~np.isfinite(c))[0])
+                raise ValueError(f"continuous covariate {key!r}: cell {str(reg.obs_names[k])!r} has a missing or "
+                                 "non-numeric value; impute or drop such cells")
+            cols.append(c)
+        reg.cont = np.stack(cols, axis=1)
+
+
+def _register_store(atlas, modalities, layers, sample_key, spatial_key, batch_key=None,
+                    continuous_covariate_keys=None) -> _Registered:
     if sample_key is not None and sample_key != atlas.sample_key:
         raise ValueError(f"unknown sample_key {sample_key!r}: the atlas store {str(atlas.path)!r} is keyed by "
                          f"{atlas.sample_key!r}; pass sample_key=None (or {atlas.sample_key!r})")
@@ -328,7 +355,18 @@ def _register_store(atlas, modalities, layers, sample_key, spatial_key) -> _Regi
         var_names[m] = atlas.var(m).index
         kinds[m] = atlas.kind(m)
     samples = np.repeat(present.index.to_numpy().astype(str), present.to_numpy())
-    return _Registered(X, obs_ref, var_names, samples, kinds, str(atlas.path))
+    reg = _Registered(X, obs_ref, var_names, samples, kinds, str(atlas.path))
+    if batch_key is not None or continuous_covariate_keys:
+        obs = atlas.obs(ref)
+
+        def column(key, what):
+            if key not in obs.columns:
+                raise ValueError(f"unknown {what} {key!r}: modality {ref!r} of the store has no obs column of that "
+                                 f"name (columns: {sorted(obs.columns)})")
+            return obs[key]
+
+        _covariates(reg, column, batch_key, continuous_covariate_keys)
+    return reg
 
 
 # --------------------------------------------------------------------------- shard helpers (engine protocol)
@@ -400,6 +438,8 @@ class MultimodalAmortizedLDA:
         self.layers_: dict = {}
         self.sample_key_: str | None = None
         self.spatial_key_: str | None = None
+        self.batch_key_: str | None = None
+        self.continuous_covariate_keys_: list | None = None
         self._fit: TopicFit | None = None
         self._opt: AdamWState | None = None
         self._omega = None  # (m, v, t, omega) over ALL registered cells (cell weight mode)
@@ -424,6 +464,8 @@ class MultimodalAmortizedLDA:
         *,
         layers: str | Mapping[str, str] | None = None,
         spatial_key: str | None = None,
+        batch_key: str | None = None,
+        continuous_covariate_keys: Sequence[str] | None = None,
         dtype: str = "float64",
         **cfg,
     ) -> MultimodalAmortizedLDA:
@@ -453,7 +495,12 @@ class MultimodalAmortizedLDA:
             Layer to read instead of ``X``: one name for every modality or ``{modality: layer}``.
         spatial_key
             ``.obsp`` key of a within-sample spatial graph (checked to exist, shape (n, n)); kept in
-            ``spatial_graphs_`` for spatial encoders.
+            ``spatial_graphs_`` and given to the spatial encoders (``spatial_mode="sgc"`` / ``"gcn"``).
+        batch_key, continuous_covariate_keys
+            obs columns of the categorical covariate (codes in order of first appearance;
+            ``n_batches`` is set from it: decoder batch offsets §1.5, and the encoder one-hot with
+            ``encode_covariates=True``) and of continuous encoder covariates (§2.2; sets
+            ``n_continuous_covariates`` and ``encode_covariates=True``).
         dtype
             ``"float64"`` or ``"float32"``.
         **cfg
@@ -472,11 +519,20 @@ class MultimodalAmortizedLDA:
         >>> MultimodalAmortizedLDA.from_data(d, n_topics=4).config.likelihoods
         ('gamma_poisson', 'bernoulli')
         """
-        spatial_cfg = sorted(k for k in cfg if k.startswith(("spatial", "gcn", "sgc")))
-        if spatial_cfg and spatial_key is None:
-            raise ValueError(f"spatial settings {spatial_cfg} need a graph: pass spatial_key=<.obsp key> "
+        if cfg.get("spatial_mode") is not None and spatial_key is None:
+            raise ValueError(f"spatial_mode={cfg['spatial_mode']!r} needs a graph: pass spatial_key=<.obsp key> "
                              "(a within-sample spatial neighbour graph)")
-        reg = _register(data, modalities, layers, sample_key, spatial_key)
+        if cfg.get("n_batches") and batch_key is None:
+            raise ValueError(f"n_batches={cfg['n_batches']} needs per-cell batch labels: pass batch_key=<obs column>")
+        reg = _register(data, modalities, layers, sample_key, spatial_key, batch_key, continuous_covariate_keys)
+        if reg.batch is not None:
+            nb = len(reg.batch_categories)
+            if cfg.setdefault("n_batches", nb) != nb:
+                raise ValueError(f"n_batches={cfg['n_batches']} but batch_key {batch_key!r} has {nb} categories "
+                                 f"{reg.batch_categories[:5]}; leave n_batches out (it is set from the data)")
+        if reg.cont is not None:
+            cfg.setdefault("n_continuous_covariates", reg.cont.shape[1])
+            cfg.setdefault("encode_covariates", True)
         names = list(reg.X)
         liks = _as_list(likelihoods, names, "likelihoods")
         for m in names:
@@ -499,6 +555,8 @@ class MultimodalAmortizedLDA:
         model.layers_ = _as_list(layers, names, "layers")
         model.sample_key_ = sample_key if reg.source is None else None
         model.spatial_key_ = spatial_key
+        model.batch_key_ = batch_key
+        model.continuous_covariate_keys_ = None if not continuous_covariate_keys else list(continuous_covariate_keys)
         return model
 
     @classmethod
@@ -670,9 +728,10 @@ class MultimodalAmortizedLDA:
                 if old.get(k) != v:
                     raise ValueError(f"train() continues the previous fit, which used {k}={old.get(k)!r}; "
                                      f"got {k}={v!r} (start a new model to change it)")
-        val = self.validation_indices_
+        val = self.validation_indices_ if self._summaries_supported() is None else np.zeros(0, dtype=np.int64)
         if early_stopping and val.size == 0:
-            raise ValueError("early_stopping needs validation cells: set validation_fraction > 0")
+            raise ValueError("early_stopping needs validation cells: set validation_fraction > 0"
+                             + ("" if self._summaries_supported() is None else f" ({self._summaries_supported()})"))
         if max_epochs is None:
             max_epochs = max(1, min(int(round(2e7 / self._data.n_obs)), 1000))
         tr = self.train_indices_
@@ -692,7 +751,14 @@ class MultimodalAmortizedLDA:
             from ...engine import DaskEngine
 
             engine = DaskEngine(client, shards, name="topic")
-        engine.setup(_shard_load, data, groups, sample_index, cfg, dtype)
+        extras = {}
+        if cfg.needs_batch:
+            extras["batch"] = self._data.batch[tr]
+        if cfg.n_cont_encoded:
+            extras["cont"] = self._data.cont[tr]
+        if cfg.spatial_mode is not None:  # edges to validation cells are dropped with them
+            extras["graph"] = {m: G[tr][:, tr] for m, G in self._data.spatial.items()}
+        engine.setup(_shard_load, data, groups, sample_index, cfg, dtype, extras or None)
         try:
             if first_call:
                 dstats = engine.map(_shard_data_stats)
@@ -829,6 +895,22 @@ class MultimodalAmortizedLDA:
         """Whether :meth:`train` has run (or a trained model was loaded)."""
         return self._fit is not None
 
+    def _summaries_supported(self, likelihood: bool = True) -> str | None:
+        """None, or why the posterior summaries of this configuration are not available here."""
+        cfg = self.config
+        if cfg.n_onehot or cfg.n_cont_encoded or cfg.spatial_mode is not None:
+            return ("encoder covariates and spatial encoders are trained, but the posterior summaries "
+                    "(topic_proportions) do not take covariates or graphs yet")
+        if likelihood and cfg.batch_offsets:
+            return "likelihood-based summaries do not include the decoder batch offsets yet"
+        return None
+
+    def _check_supported(self, what: str, likelihood: bool = False) -> None:
+        why = self._summaries_supported(likelihood)
+        if why is not None:
+            raise ValueError(f"{what}: {why}; use get_feature_topic_dist / get_top_features_per_topic / "
+                             "get_topic_diversity, or a model without these options")
+
     def _check_trained(self):
         if self._fit is None:
             raise RuntimeError("the model is not trained: call train() first (or MultimodalAmortizedLDA.load)")
@@ -856,6 +938,7 @@ class MultimodalAmortizedLDA:
     def _resolve(self, data=None, cells=None):
         """(per-modality matrices, Omega rows or None, obs names) of the cells to evaluate."""
         self._check_trained()
+        self._check_supported("posterior summaries")
         cfg = self.config
         if data is None:
             if self._data is None:
@@ -969,7 +1052,7 @@ class MultimodalAmortizedLDA:
         for m, lik in zip(cfg.modalities, cfg.likelihoods):
             if lik == "gaussian":
                 continue
-            phi = topic_feature_dist(self._fit, m, include_background=True)
+            phi = self._phi(m, True)
             ll = T = 0.0
             for lo in range(0, n, batch_size):
                 rows = np.arange(lo, min(n, lo + batch_size))
@@ -1049,7 +1132,21 @@ class MultimodalAmortizedLDA:
         self._check_trained()
         if m not in self.config.modalities:
             raise ValueError(f"unknown modality {m!r}; the model has {list(self.config.modalities)}")
-        return topic_feature_dist(self._fit, m, include_background=include_background, n_samples=n_samples, seed=seed)
+        cfg = self.config
+        if not cfg.horseshoe:
+            return topic_feature_dist(self._fit, m, include_background=include_background, n_samples=n_samples,
+                                      seed=seed)
+        # horseshoe (§5): plug-in logits with c, tau, delta, lambda at their LogNormal means
+        p = self._fit.params
+        Z = np.asarray(topic_feature_logits(p, cfg, m), dtype=np.float64)
+        if cfg.likelihood(m) == "gaussian":
+            return Z
+        b = np.zeros(Z.shape[1])
+        if include_background and cfg.has_background(m):
+            b = np.asarray(self._fit.buffers[f"b0/{m}"], dtype=np.float64)
+            if cfg.learns_background(m):
+                b = b + p[f"dec/{m}/bg_loc"]
+        return softmax(Z + b[None, :], axis=1)
 
     def get_feature_topic_dist(self, modality: str | None = None, include_background: bool = False, *,
                                n_samples: int = 0, seed: int = 0, as_dict: bool = False):
@@ -1062,7 +1159,9 @@ class MultimodalAmortizedLDA:
         feature background :math:`b^0_m + \\text{bg\\_loc}_m`, ``gamma_poisson`` only) is included only
         with ``include_background=True``: that is the distribution the likelihood uses, while the
         default shows what each topic adds on top of the background (the reference's output, §11
-        item 13). Gaussian modalities: the mean loadings :math:`M^\\phi_m` (no softmax).
+        item 13). Gaussian modalities: the mean loadings :math:`M^\\phi_m` (no softmax). Horseshoe prior
+        (§5): :math:`M^\\phi` is replaced by :math:`\\text{loc}_\\beta\\odot\\tilde\\lambda` with
+        :math:`c,\\tau,\\delta,\\lambda` at their LogNormal means (plug-in; ``n_samples`` is ignored).
 
         Returns one modality's frame, ``{modality: frame}`` with ``as_dict=True``, or (``modality=None``)
         all modalities stacked with a (modality, feature) MultiIndex.
@@ -1109,10 +1208,14 @@ class MultimodalAmortizedLDA:
         >>> bool(m.get_elbo() < 0)
         True
         """
+        self._check_trained()
+        self._check_supported("get_elbo", likelihood=True)
         X, om, _ = self._resolve(data, cells)
         return self._elbo(X, om, n_samples, seed)
 
     def _tokens(self, data, cells, n_samples, seed, batch_size):
+        self._check_trained()
+        self._check_supported("perplexity", likelihood=True)
         X, om, _ = self._resolve(data, cells)
         return self._per_token(X, self._theta(X, om, n_samples, seed, batch_size), batch_size)
 
@@ -1173,6 +1276,8 @@ class MultimodalAmortizedLDA:
         >>> bool(m.get_likelihood_per_modality()["rna"] < 0)
         True
         """
+        self._check_trained()
+        self._check_supported("get_likelihood_per_modality", likelihood=True)
         X, om, _ = self._resolve(data, cells)
         th = self._theta(X, om, n_samples, seed, batch_size)
         fit, cfg = self._fit, self.config
@@ -1473,6 +1578,8 @@ class MultimodalAmortizedLDA:
             "layers": self.layers_,
             "sample_key": self.sample_key_,
             "spatial_key": self.spatial_key_,
+            "batch_key": self.batch_key_,
+            "continuous_covariate_keys": self.continuous_covariate_keys_,
             "history": self._history,
             "n_epochs": self.n_epochs_,
             "opt_step": None if self._opt is None else int(self._opt.step),
@@ -1515,8 +1622,11 @@ class MultimodalAmortizedLDA:
         if data is None and meta["source"] is not None and Path(meta["source"]).exists():
             data = meta["source"]
         if data is not None:
+            is_store = isinstance(data, (str, Path))
             reg = _register(data, config.modalities, meta["layers"] or None,
-                            meta["sample_key"] if not isinstance(data, (str, Path)) else None)
+                            None if is_store else meta["sample_key"],
+                            None if is_store else meta["spatial_key"], meta["batch_key"],
+                            meta["continuous_covariate_keys"])
             for m in config.modalities:
                 if reg.X[m].shape[1] != config.n_feat(m):
                     raise ValueError(f"modality {m!r}: data has {reg.X[m].shape[1]} features, the saved model "
@@ -1530,6 +1640,8 @@ class MultimodalAmortizedLDA:
         model.layers_ = meta["layers"]
         model.sample_key_ = meta["sample_key"]
         model.spatial_key_ = meta["spatial_key"]
+        model.batch_key_ = meta["batch_key"]
+        model.continuous_covariate_keys_ = meta["continuous_covariate_keys"]
         model._history = list(meta["history"])
         model.n_epochs_ = int(meta["n_epochs"])
         model._train_settings = dict(meta["train_settings"])
