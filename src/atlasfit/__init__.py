@@ -10,12 +10,41 @@ from ._compat import guard_worker_profiler as _guard_worker_profiler
 
 _guard_worker_profiler()  # Python 3.11.0-3.11.8: Dask's worker profiler can deadlock a worker
 
-from . import datasets, io, pl, tl
-from .models.multigedi import MultiGEDI
-from .models.topic import MultimodalAmortizedLDA
-from .models.gedi import GEDI  # noqa: F401  (single-modality GEDI with C and H)
+import importlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .models.multigedi import MultiGEDI
 
 __version__ = "0.1.0"
+
+# Public names, imported on first use (PEP 562): a Dask worker that unpickles a shard function
+# imports this package, and should not pay for pandas / anndata / xarray / matplotlib it never uses.
+_LAZY = {
+    "MultiGEDI": (".models.multigedi", "MultiGEDI"),
+    "MultimodalAmortizedLDA": (".models.topic", "MultimodalAmortizedLDA"),
+    "GEDI": (".models.gedi", "GEDI"),
+    "datasets": (".datasets", None),
+    "io": (".io", None),
+    "pl": (".pl", None),
+    "tl": (".tl", None),
+    "cluster": (".cluster", None),
+}
+
+
+def __getattr__(name: str):
+    try:
+        mod, attr = _LAZY[name]
+    except KeyError:
+        raise AttributeError(f"module 'atlasfit' has no attribute {name!r}") from None
+    module = importlib.import_module(mod, __name__)
+    value = module if attr is None else getattr(module, attr)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
 
 
 def fit(store, model: MultiGEDI | None = None, *, max_iterations: int = 30, client=None,
@@ -44,8 +73,11 @@ def fit(store, model: MultiGEDI | None = None, *, max_iterations: int = 30, clie
     >>> import atlasfit  # doctest: +SKIP
     >>> model = atlasfit.fit("atlas.zarr", max_iterations=20)  # doctest: +SKIP
     """
+    from .io import open_atlas
+    from .models.multigedi import MultiGEDI
+
     if model is None:
-        atlas = io.open_atlas(store)
+        atlas = open_atlas(store)
         mods = {}
         for m in atlas.modalities:
             if atlas.kind(m) == "binary":
@@ -61,4 +93,4 @@ def fit(store, model: MultiGEDI | None = None, *, max_iterations: int = 30, clie
     return model
 
 
-__all__ = ["MultiGEDI", "datasets", "fit", "io", "pl", "tl"]
+__all__ = ["GEDI", "MultiGEDI", "MultimodalAmortizedLDA", "cluster", "datasets", "fit", "io", "pl", "tl"]

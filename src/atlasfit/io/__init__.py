@@ -23,11 +23,33 @@ name) in the same order in each. ``atlasfit_source_row`` records each cell's row
 modality, so :func:`to_source_order` returns results in the user's order.
 """
 
-from ._convert import convert
-from ._open import Atlas, open_atlas
-from ._results import to_source_order, write_results
-from ._validate import AtlasValidationError, validate
-from ._write import write_atlas
+import importlib
+
+# Imported on first use (PEP 562): workers import only ``atlasfit.io._blocks`` (Zarr + SciPy).
+_LAZY = {
+    "convert": "._convert",
+    "Atlas": "._open",
+    "open_atlas": "._open",
+    "to_source_order": "._results",
+    "write_results": "._results",
+    "AtlasValidationError": "._validate",
+    "validate": "._validate",
+    "write_atlas": "._write",
+}
+
+
+def __getattr__(name: str):
+    try:
+        mod = _LAZY[name]
+    except KeyError:
+        raise AttributeError(f"module 'atlasfit.io' has no attribute {name!r}") from None
+    value = getattr(importlib.import_module(mod, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
 
 __all__ = [
     "Atlas",

@@ -10,20 +10,9 @@ import pandas as pd
 import scipy.sparse as sp
 from anndata.io import read_elem
 
+from ._blocks import BlockReader, _group, _read_rows
 from ._layout import ATLAS_KEY, open_root
 from ._validate import AtlasValidationError
-
-_GROUP_CACHE: dict[str, object] = {}
-
-
-def _group(path: str):
-    """Per-process cache of the opened root group (zarr opens are cheap but not free)."""
-    g = _GROUP_CACHE.get(path)
-    if g is None:
-        g = open_root(path, "r")
-        _GROUP_CACHE[path] = g
-    return g
-
 
 def _read_info(path: Path) -> dict:
     if not path.is_dir():
@@ -76,19 +65,6 @@ def _read_info(path: Path) -> dict:
         # changes when the store is rewritten: keeps Dask keys of different stores at one path apart
         "stamp": (book / "complete").stat().st_mtime_ns,
     }
-
-
-def _read_rows(path: str, key: str, storage: str, start: int, stop: int, n_vars: int, dtype):
-    """Read rows ``start:stop`` of element ``key`` ("mod/<m>/X" or "mod/<m>/layers/<l>")."""
-    g = _group(path)
-    if storage == "csr":
-        node = g[key]
-        indptr = np.asarray(node["indptr"][start : stop + 1], dtype=np.int64)
-        a, b = int(indptr[0]), int(indptr[-1])
-        data = node["data"][a:b] if b > a else np.zeros(0, dtype=dtype)
-        indices = node["indices"][a:b] if b > a else np.zeros(0, dtype=np.int32)
-        return sp.csr_matrix((data, indices, indptr - a), shape=(stop - start, n_vars))
-    return np.asarray(g[key][start:stop, :])
 
 
 class _RowReader:
@@ -234,6 +210,15 @@ class Atlas:
         return da.from_array(reader, chunks=(counts, (n_vars,)), asarray=False, fancy=False,
                              meta=meta, name=f"atlas-{mod}-{key.rsplit('/', 1)[-1]}-"
                              + da.core.tokenize(reader))
+
+    def block_reader(self) -> BlockReader:
+        """A small picklable reader of whole-sample blocks for workers (see :mod:`atlasfit.io._blocks`)."""
+        elements = {}
+        for m in self.modalities:
+            d = self._mod(m)
+            for lay in ([None] if d["has_X"] else []) + list(d["layers"]):
+                elements[(m, lay)] = self._element(m, lay)
+        return BlockReader(str(self.path), elements, {m: self.sample_slices(m) for m in self.modalities})
 
     def read_block(self, mod: str, sample: str, layer: str | None = None):
         """The block of ``sample`` in ``mod``: ``csr_matrix`` or ndarray of that sample's cells."""

@@ -28,6 +28,14 @@ __all__ = [
     "store_pca",
 ]
 
-from ._model import MultiGEDI  # noqa: E402
-
 __all__ += ["MultiGEDI"]
+
+
+def __getattr__(name: str):
+    # the user class pulls pandas/anndata; shard functions unpickled on workers must not (PEP 562)
+    if name == "MultiGEDI":
+        from ._model import MultiGEDI
+
+        globals()["MultiGEDI"] = MultiGEDI
+        return MultiGEDI
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -344,7 +344,7 @@ class MultiGEDI:
 
         is_store = isinstance(data, (str, Path, Atlas))
         if is_store:
-            reader = self._register_store(data)
+            reader = self._register_store(data).block_reader()  # small, picklable, no pandas on workers
         else:
             reader = self._register_memory(data)
         plan, config = self.plan_, self.config

@@ -80,11 +80,22 @@ def _read(reader, mod, sample, layer, n_cells, J):
     return block
 
 
+def _raw_dtype(values, dtype):
+    """Storage dtype of raw counts: float32 when every value is an integer below 2**24 (exact in
+    float32, half the bytes of float64; blocks are densified to the fit's dtype when used, so the
+    arithmetic is unchanged), else the fit's dtype."""
+    v = np.asarray(values)
+    if np.dtype(dtype) == np.float64 and v.size and np.all(v >= 0) and v.max() < 2**24 and np.all(v == np.floor(v)):
+        return np.float32
+    return dtype
+
+
 def _transpose_raw(block, dtype):
     """Features x cells copy of a cells x features block (sparse stays sparse)."""
     if hasattr(block, "tocsr") and not isinstance(block, np.ndarray):
         # cells x features CSR -> features x cells CSC (a free transpose): cell blocks slice cheaply
-        return block.tocsr().T.tocsc().astype(dtype)
+        csc = block.tocsr().T.tocsc()
+        return csc.astype(_raw_dtype(csc.data, dtype))
     xp = get_xp(block)
     return xp.ascontiguousarray(xp.asarray(block, dtype=dtype).T)
 
@@ -140,15 +151,15 @@ def load_shard(spec, reader, plan: SamplePlan, config: FitConfig, array_module=N
                 blk = _read(reader, m, g, mc.layer, n, J)
                 _check_counts(blk, m, g, "counts")
                 raw = {"M": _transpose_raw(blk, dt)}
-                Md = densify(raw["M"], xp, dt)
-                Y = xp.log(1.0 + Md)
+                Y = _blockwise_Y(J, n, xp, dt, lambda sl: xp.log1p(densify(raw["M"][:, sl], xp, dt)))
             elif mc.obs_type == "M_list":
                 b1 = _read(reader, m, g, mc.layers[0], n, J)
                 b2 = _read(reader, m, g, mc.layers[1], n, J)
                 _check_counts(b1, m, g, f"counts in layer {mc.layers[0]!r}")
                 _check_counts(b2, m, g, f"counts in layer {mc.layers[1]!r}")
                 raw = {"M1": _transpose_raw(b1, dt), "M2": _transpose_raw(b2, dt)}
-                Y = xp.log((densify(raw["M1"], xp, dt) + 1.0) / (densify(raw["M2"], xp, dt) + 1.0))
+                Y = _blockwise_Y(J, n, xp, dt, lambda sl: xp.log(
+                    (densify(raw["M1"][:, sl], xp, dt) + 1.0) / (densify(raw["M2"][:, sl], xp, dt) + 1.0)))
             else:
                 blk = _read(reader, m, g, mc.layer, n, J)
                 if hasattr(blk, "toarray") and not isinstance(blk, np.ndarray):
@@ -164,7 +175,7 @@ def load_shard(spec, reader, plan: SamplePlan, config: FitConfig, array_module=N
                     sparse = hasattr(arr, "tocsr") and not isinstance(arr, np.ndarray)
                     raw[name] = csp.csc_matrix(arr) if sparse else xp.asarray(arr, dtype=dt)
             state["mods"][m][g] = {
-                "Y": xp.ascontiguousarray(Y.astype(dt)),
+                "Y": Y if (Y.dtype == dt and Y.flags.c_contiguous) else xp.ascontiguousarray(Y.astype(dt)),
                 "raw": raw,
                 "Q": xp.zeros((J, K), dtype=dt),
                 "oi": xp.zeros(J, dtype=dt),
@@ -179,6 +190,14 @@ def load_shard(spec, reader, plan: SamplePlan, config: FitConfig, array_module=N
 # ---------------------------------------------------------------------------------------------
 # helpers
 # ---------------------------------------------------------------------------------------------
+
+
+def _blockwise_Y(J, n, xp, dt, block_fn):
+    """J x n array filled block of cells by block of cells with ``block_fn(slice)`` (no J x n temporary)."""
+    Y = xp.empty((J, n), dtype=dt)
+    for sl in cell_blocks(n, J):
+        Y[:, sl] = block_fn(sl)
+    return Y
 
 
 def _p(xp, a, dtype):
@@ -198,9 +217,17 @@ def _items(state):
                 yield g, m, per[g]
 
 
-def _ytilde(loc, o, xp, dt):
-    """Ỹ = Y − (o + o_i)1ᵀ − 1 s_iᵀ."""
-    return loc["Y"] - (_p(xp, o, dt) + loc["oi"])[:, None] - loc["si"][None, :]
+def _ytilde_matmul(loc, o, M, xp, dt):
+    """Ỹ M with Ỹ = Y − (o + o_i)1ᵀ − 1 s_iᵀ, expanded (no J x N temporary):
+    Y M − (o + o_i)(1ᵀM) − 1_J (s_iᵀ M)."""
+    M = _p(xp, M, dt)
+    return loc["Y"] @ M - (_p(xp, o, dt) + loc["oi"])[:, None] * M.sum(axis=0)[None, :] - (loc["si"] @ M)[None, :]
+
+
+def _ytilde_T_matmul(loc, o, M, xp, dt):
+    """Ỹᵀ M, expanded: Yᵀ M − 1_N ((o + o_i)ᵀ M) − s_i (1ᵀ M)."""
+    M = _p(xp, M, dt)
+    return loc["Y"].T @ M - ((_p(xp, o, dt) + loc["oi"]) @ M)[None, :] - loc["si"][:, None] * M.sum(axis=0)[None, :]
 
 
 def _raw_dense(loc, name, xp, dt):
@@ -225,6 +252,14 @@ def prior_pass1(state, obs_types):
         names = ("M",) if ot == "M" else ("M1", "M2")
         sums = []
         for nm in names:
+            raw = loc["raw"][nm]
+            if hasattr(raw, "tocsc") and not isinstance(raw, np.ndarray):  # sparse: no J x N temporary
+                colsum = xp.asarray(raw.sum(axis=0), dtype=dt).ravel()
+                st = (colsum + 0.01) / J
+                scaled = (raw if xp is np else raw.astype(dt)) @ (1.0 / st)  # SciPy upcasts exactly
+                state["tmp"][("stilde", m, g, nm)] = st
+                sums.append(_f64(xp.asarray(scaled).ravel()))
+                continue
             Md = _raw_dense(loc, nm, xp, dt)
             st = (Md.sum(axis=0) + 0.01) / J
             state["tmp"][("stilde", m, g, nm)] = st
@@ -249,8 +284,12 @@ def prior_pass2(state, o0):
             s0 = xp.log(s1 / s2)
         loc["si0"] = s0.astype(dt)
         loc["si"] = s0.astype(dt).copy()
-        R = Y - s0[None, :] - _p(xp, o0[m], dt)[:, None]
-        out.append((g, m, float(_f64(xp.sum(R * R)))))
+        o0m = _p(xp, o0[m], dt)[:, None]
+        ssr = 0.0
+        for sl in cell_blocks(Y.shape[1], Y.shape[0]):  # blocks of cells: no J x N temporary
+            R = Y[:, sl] - s0[None, sl] - o0m
+            ssr += float(_f64(xp.sum(R * R)))
+        out.append((g, m, ssr))
     return out
 
 
@@ -298,7 +337,7 @@ def rsvd_project(state, m, o, mat):
         if mm != m:
             continue
         xp, dt = get_xp(loc["Y"]), loc["Y"].dtype
-        Yg = _ytilde(loc, o, xp, dt).T @ _p(xp, mat, dt)
+        Yg = _ytilde_T_matmul(loc, o, mat, xp, dt)
         state["tmp"][("rs", g)] = Yg
         out.append((g, _f64(Yg.T @ Yg)))
     return out
@@ -325,7 +364,7 @@ def rsvd_back(state, m, o, rinv):
             continue
         xp, dt = get_xp(loc["Y"]), loc["Y"].dtype
         Qg = state["tmp"].pop(("rs", g)) @ _p(xp, rinv, dt)
-        out.append((g, _f64(_ytilde(loc, o, xp, dt) @ Qg)))
+        out.append((g, _f64(_ytilde_matmul(loc, o, Qg, xp, dt))))
     return out
 
 
@@ -357,7 +396,7 @@ def rsvd_nf_start(state, m, o, seed32, offsets, ncol):
             continue
         xp, dt = get_xp(loc["Y"]), loc["Y"].dtype
         om = _p(xp, omega_rows(seed32, offsets[g], loc["Y"].shape[1], ncol), dt)
-        out.append((g, _f64(_ytilde(loc, o, xp, dt) @ om)))
+        out.append((g, _f64(_ytilde_matmul(loc, o, om, xp, dt))))
     return out
 
 
@@ -368,7 +407,7 @@ def rsvd_nf_left(state, m, o, Q):
         if mm != m:
             continue
         xp, dt = get_xp(loc["Y"]), loc["Y"].dtype
-        out.append((g, _f64(_ytilde(loc, o, xp, dt).T @ _p(xp, Q, dt))))
+        out.append((g, _f64(_ytilde_T_matmul(loc, o, Q, xp, dt))))
     return out
 
 
@@ -381,7 +420,7 @@ def rsvd_nf_right(state, m, o, Qp, offsets):
         xp, dt = get_xp(loc["Y"]), loc["Y"].dtype
         n = loc["Y"].shape[1]
         rows = _p(xp, np.asarray(Qp)[offsets[g] : offsets[g] + n], dt)
-        out.append((g, _f64(_ytilde(loc, o, xp, dt) @ rows)))
+        out.append((g, _f64(_ytilde_matmul(loc, o, rows, xp, dt))))
     return out
 
 
@@ -401,7 +440,7 @@ def init_B(state, params, init_mods, largest, mode):
         loc = state["mods"][m][g]
         xp, dt = get_xp(loc["Y"]), loc["Y"].dtype
         W = 2.0 * _p(xp, params[m]["Z"], dt) * _p(xp, params[m]["D"], dt)[None, :]
-        B = xp.linalg.solve(W.T @ W, W.T @ _ytilde(loc, params[m]["o"], xp, dt))
+        B = xp.linalg.solve(W.T @ W, project_Ytilde(W, loc["Y"], _p(xp, params[m]["o"], dt) + loc["oi"], loc["si"]))
         if mode == "Bsphere":
             B = normalize_B_columns(B)
         state["B"][g] = B.astype(dt)
@@ -497,11 +536,16 @@ def round_C(state, params):
     return out
 
 
-CELL_BLOCK_BYTES = 8 * 2**20  # one J x block float64 temporary of round D is at most ~8 MiB
+CELL_BLOCK_BYTES = 2 * 2**20  # one J x block float64 temporary of round D is at most ~2 MiB
 
 
 def cell_blocks(n: int, J: int):
-    """Column (cell) slices of a J x n array such that a float64 J x block temporary is ~8 MiB."""
+    """Column (cell) slices of a J x n array such that a float64 J x block temporary is ~2 MiB.
+
+    Small enough that round D's dozen live temporaries stay in the allocator's heap (below the
+    64 MiB trim and 16 MiB mmap thresholds set by :func:`atlasfit.engine.tune_allocator`) and cost
+    ~25 MiB per worker; large enough that the J x K x block products run at BLAS speed.
+    """
     bs = max(64, CELL_BLOCK_BYTES // (8 * max(J, 1)))
     return [slice(a, min(n, a + bs)) for a in range(0, n, bs)]
 
