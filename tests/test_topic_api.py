@@ -122,7 +122,8 @@ def test_planted_topics_and_proportions_are_recovered(fitted, planted):
     assert corr.min() > 0.9
 
 
-def test_latent_representation(fitted):
+def test_latent_representation(fitted, planted):
+    _, _, _, rna, atac = planted
     th = fitted.get_latent_representation()
     np.testing.assert_allclose(th.sum(axis=1), 1.0, atol=1e-12)  # simplex (definition)
     np.testing.assert_array_equal(th, fitted.get_cell_topic_dist())  # alias
@@ -139,6 +140,11 @@ def test_latent_representation(fitted):
     new = fitted.get_latent_representation(data={"rna": fitted._data.X["rna"][:10], "atac": fitted._data.X["atac"][:10]},
                                            n_samples=0)
     np.testing.assert_allclose(new, full[:10], rtol=1e-12)
+    mdata = _mudata(rna[:10], atac[:10])
+    np.testing.assert_allclose(fitted.get_latent_representation(data=mdata, n_samples=0), full[:10], rtol=1e-12)
+    swapped = mdata["rna"][:, ::-1].copy()
+    with pytest.raises(ValueError, match="'rna': new data's features differ.*position 0: 'g59' vs 'g0'"):
+        fitted.get_latent_representation(data={"rna": swapped, "atac": mdata["atac"]})
 
 
 def test_feature_topic_dist(fitted):

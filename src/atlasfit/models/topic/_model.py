@@ -163,6 +163,7 @@ class _Registered:
         self.kinds = kinds  # {m: store kind or None}
         self.source = source  # store path or None
         self.spatial = spatial or {}
+        self.named = True
         self.batch = None  # integer codes per cell (batch_key)
         self.batch_categories: list[str] = []
         self.cont = None  # (n_cells, n_continuous) floats (continuous_covariate_keys)
@@ -197,6 +198,7 @@ def _register(data, modalities=None, layers=None, sample_key=None, spatial_key=N
         return _register_store(data if isinstance(data, Atlas) else open_atlas(data), modalities, layers,
                                sample_key, spatial_key, batch_key, continuous_covariate_keys)
     root_obs = None
+    named = True  # feature names come from the data (not generated for plain arrays)
     if md is not None and isinstance(data, md.MuData):
         mods = dict(data.mod)
         root_obs = data.obs
@@ -229,6 +231,7 @@ def _register(data, modalities=None, layers=None, sample_key=None, spatial_key=N
                 mods[m].var_names = [f"{m}_{j}" for j in range(v.shape[1])]
             root_names = mods[list(mods)[0]].obs_names
             layers = None  # plain arrays are the matrices themselves
+            named = False
         else:
             raise TypeError("a dict input must hold only AnnData or only (n_cells, n_features) arrays, got "
                             f"{sorted({type(v).__name__ for v in vals})}")
@@ -286,6 +289,7 @@ def _register(data, modalities=None, layers=None, sample_key=None, spatial_key=N
                 raise ValueError(f"modality {m!r}: .obsp[{spatial_key!r}] has shape {G.shape}, expected ({n}, {n})")
             spatial[m] = sp.csr_matrix(G)
     reg = _Registered(X, root_names, var_names, samples, {m: None for m in names}, None, spatial)
+    reg.named = named
     _covariates(reg, column, batch_key, continuous_covariate_keys)
     return reg
 
@@ -955,6 +959,13 @@ class MultimodalAmortizedLDA:
             if reg.X[m].shape[1] != F:
                 raise ValueError(f"modality {m!r}: new data has {reg.X[m].shape[1]} features, the model {F}; "
                                  "subset the data to the model's features (feature_names_)")
+            if reg.named and m in self.feature_names_:
+                new, own = pd.Index(reg.var_names[m]).astype(str), pd.Index(self.feature_names_[m]).astype(str)
+                if not new.equals(own):
+                    j = int(np.flatnonzero(new.to_numpy() != own.to_numpy())[0])
+                    raise ValueError(f"modality {m!r}: new data's features differ from the model's (position {j}: "
+                                     f"{new[j]!r} vs {own[j]!r}); reorder/subset them, e.g. "
+                                     f"adata[:, model.feature_names_[{m!r}]]")
             _check_modality_values(m, reg.X[m], cfg.likelihood(m), reg.obs_names, reg.var_names[m])
         idx = self._cell_index(cells, reg.n_obs, reg.obs_names)
         return {m: reg.X[m][idx] for m in cfg.modalities}, None, reg.obs_names[idx]
