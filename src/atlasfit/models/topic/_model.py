@@ -454,6 +454,7 @@ class MultimodalAmortizedLDA:
         self.validation_indices_: np.ndarray | None = None
         self._train_settings: dict = {}
         self._theta_prev = None  # global mean theta of the last step (theta_bar_sync="lagged")
+        self.best_epoch_: int | None = None
 
     # ------------------------------------------------------------------ constructors
 
