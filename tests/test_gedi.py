@@ -438,3 +438,15 @@ def test_gpu_matches_cpu(planted):
         ref = np.asarray(cpu.shared_[key])
         np.testing.assert_allclose(np.asarray(gpu.shared_[key]), ref, rtol=1e-7, atol=1e-7 * np.abs(ref).max())
     np.testing.assert_allclose(gpu.embedding(), cpu.embedding(), rtol=1e-7, atol=1e-9)
+
+
+def test_shard_side_imports_no_pandas():
+    """Shard functions and the checked reader are unpickled on Dask workers: importing them must not
+    pull pandas / anndata / xarray (worker memory)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, atlasfit.models.gedi._shard, atlasfit.models.gedi._fit; "
+            "print(sorted(m for m in ('pandas', 'anndata', 'xarray') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

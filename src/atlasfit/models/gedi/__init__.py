@@ -17,8 +17,6 @@ from ._kernels import (
     update_R,
     update_sigma2_gedi,
 )
-from ._model import GEDI
-
 __all__ = [
     "GEDI",
     "GediContext",
@@ -37,3 +35,13 @@ __all__ = [
     "update_oi_prior",
     "update_sigma2_gedi",
 ]
+
+
+def __getattr__(name: str):
+    # the user class pulls pandas/anndata; shard functions unpickled on workers must not (PEP 562)
+    if name == "GEDI":
+        from ._model import GEDI
+
+        globals()["GEDI"] = GEDI
+        return GEDI
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
