@@ -492,6 +492,19 @@ class MultiGEDI:
                                              svd=self._svd)
         return dict(self._state_cache)
 
+    def _pca(self) -> np.ndarray:
+        """X_multigedi_pca (all cells, caller's order); only the PCA rows travel when nothing is cached."""
+        self._check_fitted()
+        if self._state_cache is not None:
+            return self._state_cache["X_multigedi_pca"]
+        if self._engine is None:
+            raise RuntimeError("MultiGEDI.embedding: the engine of this fit is closed")
+        pca = np.zeros((self.plan_.n_total, self.config.K))
+        for part in self._engine.map(sh.pca_rows, self._svd["T"]):
+            for g, rows in part:
+                pca[self.plan_.cells[g]] = rows
+        return pca
+
     def embedding(self, modality: str | None = None) -> np.ndarray:
         """Joint PCA ``X_multigedi_pca`` (spec §7.1) for the cells of ``modality``.
 
@@ -499,7 +512,7 @@ class MultiGEDI:
         row order for a store (use :func:`atlasfit.io.to_source_order` for the source's order).
         With ``modality=None``: all cells (see :meth:`export_state`).
         """
-        pca = self.export_state()["X_multigedi_pca"]
+        pca = self._pca()
         if modality is None:
             return pca
         if modality not in self.config.names:

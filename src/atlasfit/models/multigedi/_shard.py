@@ -615,6 +615,11 @@ def store_pca_rows(state, T):
     return None
 
 
+def pca_rows(state, T):
+    """Per-sample joint-PCA rows B_gᵀ T (N_g x K) as float64 NumPy, nothing else."""
+    return [(g, _f64(state["B"][g]).T @ np.asarray(T, dtype=np.float64)) for g in state["samples"]]
+
+
 def collect_local(state, T=None):
     """Per-sample Q_i, o_i, s_i and B_g (and PCA rows B_gᵀ T when ``T`` is given) as float64 NumPy."""
     out = []
