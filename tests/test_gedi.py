@@ -450,3 +450,14 @@ def test_shard_side_imports_no_pandas():
             "print(sorted(m for m in ('pandas', 'anndata', 'xarray') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_docstring_examples():
+    """The numpydoc examples of the gedi modules run (they are not collected by default)."""
+    import doctest
+
+    from atlasfit.models.gedi import _fit, _kernels, _model, _shard
+
+    for mod in (_kernels, _shard, _fit, _model):
+        res = doctest.testmod(mod, optionflags=doctest.ELLIPSIS, verbose=False)
+        assert res.attempted > 0 and res.failed == 0, (mod.__name__, res)

@@ -86,6 +86,23 @@ def initialize_gedi(engine, plan, config, ctx: GediContext) -> dict:
     -------
     dict
         The shared (driver) state.
+
+    Examples
+    --------
+    >>> from atlasfit.engine import SerialEngine, plan_shards
+    >>> from atlasfit.models.multigedi import FitConfig, ModalityConfig, InMemoryReader, make_plan
+    >>> from atlasfit.models.gedi._shard import load_gedi_shard
+    >>> rng = np.random.default_rng(0); lab = np.repeat(["a", "b"], 30)
+    >>> plan = make_plan({"rna": lab}, {"rna": 20})
+    >>> cfg = FitConfig(K=3, modalities=[ModalityConfig("rna")])
+    >>> ctx = GediContext("rna", "M", True, False, "Bsphere", 3)
+    >>> eng = SerialEngine(plan_shards(plan.global_samples, [30, 30]))
+    >>> eng.setup(load_gedi_shard, InMemoryReader({"rna": rng.poisson(2.0, (60, 20))}, {"rna": lab}),
+    ...           plan, cfg, 1.0, 1.0, {"a": np.zeros(0), "b": np.zeros(0)})
+    >>> shared = initialize_gedi(eng, plan, cfg, ctx)
+    >>> shared = iterate_gedi(eng, shared, 0, plan=plan, config=cfg, ctx=ctx)
+    >>> shared["Z"].shape, shared["iteration"]
+    ((20, 3), 1)
     """
     m, K = ctx.modality, ctx.K
     J = plan.n_features[m]
@@ -125,7 +142,8 @@ def iterate_gedi(engine, shared: dict, it: int | None = None, *, plan, config, c
     dA = ‖A − A_prev‖/sqrt(PK) and dR = ‖R − R_prev‖/sqrt(JKL) (NaN when absent).
 
     ``functools.partial(iterate_gedi, plan=plan, config=config, ctx=ctx)`` is a
-    ``step(engine, shared, it)`` for :func:`atlasfit.engine.run_iterations`.
+    ``step(engine, shared, it)`` for :func:`atlasfit.engine.run_iterations`; see
+    :func:`initialize_gedi` for an example.
     """
     shared = {k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in shared.items()}
     m = ctx.modality
