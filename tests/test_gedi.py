@@ -208,6 +208,8 @@ def test_save_load_and_write_anndata(planted, tmp_path):
     np.testing.assert_array_equal(b.obsm["X_gedi"], model.embedding())
     np.testing.assert_array_equal(b.varm["gedi_pathway_assoc"], model.pathway_associations().to_numpy())
     np.testing.assert_array_equal(b.uns["gedi"]["A"], model.get_A().to_numpy())
+    assert list(b.uns["gedi"]["pathway"]) == list(C.columns)
+    assert list(b.uns["gedi"]["covariate"]) == ["treated", "null"]
     with pytest.raises(ValueError, match="is not the one the model was fitted on"):
         model.write(b[:10].copy())
     ds = model.to_xarray()

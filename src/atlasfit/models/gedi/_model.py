@@ -693,7 +693,8 @@ class GEDI:
             target.obsm.update(obsm)
             target.varm.update(varm)
             ds = self.to_xarray()
-            target.uns[key] = {k: np.asarray(v.values) for k, v in ds.data_vars.items()} | {
+            labels = {c: np.asarray(ds[c].values).astype(str) for c in ("pathway", "covariate") if c in ds.coords}
+            target.uns[key] = {k: np.asarray(v.values) for k, v in ds.data_vars.items()} | labels | {
                 "config": ds.attrs["config"]}
             return
         if self._atlas is None:
