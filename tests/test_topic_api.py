@@ -16,7 +16,7 @@ from scipy import stats
 from scipy.optimize import linear_sum_assignment
 
 import atlasfit
-from atlasfit.models.topic import MultimodalAmortizedLDA, train_serial
+from atlasfit.models.topic import MultimodalAmortizedLDA, topic_proportions, train_serial
 from atlasfit.models.topic._loss import softmax
 from atlasfit.models.topic._params import softplus
 
@@ -145,6 +145,16 @@ def test_latent_representation(fitted, planted):
     swapped = mdata["rna"][:, ::-1].copy()
     with pytest.raises(ValueError, match="'rna': new data's features differ.*position 0: 'g59' vs 'g0'"):
         fitted.get_latent_representation(data={"rna": swapped, "atac": mdata["atac"]})
+
+
+def test_latent_representation_is_topic_proportions(planted):
+    _, _, _, rna, atac = planted
+    d = {"rna": rna[:300], "atac": atac[:300]}
+    m = MultimodalAmortizedLDA.from_data(d, n_topics=K, n_hidden=8, weight_mode="cell")
+    m.train(max_epochs=2, batch_size=50, lr=0.05, progress=False)
+    # same definition and noise stream as the core's topic_proportions (given each cell's Omega row)
+    want = topic_proportions(m._fit, d, n_samples=7, seed=3, cell_omega=m._omega[0], batch_size=64)
+    np.testing.assert_array_equal(m.get_latent_representation(n_samples=7, seed=3, batch_size=64), want)
 
 
 def test_feature_topic_dist(fitted):
@@ -557,19 +567,42 @@ def test_covariates_and_graph_reach_the_trainer(planted):
     assert m.config.n_batches == 4 and m.config.batch_offsets
     np.testing.assert_array_equal(m._data.batch[:4], [0, 1, 2, 3])
     m.train(max_epochs=2, batch_size=50, lr=0.05, progress=False)
-    assert m._fit.params["dec/rna/delta_loc"].shape == (4, 60)
-    assert np.abs(m._fit.params["dec/rna/delta_loc"]).max() > 0  # the offsets were trained with the codes
-    assert m.get_latent_representation().shape == (200, K)  # the encoder does not see the batch
-    assert "val_loss" not in m.history_  # held-out likelihoods would need the offsets
-    with pytest.raises(ValueError, match="get_elbo: .*decoder batch offsets"):
-        m.get_elbo()
+    p = m._fit.params
+    assert p["dec/rna/delta_loc"].shape == (4, 60)
+    assert np.abs(p["dec/rna/delta_loc"]).max() > 0  # the offsets were trained with the codes
+    assert np.isfinite(m.history_["val_loss"]).all()
+    # §1.5 plug-in: rho_n = theta_n softmax_f(Z + b + sigmoid(tb_loc) Delta_loc[c(n)]); multinomial-free
+    # check through the Bernoulli modality's log-likelihood (scipy) and depth scaling
+    th = m.get_latent_representation(n_samples=0)
+    b = m._fit.buffers["b0/rna"] + p["dec/rna/bg_loc"]
+    tb = 1 / (1 + np.exp(-p["dec/rna/tb_loc"]))
+    rho = np.stack([th[i] @ softmax(p["dec/rna/Z_loc"] + b + tb[:, None] * p["dec/rna/delta_loc"][c], axis=1)
+                    for i, c in enumerate(m._data.batch)])
+    mu = rna[:200].sum(1, keepdims=True) * rho
+    want = stats.nbinom.logpmf(rna[:200], 1.0, 1.0 / (1.0 + mu)).sum()  # NB size r = 1 (§1.7)
+    got = m.get_likelihood_per_modality(n_samples=0, per_token=False)["rna"]
+    assert got == pytest.approx(want, rel=1e-7)  # the model clips p to [eps32, 1 - eps32] (§1.7); scipy does not
+    assert np.isfinite(m.get_elbo()) and np.isfinite(m.get_perplexity())
+    new = _mudata(rna[:4], atac[:4])
+    new.obs["plate"] = ["p1", "p2", "p9", "p1"]
+    with pytest.raises(ValueError, match="batch_key 'plate': cell 'c2' has category 'p9', unseen in training"):
+        m.get_latent_representation(data=new)
+    new.obs["plate"] = ["p4", "p3", "p2", "p1"]
+    got = m.get_likelihood_per_modality(data=new, n_samples=0, per_token=False)["rna"]
+    idx = [3, 2, 1, 0]  # cells c0..c3 of the training data have plates p1..p4, so codes 0..3
+    new_rho = np.stack([th[i] @ softmax(p["dec/rna/Z_loc"] + b + tb[:, None] * p["dec/rna/delta_loc"][c], axis=1)
+                        for i, c in zip(range(4), idx)])
+    want = stats.nbinom.logpmf(rna[:4], 1.0, 1.0 / (1.0 + rna[:4].sum(1, keepdims=True) * new_rho)).sum()
+    assert got == pytest.approx(want, rel=1e-7)  # new cells are decoded with their own batch's offsets
     # continuous encoder covariates (§2.2)
     c = MultimodalAmortizedLDA.from_mudata(mdata, continuous_covariate_keys=["depth"], n_topics=K, n_hidden=8)
     assert c.config.n_continuous_covariates == 1 and c.config.encode_covariates
     c.train(max_epochs=1, batch_size=50, progress=False)
     assert c._fit.params["enc/rna/W0"].shape[0] == 60 + 1  # [x_hat, cont] input
-    with pytest.raises(ValueError, match="posterior summaries: encoder covariates"):
-        c.get_latent_representation()
+    th = c.get_latent_representation(n_samples=0)
+    mdata.obs["depth"] = mdata.obs["depth"] + 1.0  # the encoder reads the covariate of the new data
+    moved = c.get_latent_representation(data=mdata, n_samples=0)
+    assert th.shape == (200, K) and not np.allclose(th, moved)
     # spatial encoders (§4): the .obsp graph goes to the shards (edges within samples)
     G = sp.block_diag([sp.diags([1.0, 1.0], [-1, 1], shape=(100, 100))] * 2, format="csr")
     mdata["rna"].obsp["knn"] = G
@@ -578,6 +611,23 @@ def test_covariates_and_graph_reach_the_trainer(planted):
                                            n_topics=K, n_hidden=8)
     s.train(max_epochs=1, batch_size=50, progress=False)
     assert s._fit.params["enc/rna/W0"].shape[0] == 60 * 2  # [X, A X] (sgc_n_layers=1)
+    np.testing.assert_allclose(s.get_latent_representation(n_samples=0).sum(1), 1.0)
+    # a cell's SGC input depends on its neighbours: changing cell 1 moves cells 0 and 2 (its graph
+    # neighbours), not cell 50
+    changed = rna[:200].copy()
+    changed[1] = rna[150]  # another cell's profile (a rescaled row would be undone by depth normalisation)
+    other = _mudata(changed, atac[:200])
+    for mod in ("rna", "atac"):
+        other[mod].obsp["knn"] = G
+    a = s.get_latent_representation(n_samples=0)
+    b = s.get_latent_representation(data=other, n_samples=0)
+    assert not np.allclose(a[[0, 2]], b[[0, 2]]) and np.allclose(a[50], b[50], rtol=1e-12)
+    g = MultimodalAmortizedLDA.from_mudata(mdata, sample_key="batch", spatial_key="knn", spatial_mode="gcn",
+                                           n_topics=K, n_hidden=8)
+    g.train(max_epochs=1, batch_size=50, progress=False)
+    assert np.isfinite(g.get_elbo())
+    assert np.allclose(g.get_latent_representation(cells=[5, 6], n_samples=0),
+                       g.get_latent_representation(n_samples=0)[[5, 6]], rtol=1e-12)  # subset: same neighbourhoods
     with pytest.raises(ValueError, match="n_batches=3 needs per-cell batch labels"):
         MultimodalAmortizedLDA.from_mudata(mdata, n_batches=3, n_topics=K)
     with pytest.raises(ValueError, match="n_batches=3 but batch_key 'plate' has 4 categories"):

@@ -24,6 +24,7 @@ from ...engine import SerialEngine, plan_shards
 from ._config import COUNT_LIKELIHOODS, LIKELIHOODS, TopicModelConfig, kl_weight_schedule
 from ._loss import (
     combine_loss,
+    encoder_inputs,
     global_draws,
     global_kl,
     loglik_bernoulli,
@@ -36,8 +37,9 @@ from ._loss import (
     softmax,
     topic_feature_logits,
 )
-from ._nn import encoder_eval, normalize_counts
+from ._nn import encoder_eval
 from ._optim import AdamWState, adamw_init, adamw_step
+from ._spatial import check_adjacency, neighbourhood, normalized_adjacency, sgc_features
 from ._params import background_init, draw_global_noise, init_bn_state, init_params, make_buffers, softplus
 from ._train import (
     TopicFit,
@@ -54,7 +56,6 @@ from ._train import (
     _step_size,
     _update_bn,
     topic_feature_dist,
-    topic_proportions,
 )
 
 _RNA_NAMES = ("rna", "gex", "gene", "genes", "expression", "transcripts", "mrna")
@@ -373,6 +374,22 @@ def _register_store(atlas, modalities, layers, sample_key, spatial_key, batch_ke
     return reg
 
 
+class _EvalSet:
+    """Cells to evaluate: full matrices ``X`` with the selected rows ``idx`` (None: all), and per
+    selected cell its Omega row, name, batch code and continuous covariates; the full spatial graphs
+    (SGC inputs and GCN neighbourhoods are computed over all cells of ``X``)."""
+
+    def __init__(self, X, idx, omega, names, batch, cont, graphs):
+        self.X, self.idx, self.omega, self.names = X, idx, omega, pd.Index(names)
+        self.batch, self.cont, self.graphs = batch, cont, graphs or {}
+        self.sgc = None
+        self.adj_hat = None
+
+    @property
+    def n(self) -> int:
+        return len(self.names)
+
+
 # --------------------------------------------------------------------------- shard helpers (engine protocol)
 
 
@@ -443,6 +460,7 @@ class MultimodalAmortizedLDA:
         self.sample_key_: str | None = None
         self.spatial_key_: str | None = None
         self.batch_key_: str | None = None
+        self.batch_categories_: list = []
         self.continuous_covariate_keys_: list | None = None
         self._fit: TopicFit | None = None
         self._opt: AdamWState | None = None
@@ -561,6 +579,7 @@ class MultimodalAmortizedLDA:
         model.sample_key_ = sample_key if reg.source is None else None
         model.spatial_key_ = spatial_key
         model.batch_key_ = batch_key
+        model.batch_categories_ = list(reg.batch_categories)
         model.continuous_covariate_keys_ = None if not continuous_covariate_keys else list(continuous_covariate_keys)
         return model
 
@@ -733,10 +752,9 @@ class MultimodalAmortizedLDA:
                 if old.get(k) != v:
                     raise ValueError(f"train() continues the previous fit, which used {k}={old.get(k)!r}; "
                                      f"got {k}={v!r} (start a new model to change it)")
-        val = self.validation_indices_ if self._summaries_supported() is None else np.zeros(0, dtype=np.int64)
+        val = self.validation_indices_
         if early_stopping and val.size == 0:
-            raise ValueError("early_stopping needs validation cells: set validation_fraction > 0"
-                             + ("" if self._summaries_supported() is None else f" ({self._summaries_supported()})"))
+            raise ValueError("early_stopping needs validation cells: set validation_fraction > 0")
         if max_epochs is None:
             max_epochs = max(1, min(int(round(2e7 / self._data.n_obs)), 1000))
         tr = self.train_indices_
@@ -846,8 +864,9 @@ class MultimodalAmortizedLDA:
                 loss = float(np.mean(losses)) if losses else float("nan")
                 rec = {"epoch": epoch, "beta": beta, "train_loss": loss, "train_loss_per_cell": loss / N}
                 if val.size:
-                    rec["val_loss"] = -self._elbo_rows(val, n_samples=n_eval_samples, seed=seed)
-                    ll = self._per_token_ll_rows(val, n_samples=0, seed=seed, batch_size=4096)
+                    ev = self._resolve(cells=val)
+                    rec["val_loss"] = -self._elbo(ev, n_samples=n_eval_samples, seed=seed)
+                    ll = self._per_token(ev, self._theta(ev, 0, seed, 4096))
                     rec["val_ll_per_token"] = ll["total"]
                     for m in cfg.modalities:
                         if m in ll:
@@ -900,22 +919,6 @@ class MultimodalAmortizedLDA:
         """Whether :meth:`train` has run (or a trained model was loaded)."""
         return self._fit is not None
 
-    def _summaries_supported(self, likelihood: bool = True) -> str | None:
-        """None, or why the posterior summaries of this configuration are not available here."""
-        cfg = self.config
-        if cfg.n_onehot or cfg.n_cont_encoded or cfg.spatial_mode is not None:
-            return ("encoder covariates and spatial encoders are trained, but the posterior summaries "
-                    "(topic_proportions) do not take covariates or graphs yet")
-        if likelihood and cfg.batch_offsets:
-            return "likelihood-based summaries do not include the decoder batch offsets yet"
-        return None
-
-    def _check_supported(self, what: str, likelihood: bool = False) -> None:
-        why = self._summaries_supported(likelihood)
-        if why is not None:
-            raise ValueError(f"{what}: {why}; use get_feature_topic_dist / get_top_features_per_topic / "
-                             "get_topic_diversity, or a model without these options")
-
     def _check_trained(self):
         if self._fit is None:
             raise RuntimeError("the model is not trained: call train() first (or MultimodalAmortizedLDA.load)")
@@ -940,48 +943,102 @@ class MultimodalAmortizedLDA:
                            "positions or a boolean mask")
         return pos
 
-    def _resolve(self, data=None, cells=None):
-        """(per-modality matrices, Omega rows or None, obs names) of the cells to evaluate."""
+    def _resolve(self, data=None, cells=None) -> _EvalSet:
+        """The cells to evaluate: registered cells (``data=None``) or new data, optionally a subset."""
         self._check_trained()
-        self._check_supported("posterior summaries")
         cfg = self.config
         if data is None:
             if self._data is None:
                 raise ValueError("this model has no data attached; pass data= (or load(path, data=...))")
-            if cells is None:  # no row copy of the registered matrices
-                return dict(self._data.X), None if self._omega is None else self._omega[0], self._data.obs_names
-            idx = self._cell_index(cells, self._data.n_obs, self._data.obs_names)
-            X = {m: self._data.X[m][idx] for m in cfg.modalities}
-            om = None if self._omega is None else self._omega[0][idx]
-            return X, om, self._data.obs_names[idx]
-        reg = _register(data, cfg.modalities, {m: self.layers_.get(m) for m in cfg.modalities} or None, None)
-        for m in cfg.modalities:
-            F = cfg.n_feat(m)
-            if reg.X[m].shape[1] != F:
-                raise ValueError(f"modality {m!r}: new data has {reg.X[m].shape[1]} features, the model {F}; "
-                                 "subset the data to the model's features (feature_names_)")
-            if reg.named and m in self.feature_names_:
-                new, own = pd.Index(reg.var_names[m]).astype(str), pd.Index(self.feature_names_[m]).astype(str)
-                if not new.equals(own):
-                    j = int(np.flatnonzero(new.to_numpy() != own.to_numpy())[0])
-                    raise ValueError(f"modality {m!r}: new data's features differ from the model's (position {j}: "
-                                     f"{new[j]!r} vs {own[j]!r}); reorder/subset them, e.g. "
-                                     f"adata[:, model.feature_names_[{m!r}]]")
-            _check_modality_values(m, reg.X[m], cfg.likelihood(m), reg.obs_names, reg.var_names[m])
-        idx = self._cell_index(cells, reg.n_obs, reg.obs_names)
-        return {m: reg.X[m][idx] for m in cfg.modalities}, None, reg.obs_names[idx]
+            reg, omega = self._data, None if self._omega is None else self._omega[0]
+        else:
+            reg = _register(data, cfg.modalities, {m: self.layers_.get(m) for m in cfg.modalities} or None, None,
+                            self.spatial_key_ if cfg.spatial_mode is not None else None,
+                            self.batch_key_ if cfg.needs_batch else None,
+                            self.continuous_covariate_keys_ if cfg.n_cont_encoded else None)
+            omega = None
+            for m in cfg.modalities:
+                F = cfg.n_feat(m)
+                if reg.X[m].shape[1] != F:
+                    raise ValueError(f"modality {m!r}: new data has {reg.X[m].shape[1]} features, the model {F}; "
+                                     "subset the data to the model's features (feature_names_)")
+                if reg.named and m in self.feature_names_:
+                    new, own = pd.Index(reg.var_names[m]).astype(str), pd.Index(self.feature_names_[m]).astype(str)
+                    if not new.equals(own):
+                        j = int(np.flatnonzero(new.to_numpy() != own.to_numpy())[0])
+                        raise ValueError(f"modality {m!r}: new data's features differ from the model's (position "
+                                         f"{j}: {new[j]!r} vs {own[j]!r}); reorder/subset them, e.g. "
+                                         f"adata[:, model.feature_names_[{m!r}]]")
+                _check_modality_values(m, reg.X[m], cfg.likelihood(m), reg.obs_names, reg.var_names[m])
+            if cfg.needs_batch:  # codes of the training categories
+                lab = np.asarray(reg.batch_categories, dtype=object)[reg.batch]
+                codes = pd.Index(self.batch_categories_).get_indexer(lab)
+                if (codes < 0).any():
+                    k = int(np.flatnonzero(codes < 0)[0])
+                    raise ValueError(f"batch_key {self.batch_key_!r}: cell {str(reg.obs_names[k])!r} has category "
+                                     f"{lab[k]!r}, unseen in training ({self.batch_categories_[:5]}); the decoder "
+                                     "offsets exist only for the training categories")
+                reg.batch = codes.astype(np.int64)
+        idx = None if cells is None else self._cell_index(cells, reg.n_obs, reg.obs_names)
+        sel = slice(None) if idx is None else idx
+        return _EvalSet(
+            reg.X, idx, None if omega is None else omega[sel], reg.obs_names[sel],
+            None if reg.batch is None else reg.batch[sel], None if reg.cont is None else reg.cont[sel], reg.spatial,
+        )
 
-    def _encode(self, x: dict, omega):
-        """Eval-mode guide (§5): encoder means/variances, mixture weights ``w`` (n, M) and the
-        moment-matched :math:`(\\bar\\mu, \\bar v)`."""
+    def _blocks(self, ev: _EvalSet, size: int):
+        """Yield ``(positions, x, Omega rows, forward extras)`` for consecutive blocks of ``size`` cells:
+        dense rows in the parameters' dtype, and the encoder extensions (batch codes, continuous
+        covariates, SGC inputs from the whole evaluated graph, GCN neighbourhoods)."""
+        fit, cfg = self._fit, self.config
+        dtype = fit.params[next(iter(fit.params))].dtype
+        if cfg.spatial_mode is not None:
+            missing = [m for m in cfg.modalities if m not in ev.graphs]
+            if missing:
+                raise ValueError(f"spatial_mode={cfg.spatial_mode!r}: no spatial graph for modalities {missing}; pass "
+                                 f"data with .obsp[{self.spatial_key_!r}]")
+        if cfg.spatial_mode == "sgc" and ev.sgc is None:
+            ev.sgc = {m: sgc_features(ev.graphs[m], ev.X[m], cfg.sgc_n_layers, median=fit.lib_median[m],
+                                      transform="none" if lik == "gaussian" or not cfg.normalize_encoder_inputs
+                                      else "log1p")
+                      for m, lik in zip(cfg.modalities, cfg.likelihoods)}
+        if cfg.spatial_mode == "gcn" and ev.adj_hat is None:
+            ev.adj_hat = {m: normalized_adjacency(check_adjacency(ev.graphs[m], ev.X[m].shape[0],
+                                                                  name=f"spatial graph of modality {m!r}"))
+                          for m in cfg.modalities}
+        for lo in range(0, ev.n, size):
+            pos = np.arange(lo, min(ev.n, lo + size))
+            rows = pos if ev.idx is None else ev.idx[pos]
+            x = {m: _dense_rows(ev.X[m], rows).astype(dtype, copy=False) for m in cfg.modalities}
+            extra: dict = {}
+            if cfg.needs_batch:
+                extra["batch"] = ev.batch[pos]
+            if cfg.n_cont_encoded:
+                extra["cont_covariates"] = np.asarray(ev.cont[pos], dtype=dtype)
+            if cfg.spatial_mode == "sgc":
+                extra["enc_inputs"] = {m: _dense_rows(ev.sgc[m], rows).astype(dtype, copy=False)
+                                       for m in cfg.modalities}
+            elif cfg.spatial_mode == "gcn":
+                adj, xn = {}, {}
+                for m in cfg.modalities:
+                    sub, cols = neighbourhood(ev.adj_hat[m], rows)
+                    adj[m] = sub.astype(dtype)
+                    xn[m] = _dense_rows(ev.X[m], cols).astype(dtype, copy=False)
+                extra["graph"] = {"adj": adj, "x_nbr": xn}
+            yield pos, x, None if ev.omega is None else ev.omega[pos], extra
+
+    def _encode(self, x: dict, omega, extra: dict):
+        """Eval-mode guide (§5): encoders (running BatchNorm statistics, no dropout) on the inputs of
+        :func:`~atlasfit.models.topic._loss.encoder_inputs`, mixture weights ``w`` (n, M) and the
+        moment-matched :math:`(\\bar\\mu, \\bar v)`. Returns ``(w, mbar, vbar, batch codes)``."""
         fit, cfg = self._fit, self.config
         p = fit.params
+        batch, inputs = encoder_inputs(cfg, x, lib_median=fit.lib_median, **extra)
         mus, vs, pres = [], [], []
-        for m, lik in zip(cfg.modalities, cfg.likelihoods):
-            xm = x[m]
-            pres.append(xm.sum(axis=1) > 0)
-            xh = xm if (lik == "gaussian" or not cfg.normalize_encoder_inputs) else normalize_counts(xm, fit.lib_median[m])
-            mu, v = encoder_eval(p, f"enc/{m}/", xh, fit.bn_state, cfg.n_layers, cfg.bn_eps, cfg.var_eps)
+        for m in cfg.modalities:
+            pres.append(x[m].sum(axis=1) > 0)
+            xh, gcn = inputs[m]
+            mu, v = encoder_eval(p, f"enc/{m}/", xh, fit.bn_state, cfg.n_layers, cfg.bn_eps, cfg.var_eps, gcn=gcn)
             mus.append(mu)
             vs.append(v)
         mus, vs, pres = np.stack(mus), np.stack(vs), np.stack(pres, axis=1)
@@ -996,20 +1053,35 @@ class MultimodalAmortizedLDA:
                 om = np.ones(pres.shape, dtype=mus.dtype)
             w, _ = masked_softmax(om, pres, clamp=True)
         mbar, vbar, _ = moment_match(w, mus, vs)
-        return w, mbar, vbar
+        return w, mbar, vbar, batch
 
-    def _loglik(self, x: dict, theta, draws) -> dict:
-        """Per-cell :math:`\\log p_m(x_{nm}\\mid\\theta_n, \\text{draws})` with the training likelihoods (§1.6, §1.7)."""
+    def _rho(self, m: str, theta, draws, batch, phi=None):
+        """:math:`\\rho_{nm} = \\theta_n\\phi^{(c(n))}_m` with :math:`\\phi^{(c)} = \\mathrm{softmax}_f(Z_m + b_m + \\tau^b_m\\Delta_{m,c})`
+        (§1.5, §1.6); ``phi`` replaces the plug-in :math:`\\mathrm{softmax}(Z+b)` when given."""
+        cfg = self.config
+        eta = draws[f"Z/{m}"] + draws[f"b/{m}"][None, :] if cfg.has_background(m) else draws[f"Z/{m}"]
+        if not cfg.batch_offsets:
+            return theta @ (softmax(eta, axis=1) if phi is None else phi)
+        tb, dl = draws[f"tb/{m}"], draws[f"delta/{m}"]
+        rho = np.empty((theta.shape[0], eta.shape[1]), dtype=theta.dtype)
+        for c in np.unique(batch):
+            idx = np.flatnonzero(batch == c)
+            rho[idx] = theta[idx] @ softmax(eta + tb[:, None] * dl[int(c)][None, :], axis=1)
+        return rho
+
+    def _loglik(self, x: dict, theta, draws, batch) -> dict:
+        """Per-cell :math:`\\log p_m(x_{nm}\\mid\\theta_n, \\text{draws})` with the training likelihoods (§1.5-§1.7)."""
         fit, cfg = self._fit, self.config
         out = {}
         for m, lik in zip(cfg.modalities, cfg.likelihoods):
             xm = x[m]
-            Z = draws[f"Z/{m}"]
             if lik == "gaussian":
-                out[m] = loglik_gaussian(xm, theta @ Z, draws[f"sigma/{m}"])[0]
+                mean = theta @ draws[f"Z/{m}"]
+                if cfg.batch_offsets:
+                    mean = mean + (theta @ draws[f"tb/{m}"])[:, None] * draws[f"delta/{m}"][batch]
+                out[m] = loglik_gaussian(xm, mean, draws[f"sigma/{m}"])[0]
                 continue
-            eta = Z + draws[f"b/{m}"][None, :] if cfg.has_background(m) else Z
-            rho = theta @ softmax(eta, axis=1)
+            rho = self._rho(m, theta, draws, batch)
             lib = np.maximum(xm.sum(axis=1), 0.0)
             if lik == "multinomial":
                 out[m] = loglik_multinomial(xm, rho)[0]
@@ -1022,11 +1094,32 @@ class MultimodalAmortizedLDA:
                 out[m] = loglik_nb_fixed(xm, rho, lib, cfg.dispersion)[0]
         return out
 
-    def _theta(self, X, omega, n_samples, seed, batch_size):
-        return topic_proportions(self._fit, X, n_samples=n_samples, seed=seed, cell_omega=omega,
-                                 batch_size=batch_size)
+    def _plugin_draws(self) -> dict:
+        """Global latents at their variational location (zero noise, §5 plug-in)."""
+        fit, cfg = self._fit, self.config
+        p = fit.params
+        zero = {k: np.zeros_like(v) for k, v in draw_global_noise(cfg, (0,), p[next(iter(p))].dtype).items()}
+        return global_draws(p, zero, cfg, fit.buffers)
 
-    def _elbo(self, X, omega, n_samples: int, seed: int) -> float:
+    def _theta(self, ev: _EvalSet, n_samples: int, seed: int, batch_size: int) -> np.ndarray:
+        """:math:`\\hat\\theta` (§5), with :func:`~atlasfit.models.topic.topic_proportions`' noise stream
+        (so the same values where that function applies)."""
+        rng = np.random.default_rng(np.random.SeedSequence([int(seed), 977]))
+        out = np.empty((ev.n, self.config.n_topics))
+        for pos, x, om, extra in self._blocks(ev, batch_size):
+            _, mbar, vbar, _ = self._encode(x, om, extra)
+            if n_samples <= 0:
+                th = softmax(mbar, axis=1)
+            else:
+                sd = np.sqrt(vbar)
+                th = np.zeros_like(mbar)
+                for _ in range(n_samples):
+                    th = th + softmax(mbar + sd * np.asarray(rng.standard_normal(mbar.shape), dtype=mbar.dtype), axis=1)
+                th = th / n_samples
+            out[pos] = th
+        return out
+
+    def _elbo(self, ev: _EvalSet, n_samples: int, seed: int) -> float:
         fit, cfg = self._fit, self.config
         p, buf = fit.params, fit.buffers
         S = max(1, int(n_samples))
@@ -1035,55 +1128,44 @@ class MultimodalAmortizedLDA:
             gn = draw_global_noise(cfg, (int(seed), 7919, s), p[next(iter(p))].dtype)
             draws.append(global_draws(p, gn, cfg, buf))
             gvals.append(global_kl(p, gn, cfg, buf)[0])
-        n = X[cfg.modalities[0]].shape[0]
-        if n == 0:
+        if ev.n == 0:
             raise ValueError("no cells to evaluate")
         acc = 0.0
         prior_mu, prior_sd = buf["prior_mu"], buf["prior_sd"]
-        for lo in range(0, n, _EVAL_BLOCK):  # fixed grid: the noise of a row does not depend on memory settings
-            rows = np.arange(lo, min(n, lo + _EVAL_BLOCK))
-            x = {m: _dense_rows(X[m], rows) for m in cfg.modalities}
-            _, mbar, vbar = self._encode(x, None if omega is None else omega[rows])
+        for pos, x, om, extra in self._blocks(ev, _EVAL_BLOCK):  # fixed grid: a row's noise does not depend on memory settings
+            _, mbar, vbar, batch = self._encode(x, om, extra)
             kl = (np.log(prior_sd) - 0.5 * np.log(vbar) + (vbar + (mbar - prior_mu) ** 2) / (2 * prior_sd**2) - 0.5).sum()
             acc -= float(kl)
             for s in range(S):
-                rng = np.random.default_rng(np.random.SeedSequence([int(seed), 7920, s, lo]))
+                rng = np.random.default_rng(np.random.SeedSequence([int(seed), 7920, s, int(pos[0])]))
                 theta = softmax(mbar + np.sqrt(vbar) * rng.standard_normal(mbar.shape), axis=1)
-                lp = self._loglik(x, theta, draws[s])
+                lp = self._loglik(x, theta, draws[s], batch)
                 acc += sum(float(buf[f"lik_w/{m}"]) * float(lp[m].sum()) for m in cfg.modalities) / S
-        return acc / n - float(np.mean(gvals)) / fit.n_cells
+        return acc / ev.n - float(np.mean(gvals)) / fit.n_cells
 
-    def _elbo_rows(self, idx, n_samples, seed):
-        X = {m: self._data.X[m][idx] for m in self.config.modalities}
-        return self._elbo(X, None if self._omega is None else self._omega[0][idx], n_samples, seed)
-
-    def _per_token(self, X, theta, batch_size: int = 4096) -> dict:
+    def _per_token(self, ev: _EvalSet, theta, batch_size: int = 4096) -> dict:
         cfg = self.config
-        out, tot_ll, tot_T = {}, 0.0, 0.0
-        n = theta.shape[0]
-        for m, lik in zip(cfg.modalities, cfg.likelihoods):
-            if lik == "gaussian":
-                continue
-            phi = self._phi(m, True)
-            ll = T = 0.0
-            for lo in range(0, n, batch_size):
-                rows = np.arange(lo, min(n, lo + batch_size))
-                x = _dense_rows(X[m], rows)
-                rho = np.clip(theta[rows] @ phi, 1e-300, None)
-                ll += float((x * np.log(rho)).sum())
-                T += float(x.sum())
-            out[m] = ll / T if T > 0 else float("nan")
-            tot_ll += ll
-            tot_T += T
+        draws = self._plugin_draws() if cfg.batch_offsets else None
+        phis = {m: self._phi(m, True) for m, lik in zip(cfg.modalities, cfg.likelihoods) if lik != "gaussian"}
+        ll = {m: 0.0 for m in phis}
+        T = {m: 0.0 for m in phis}
+        for lo in range(0, ev.n, batch_size):
+            pos = np.arange(lo, min(ev.n, lo + batch_size))
+            rows = pos if ev.idx is None else ev.idx[pos]
+            for m, phi in phis.items():
+                x = _dense_rows(ev.X[m], rows)
+                if draws is None:
+                    rho = theta[pos] @ phi
+                else:
+                    rho = self._rho(m, theta[pos], draws, ev.batch[pos])
+                ll[m] += float((x * np.log(np.clip(rho, 1e-300, None))).sum())
+                T[m] += float(x.sum())
+        tot_T = sum(T.values())
         if tot_T <= 0:
             raise ValueError("the evaluated cells have no counts in any count modality; perplexity is undefined")
-        out["total"] = tot_ll / tot_T
+        out = {m: ll[m] / T[m] if T[m] > 0 else float("nan") for m in phis}
+        out["total"] = sum(ll.values()) / tot_T
         return out
-
-    def _per_token_ll_rows(self, idx, n_samples, seed, batch_size):
-        X = {m: self._data.X[m][idx] for m in self.config.modalities}
-        om = None if self._omega is None else self._omega[0][idx]
-        return self._per_token(X, self._theta(X, om, n_samples, seed, batch_size), batch_size)
 
     # ------------------------------------------------------------------ posterior summaries
 
@@ -1119,10 +1201,10 @@ class MultimodalAmortizedLDA:
         >>> m.get_latent_representation(cells=[0, 1]).sum(axis=1).round(6).tolist()
         [1.0, 1.0]
         """
-        X, om, names = self._resolve(data, cells)
-        th = self._theta(X, om, n_samples, seed, batch_size)
+        ev = self._resolve(data, cells)
+        th = self._theta(ev, n_samples, seed, batch_size)
         if return_dataframe:
-            return pd.DataFrame(th, index=names, columns=[f"topic_{k}" for k in range(self.config.n_topics)])
+            return pd.DataFrame(th, index=ev.names, columns=[f"topic_{k}" for k in range(self.config.n_topics)])
         return th
 
     def get_cell_topic_dist(self, data=None, cells=None, *, n_samples: int = 100, seed: int = 0,
@@ -1220,16 +1302,11 @@ class MultimodalAmortizedLDA:
         >>> bool(m.get_elbo() < 0)
         True
         """
-        self._check_trained()
-        self._check_supported("get_elbo", likelihood=True)
-        X, om, _ = self._resolve(data, cells)
-        return self._elbo(X, om, n_samples, seed)
+        return self._elbo(self._resolve(data, cells), n_samples, seed)
 
     def _tokens(self, data, cells, n_samples, seed, batch_size):
-        self._check_trained()
-        self._check_supported("perplexity", likelihood=True)
-        X, om, _ = self._resolve(data, cells)
-        return self._per_token(X, self._theta(X, om, n_samples, seed, batch_size), batch_size)
+        ev = self._resolve(data, cells)
+        return self._per_token(ev, self._theta(ev, n_samples, seed, batch_size), batch_size)
 
     def get_perplexity(self, data=None, cells=None, *, n_samples: int = 100, seed: int = 0,
                        batch_size: int = 4096) -> float:
@@ -1288,21 +1365,16 @@ class MultimodalAmortizedLDA:
         >>> bool(m.get_likelihood_per_modality()["rna"] < 0)
         True
         """
-        self._check_trained()
-        self._check_supported("get_likelihood_per_modality", likelihood=True)
-        X, om, _ = self._resolve(data, cells)
-        th = self._theta(X, om, n_samples, seed, batch_size)
-        fit, cfg = self._fit, self.config
-        p = fit.params
-        zero = {k: np.zeros_like(v) for k, v in draw_global_noise(cfg, (0,), p[next(iter(p))].dtype).items()}
-        draws = global_draws(p, zero, cfg, fit.buffers)
-        n = th.shape[0]
+        ev = self._resolve(data, cells)
+        th = self._theta(ev, n_samples, seed, batch_size)
+        cfg = self.config
+        draws = self._plugin_draws()
         ll = {m: 0.0 for m in cfg.modalities}
         T = {m: 0.0 for m in cfg.modalities}
-        for lo in range(0, n, batch_size):
-            rows = np.arange(lo, min(n, lo + batch_size))
-            x = {m: _dense_rows(X[m], rows) for m in cfg.modalities}
-            lp = self._loglik(x, th[rows], draws)
+        for pos, x, _, extra in self._blocks(ev, batch_size):
+            batch = extra.get("batch")
+            x = {m: v.astype(np.float64) for m, v in x.items()}
+            lp = self._loglik(x, th[pos], draws, None if batch is None else np.asarray(batch))
             for m, lik in zip(cfg.modalities, cfg.likelihoods):
                 ll[m] += float(lp[m].sum())
                 T[m] += float(x[m].size if lik == "gaussian" else np.round(np.clip(x[m], 0, None)).sum())
@@ -1331,19 +1403,16 @@ class MultimodalAmortizedLDA:
         """
         if return_format not in ("dataframe", "dict", "array"):
             raise ValueError(f"return_format {return_format!r}: use 'dataframe', 'dict' or 'array'")
-        X, om, names = self._resolve(data, cells)
+        ev = self._resolve(data, cells)
         cfg = self.config
-        n = X[cfg.modalities[0]].shape[0]
-        out = np.empty((n, cfg.n_modalities))
-        for lo in range(0, n, 4096):
-            rows = np.arange(lo, min(n, lo + 4096))
-            x = {m: _dense_rows(X[m], rows) for m in cfg.modalities}
-            out[rows] = self._encode(x, None if om is None else om[rows])[0]
+        out = np.empty((ev.n, cfg.n_modalities))
+        for pos, x, om, extra in self._blocks(ev, 4096):
+            out[pos] = self._encode(x, om, extra)[0]
         if return_format == "array":
             return out
         if return_format == "dict":
             return {m: out[:, i] for i, m in enumerate(cfg.modalities)}
-        return pd.DataFrame(out, index=names, columns=list(cfg.modalities))
+        return pd.DataFrame(out, index=ev.names, columns=list(cfg.modalities))
 
     def get_top_features_per_topic(self, modality: str, n_features: int = 10, *, include_background: bool = False,
                                    return_scores: bool = False) -> pd.DataFrame:
@@ -1591,6 +1660,7 @@ class MultimodalAmortizedLDA:
             "sample_key": self.sample_key_,
             "spatial_key": self.spatial_key_,
             "batch_key": self.batch_key_,
+            "batch_categories": self.batch_categories_,
             "continuous_covariate_keys": self.continuous_covariate_keys_,
             "history": self._history,
             "n_epochs": self.n_epochs_,
@@ -1653,6 +1723,7 @@ class MultimodalAmortizedLDA:
         model.sample_key_ = meta["sample_key"]
         model.spatial_key_ = meta["spatial_key"]
         model.batch_key_ = meta["batch_key"]
+        model.batch_categories_ = list(meta["batch_categories"])
         model.continuous_covariate_keys_ = meta["continuous_covariate_keys"]
         model._history = list(meta["history"])
         model.n_epochs_ = int(meta["n_epochs"])
