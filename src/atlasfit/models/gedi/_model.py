@@ -73,7 +73,7 @@ def _align_C(C, genes: np.ndarray, modality: str):
         names = [str(c) for c in C.columns]
         mat = C.loc[list(genes)].to_numpy()
     else:
-        mat = np.asarray(C)
+        mat = C.toarray() if hasattr(C, "toarray") else np.asarray(C)  # scipy.sparse too
         if mat.ndim != 2 or mat.shape[0] != J:
             raise ValueError(
                 f"GEDI: C has shape {mat.shape} but modality {modality!r} has {J} genes; give C as a "
