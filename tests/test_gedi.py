@@ -328,6 +328,12 @@ def test_e_non_count_data(small):
         atlasfit.GEDI(K=2, sample_key="sample").fit(c, max_iterations=1, progress=False)
 
 
+def test_e_missing_sample_key(small):
+    a, _C, _H = small
+    with pytest.raises(ValueError, match="GEDI: give sample_key"):
+        atlasfit.GEDI(K=2).fit(a, max_iterations=1, progress=False)
+
+
 def test_e_bad_contrast_and_missing_prior(small):
     a, C, H = small
     m = atlasfit.GEDI(K=2, H=H, sample_key="sample").fit(a, max_iterations=1, progress=False)

@@ -308,6 +308,9 @@ class GEDI:
         reg = MultiGEDI({name: cfg}, sample_key=self.sample_key, K=self.K, mode=self.mode, seed=self.seed,
                         dtype=self.dtype, max_shards=self.max_shards, device=self.device)
         is_store = isinstance(data, (str, Path, Atlas))
+        if not is_store and self.sample_key is None:
+            raise ValueError("GEDI: give sample_key, the obs column with the sample labels, for in-memory "
+                             "data (e.g. GEDI(K=10, sample_key='sample'))")
         reader = reg._register_store(data) if is_store else reg._register_memory(data)
         plan, config = reg.plan_, reg.config
         genes = np.asarray(reg._feature_names[name]).astype(str)
