@@ -256,7 +256,7 @@ def run_option(atlas: PlantedAtlas, name: str, *, n_epochs: int, lr: float, batc
     t0 = time.perf_counter()
 
     def cb(epoch, fit):
-        row = {"option": name, "epoch": epoch + 1, "beta": fit.history[-1]["beta"],
+        row = {"option": name, "seed": seed, "epoch": epoch + 1, "beta": fit.history[-1]["beta"],
                "loss": fit.history[-1]["loss"], "elapsed_s": time.perf_counter() - t0}
         row.update(evaluate(fit, atlas, n_samples=0))
         curves.append(row)
@@ -291,9 +291,11 @@ def plot(curves, planted_ll, path):
     mods = [m for m in ("rna", "atac") if f"{m}_corr_mean" in df]
     fig, axes = plt.subplots(2, len(mods), figsize=(5.5 * len(mods), 7.5), squeeze=False)
     for j, m in enumerate(mods):
-        for name, g in df.groupby("option", sort=False):
-            axes[0, j].plot(g["epoch"], g[f"{m}_corr_mean"], marker=".", label=name)
-            axes[1, j].plot(g["epoch"], g[f"{m}_ll"], marker=".", label=name)
+        multi_seed = df["seed"].nunique() > 1
+        for (name, seed), g in df.groupby(["option", "seed"], sort=False):
+            lab = f"{name} seed={seed}" if multi_seed else name
+            axes[0, j].plot(g["epoch"], g[f"{m}_corr_mean"], marker=".", label=lab)
+            axes[1, j].plot(g["epoch"], g[f"{m}_ll"], marker=".", label=lab)
         axes[0, j].axhline(0.9, color="k", ls=":", lw=1)
         axes[0, j].set_title(f"{m}: mean Hungarian-matched corr(phi_hat, phi)")
         axes[1, j].axhline(planted_ll[m], color="k", ls="--", lw=1, label="planted parameters")
@@ -314,7 +316,9 @@ def main(argv=None):
     ap.add_argument("--epochs", type=int, default=30)
     ap.add_argument("--lr", type=float, default=0.05)
     ap.add_argument("--batch-size", type=int, default=256)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="seed of the planted atlas")
+    ap.add_argument("--train-seeds", type=int, nargs="*", default=None,
+                    help="training seeds (default: --seed); every option is trained once per seed")
     ap.add_argument("--options", nargs="*", default=list(OPTIONS), help=f"subset of {list(OPTIONS)}")
     ap.add_argument("--jobs", type=int, default=1, help="options trained in parallel (processes)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
@@ -329,8 +333,9 @@ def main(argv=None):
     print(f"atlas drawn in {time.perf_counter() - t:.1f} s", flush=True)
     planted = {m: planted_per_token_ll(_ATLAS, m) for m in _ATLAS.x_train}
     ceil = atac_ceiling(_ATLAS)
-    kw = dict(n_epochs=a.epochs, lr=a.lr, batch_size=a.batch_size, seed=a.seed, n_topics=10, n_hidden=128)
-    jobs = [(name, kw) for name in a.options]
+    seeds = a.train_seeds if a.train_seeds else [a.seed]
+    jobs = [(name, dict(n_epochs=a.epochs, lr=a.lr, batch_size=a.batch_size, seed=s, n_topics=10, n_hidden=128))
+            for s in seeds for name in a.options]
     if a.jobs > 1:
         import multiprocessing as mp
 
