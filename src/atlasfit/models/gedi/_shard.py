@@ -15,16 +15,10 @@ import numpy as np
 from ..._xp import get_xp, to_numpy
 from ..multigedi import _shard as msh
 from ..multigedi._kernels import (
-    densify,
     normalize_B_columns,
     o_statistic,
     row_sumsq,
     update_si,
-    update_Y_binary,
-    update_Y_counts,
-    update_Y_paired,
-    variance_counts,
-    variance_paired,
 )
 from ._kernels import qhat_from_R, solve_B_single, update_oi_prior, update_Q_prior
 
@@ -188,35 +182,8 @@ def round_D_gedi(state, pd: dict):
     prior means: λ_oi‖o_i − ô_i‖² + λ_Qi‖Q_i − Q̂_i‖² + ‖E_i‖² + V_i) and t_i = ‖s_i − s_i0‖²."""
     out = []
     for g, _m, loc in _items(state):
-        Y = loc["Y"]
-        xp, dt = get_xp(Y), Y.dtype
-        s2 = pd["sigma2"]
-        DB = _p(xp, pd["D"], dt)[:, None] * state["B"][g]
-        W = _p(xp, pd["Z"], dt) + loc["Q"]
-        off = (_p(xp, pd["o"], dt) + loc["oi"])[:, None]
-        si = loc["si"]
-        ot = pd["obs_type"]
-        raw = loc["raw"]
-        esq = 0.0
-        V = 0.0
-        for sl in msh.cell_blocks(Y.shape[1], Y.shape[0]):
-            Yhat = W @ DB[:, sl] + off + si[None, sl]
-            Yb = Y[:, sl]
-            if ot == "M":
-                Mb = densify(raw["M"][:, sl], xp, dt)
-                Yn = update_Y_counts(Yb, Yhat, Mb, s2)
-                V += float(_f64(variance_counts(Yn, s2)))
-            elif ot == "M_list":
-                M1 = densify(raw["M1"][:, sl], xp, dt)
-                M2 = densify(raw["M2"][:, sl], xp, dt)
-                Yn = update_Y_paired(Yb, Yhat, M1, M2, s2)
-                V += float(_f64(variance_paired(Yn, M1, M2, s2)))
-            else:
-                Yn = update_Y_binary(Yhat, raw["X"][:, sl])
-            Yn = Yn.astype(dt, copy=False)
-            E = Yn - Yhat
-            esq += float(_f64(xp.sum(E * E)))
-            Y[:, sl] = Yn
+        xp = get_xp(loc["Y"])
+        esq, V = msh.y_update_sample(loc, state["B"][g], pd)
         do = loc["oi"] - loc["ohat"]
         dq = loc["Q"] - loc["Qhat"]
         e = (loc["lamO"] * float(_f64(xp.sum(do * do))) + loc["lamQ"] * float(_f64(xp.sum(dq * dq)))

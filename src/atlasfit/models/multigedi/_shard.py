@@ -550,6 +550,46 @@ def cell_blocks(n: int, J: int):
     return [slice(a, min(n, a + bs)) for a in range(0, n, bs)]
 
 
+def y_update_sample(loc, B, p) -> tuple[float, float]:
+    """Y update (§2.10) of one (sample, modality) in place, over blocks of cells; returns
+    (‖E‖², V): the squared residual Σ(Y_new − Ŷ)² and the variance term of §2.11.
+
+    ``loc`` holds ``Y``, ``raw``, ``Q``, ``oi``, ``si``; ``B`` is B_g; ``p`` the modality's
+    ``Z``, ``D``, ``o``, ``sigma2`` and ``obs_type``. Ŷ = (Z + Q_i) D B_g + (o + o_i)1ᵀ + 1 s_iᵀ.
+    """
+    Y = loc["Y"]
+    xp, dt = get_xp(Y), Y.dtype
+    s2 = p["sigma2"]
+    DB = _p(xp, p["D"], dt)[:, None] * B
+    W = _p(xp, p["Z"], dt) + loc["Q"]
+    off = (_p(xp, p["o"], dt) + loc["oi"])[:, None]
+    si = loc["si"]
+    ot = p["obs_type"]
+    raw = loc["raw"]
+    esq = 0.0
+    V = 0.0
+    for sl in cell_blocks(Y.shape[1], Y.shape[0]):
+        Yhat = W @ DB[:, sl] + off
+        Yhat = Yhat + si[None, sl]
+        Yb = Y[:, sl]
+        if ot == "M":
+            Mb = densify(raw["M"][:, sl], xp, dt)
+            Yn = update_Y_counts(Yb, Yhat, Mb, s2)
+            V += float(_f64(variance_counts(Yn, s2)))
+        elif ot == "M_list":
+            M1 = densify(raw["M1"][:, sl], xp, dt)
+            M2 = densify(raw["M2"][:, sl], xp, dt)
+            Yn = update_Y_paired(Yb, Yhat, M1, M2, s2)
+            V += float(_f64(variance_paired(Yn, M1, M2, s2)))
+        else:
+            Yn = update_Y_binary(Yhat, raw["X"][:, sl])
+        Yn = Yn.astype(dt, copy=False)
+        E = Yn - Yhat
+        esq += float(_f64(xp.sum(E * E)))
+        Y[:, sl] = Yn
+    return esq, V
+
+
 def round_D(state, params):
     """Y update (§2.10) with the new o and the old σ²; returns e_mg (§2.11), t_mg (§2.12), ‖E‖².
 
@@ -559,36 +599,8 @@ def round_D(state, params):
     out = []
     for g, m, loc in _items(state):
         Y = loc["Y"]
-        xp, dt = get_xp(Y), Y.dtype
-        pm = params[m]
-        s2 = pm["sigma2"]
-        DB = _p(xp, pm["D"], dt)[:, None] * state["B"][g]
-        W = _p(xp, pm["Z"], dt) + loc["Q"]
-        off = (_p(xp, pm["o"], dt) + loc["oi"])[:, None]
-        si = loc["si"]
-        ot = pm["obs_type"]
-        raw = loc["raw"]
-        esq = 0.0
-        V = 0.0
-        for sl in cell_blocks(Y.shape[1], Y.shape[0]):
-            Yhat = W @ DB[:, sl] + off
-            Yhat = Yhat + si[None, sl]
-            Yb = Y[:, sl]
-            if ot == "M":
-                Mb = densify(raw["M"][:, sl], xp, dt)
-                Yn = update_Y_counts(Yb, Yhat, Mb, s2)
-                V += float(_f64(variance_counts(Yn, s2)))
-            elif ot == "M_list":
-                M1 = densify(raw["M1"][:, sl], xp, dt)
-                M2 = densify(raw["M2"][:, sl], xp, dt)
-                Yn = update_Y_paired(Yb, Yhat, M1, M2, s2)
-                V += float(_f64(variance_paired(Yn, M1, M2, s2)))
-            else:
-                Yn = update_Y_binary(Yhat, raw["X"][:, sl])
-            Yn = Yn.astype(dt, copy=False)
-            E = Yn - Yhat
-            esq += float(_f64(xp.sum(E * E)))
-            Y[:, sl] = Yn
+        xp = get_xp(Y)
+        esq, V = y_update_sample(loc, state["B"][g], params[m])
         oi, Q = loc["oi"], loc["Q"]
         e = loc["lamO"] * float(_f64(xp.sum(oi * oi))) + loc["lamQ"] * float(_f64(xp.sum(Q * Q))) + esq + V
         ds = loc["si"] - loc["si0"]
