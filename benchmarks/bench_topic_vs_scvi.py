@@ -37,6 +37,10 @@ Outputs ``benchmarks/results/topic_vs_scvi.csv`` (one row per run), ``topic_vs_s
     python benchmarks/bench_topic_vs_scvi.py --sizes 20000 100000 --epochs 10 3 --threads 1 --reps 2
     python benchmarks/bench_topic_vs_scvi.py --sizes 20000 --epochs 10 --threads 2 --reps 2 --tag topic_vs_scvi_2t
     python benchmarks/bench_topic_vs_scvi.py --profile-only
+    python benchmarks/bench_topic_vs_scvi.py --rescore --tag topic_vs_scvi   # add recovery columns
+
+Also recorded: ``rna_corr_mean``, the Hungarian-matched correlation of each tool's topic-feature
+matrix with the planted one (``bench_topic_planted.matched_correlation``).
 
 The peer venv (outside the repository, never an atlasfit dependency)::
 
@@ -150,12 +154,70 @@ def _run(tool: str, npz: str, out: str, *, threads: int, epochs: int, n_topics: 
     return res
 
 
-def _score(out_json: str, Xte) -> dict:
+def _recovery(out_json: str, phi_true) -> dict:
+    """Hungarian-matched correlation of the learned (MC-mean) topic-feature matrix with the planted one."""
+    from benchmarks.bench_topic_planted import matched_correlation
+
+    z = np.load(os.path.splitext(out_json)[0] + ".npz")
+    r, _ = matched_correlation(z["phi_mc"], phi_true)
+    return {"rna_corr_mean": float(r.mean()), "rna_corr_min": float(r.min())}
+
+
+def _score(out_json: str, Xte, phi_true) -> dict:
     from benchmarks.bench_topic_planted import per_token_ll_sparse
 
     z = np.load(os.path.splitext(out_json)[0] + ".npz")
-    return {"ll_mc": per_token_ll_sparse(z["theta_mc"], z["phi_mc"], Xte),
-            "ll_mean": per_token_ll_sparse(z["theta_mean"], z["phi_mean"], Xte)}
+    out = {"ll_mc": per_token_ll_sparse(z["theta_mc"], z["phi_mc"], Xte),
+           "ll_mean": per_token_ll_sparse(z["theta_mean"], z["phi_mean"], Xte)}
+    out.update(_recovery(out_json, phi_true))
+    return out
+
+
+def summarise(df, reps: int, cmd: str):
+    """Medians per (size, threads) and the atlasfit / scvi throughput ratio."""
+    import pandas as pd
+
+    summ = []
+    for (n, t), g in df.groupby(["n_train", "threads"]):
+        s, f = g[g["tool"] == "scvi"], g[g["tool"] == "atlasfit"]
+        # ratio of each interleaved pair (same rep), then the median of the pair ratios
+        pair = [float(f[f["rep"] == r]["cells_per_s"].iloc[0] / s[s["rep"] == r]["cells_per_s"].iloc[0])
+                for r in sorted(set(s["rep"]) & set(f["rep"]))]
+        row = {
+            "n_train": n, "threads": t, "reps": reps, "epochs": int(g["epochs"].iloc[0]),
+            "scvi_cells_per_s": s["cells_per_s"].median(), "atlasfit_cells_per_s": f["cells_per_s"].median(),
+            "throughput_ratio": f["cells_per_s"].median() / s["cells_per_s"].median(),
+            "pair_ratios": " ".join(f"{v:.2f}" for v in pair),
+            "scvi_ll_mc": s["ll_mc"].median(), "atlasfit_ll_mc": f["ll_mc"].median(),
+            "scvi_ll_mean": s["ll_mean"].median(), "atlasfit_ll_mean": f["ll_mean"].median(),
+            "ll_planted": float(g["ll_planted"].iloc[0]),
+        }
+        if "rna_corr_mean" in g:
+            row["scvi_rna_corr_mean"] = s["rna_corr_mean"].median()
+            row["atlasfit_rna_corr_mean"] = f["rna_corr_mean"].median()
+        row["command"] = cmd
+        summ.append(row)
+    return pd.DataFrame(summ)
+
+
+def rescore(tag: str, workdir: str, seed: int, n_topics: int) -> None:
+    """Add the topic-recovery columns to an existing result CSV from the saved estimates in ``workdir``."""
+    import pandas as pd
+
+    from benchmarks.bench_topic_planted import make_planted_atlas
+
+    path = os.path.join(_HERE, "results", f"{tag}.csv")
+    df = pd.read_csv(path)
+    # phi is drawn before any cell, from the seed only: the same for every atlas size
+    phi = make_planted_atlas(10, 10, n_peaks=0, n_topics=n_topics, seed=seed).phi["rna"]
+    rec = [_recovery(os.path.join(workdir, f"{r.tool}_{r.n_train}_{r.threads}_{r.rep}.json"), phi)
+           for r in df.itertuples()]
+    for k in rec[0]:
+        df[k] = [r[k] for r in rec]
+    df.to_csv(path, index=False)
+    sm = summarise(df, int(df["rep"].max()) + 1, str(df["command"].iloc[0]))
+    sm.to_csv(os.path.join(_HERE, "results", f"{tag}_summary.csv"), index=False)
+    print(sm.drop(columns=["command"]).to_string(index=False))
 
 
 def profile_epoch(n_cells: int, out_txt: str, n_topics: int = 10, seed: int = 0) -> None:
@@ -241,6 +303,8 @@ def main(argv=None):
     ap.add_argument("--workdir", default="/tmp/atlasfit_topic_vs_scvi")
     ap.add_argument("--profile", action="store_true", help="also write the cProfile of one atlasfit epoch")
     ap.add_argument("--profile-only", action="store_true")
+    ap.add_argument("--rescore", action="store_true",
+                    help="only add topic-recovery columns to results/<tag>.csv from the estimates in --workdir")
     a = ap.parse_args(argv)
     if a.worker:
         if a.epochs and isinstance(a.epochs, list):
@@ -248,6 +312,8 @@ def main(argv=None):
         return atlasfit_worker(a)
     res_dir = os.path.join(_HERE, "results")
     os.makedirs(res_dir, exist_ok=True)
+    if a.rescore:
+        return rescore(a.tag, a.workdir, a.seed, a.n_topics)
     if a.profile or a.profile_only:
         os.environ.update({k: "1" for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")})
         # BLAS reads the variables when it loads; numpy is already loaded here, so profile in a child
@@ -270,7 +336,7 @@ def main(argv=None):
         planted[n] = planted_per_token_ll(atlas, "rna")
         npz = os.path.join(a.workdir, f"data_{n}.npz")
         write_npz(atlas, npz)
-        Xte = atlas.x_test["rna"]
+        Xte, phi_true = atlas.x_test["rna"], atlas.phi["rna"]
         del atlas
         for t in a.threads:
             for rep in range(a.reps):
@@ -284,7 +350,7 @@ def main(argv=None):
                            "lr": a.lr, "median_epoch_s": float(np.median(es)), "first_epoch_s": float(es[0]),
                            "cells_per_s": n / float(np.median(es)), "train_wall_s": r["train_wall_s"],
                            "process_wall_s": r["process_wall_s"], "epoch_s": " ".join(f"{v:.3f}" for v in es)}
-                    row.update(_score(out, Xte))
+                    row.update(_score(out, Xte, phi_true))
                     row["ll_planted"] = planted[n]
                     row["command"] = cmd
                     rows.append(row)
@@ -292,18 +358,7 @@ def main(argv=None):
                            if k not in ("command", "epoch_s")}, flush=True)
                     pd.DataFrame(rows).to_csv(os.path.join(res_dir, f"{a.tag}.csv"), index=False)
     df = pd.DataFrame(rows)
-    summ = []
-    for (n, t), g in df.groupby(["n_train", "threads"]):
-        s, f = g[g["tool"] == "scvi"], g[g["tool"] == "atlasfit"]
-        summ.append({
-            "n_train": n, "threads": t, "reps": a.reps, "epochs": int(g["epochs"].iloc[0]),
-            "scvi_cells_per_s": s["cells_per_s"].median(), "atlasfit_cells_per_s": f["cells_per_s"].median(),
-            "throughput_ratio": f["cells_per_s"].median() / s["cells_per_s"].median(),
-            "scvi_ll_mc": s["ll_mc"].median(), "atlasfit_ll_mc": f["ll_mc"].median(),
-            "scvi_ll_mean": s["ll_mean"].median(), "atlasfit_ll_mean": f["ll_mean"].median(),
-            "ll_planted": planted[n], "command": cmd,
-        })
-    sm = pd.DataFrame(summ)
+    sm = summarise(df, a.reps, cmd)
     sm.to_csv(os.path.join(res_dir, f"{a.tag}_summary.csv"), index=False)
     plot(df, planted, os.path.join(res_dir, f"{a.tag}.png"))
     print(sm.drop(columns=["command"]).to_string(index=False))
