@@ -1,4 +1,5 @@
-"""Plots for fitted models: convergence, embeddings, metagenes / top features, variance explained.
+"""Plots for fitted models: convergence, embeddings, metagenes / top features, variance explained,
+topic heatmaps and modality weights.
 
 Functions take a fitted :class:`atlasfit.MultiGEDI` (or its pieces) and return the matplotlib Axes.
 matplotlib is imported lazily (extra ``plot``).
@@ -142,4 +143,56 @@ def variance_explained(model, *, ax=None, show: bool = True):
     ax.set_xlabel("joint component")
     ax.set_ylabel("d² / Σd²")
     ax.set_title("variance explained per component")
+    return _finish(ax, show)
+
+
+def topic_heatmap(model, modality: str, n_top: int = 5, *, include_background: bool = False, ax=None,
+                  show: bool = True):
+    """Heatmap of a topic model's feature-topic distributions φ̂ of ``modality`` on the top
+    ``n_top`` features of every topic, each feature row scaled to its maximum over topics.
+
+    ``model`` is a trained :class:`atlasfit.MultimodalAmortizedLDA`.
+    """
+    phi = model.get_feature_topic_dist(modality, include_background=include_background)  # features x topics
+    vals = np.asarray(phi.to_numpy(), dtype=float)
+    idx = list(dict.fromkeys(np.argsort(-vals, axis=0)[:n_top].T.ravel().tolist()))
+    sub = vals[idx]
+    sub = sub / np.maximum(sub.max(axis=1, keepdims=True), 1e-300)
+    ax = _axes(ax, figsize=(0.5 * vals.shape[1] + 2, 0.18 * len(idx) + 1.5))
+    im = ax.imshow(sub, aspect="auto", cmap="viridis", vmin=0, vmax=1)
+    ax.set_yticks(range(len(idx)))
+    ax.set_yticklabels(np.asarray(phi.index)[idx], fontsize=6)
+    ax.set_xticks(range(vals.shape[1]))
+    ax.set_xticklabels([str(c) for c in phi.columns], fontsize=7, rotation=90)
+    ax.set_xlabel("topic")
+    ax.set_title(f"{modality}: φ of the top {n_top} features per topic (row-scaled)")
+    ax.figure.colorbar(im, ax=ax, shrink=0.6)
+    return _finish(ax, show)
+
+
+def modality_weights(model, groupby=None, *, ax=None, show: bool = True):
+    """Mean mixture weight of each modality per cell group (stacked bars; one bar without ``groupby``).
+
+    ``groupby``: one label per cell of the model's data (e.g. ``mdata.obs["cell_type"]``), or None.
+    """
+    import pandas as pd
+
+    w = model.get_modality_weights()
+    if groupby is None:
+        means = w.mean(axis=0).to_frame("all cells").T
+    else:
+        labels = np.asarray(groupby)
+        if len(labels) != len(w):
+            raise ValueError(f"modality_weights: groupby has {len(labels)} labels for {len(w)} cells")
+        means = w.groupby(pd.Index(labels, name="group"), observed=True).mean()
+    ax = _axes(ax, figsize=(0.4 * len(means) + 3, 3.5))
+    bottom = np.zeros(len(means))
+    for m in means.columns:
+        ax.bar(np.arange(len(means)), means[m].to_numpy(), bottom=bottom, label=str(m))
+        bottom += means[m].to_numpy()
+    ax.set_xticks(np.arange(len(means)))
+    ax.set_xticklabels([str(i) for i in means.index], rotation=90, fontsize=7)
+    ax.set_ylabel("mean mixture weight")
+    ax.set_title("modality weights")
+    ax.legend(fontsize=7)
     return _finish(ax, show)
