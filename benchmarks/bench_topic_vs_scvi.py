@@ -217,6 +217,8 @@ def rescore(tag: str, workdir: str, seed: int, n_topics: int) -> None:
     df.to_csv(path, index=False)
     sm = summarise(df, int(df["rep"].max()) + 1, str(df["command"].iloc[0]))
     sm.to_csv(os.path.join(_HERE, "results", f"{tag}_summary.csv"), index=False)
+    plot(df, {int(n): float(v) for n, v in zip(df["n_train"], df["ll_planted"])},
+         os.path.join(_HERE, "results", f"{tag}.png"))
     print(sm.drop(columns=["command"]).to_string(index=False))
 
 
@@ -249,36 +251,47 @@ def profile_epoch(n_cells: int, out_txt: str, n_topics: int = 10, seed: int = 0)
 
 
 def plot(df, planted, path: str) -> None:
+    """Three panels: cells/s of every run, atlasfit/scvi ratio of every interleaved pair, held-out LL."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     keys = sorted({(int(n), int(t)) for n, t in zip(df["n_train"], df["threads"])})
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    w = 0.38
-    for i, tool in enumerate(("scvi", "atlasfit")):
-        g = df[df["tool"] == tool]
-        med = [g[(g["n_train"] == n) & (g["threads"] == t)]["cells_per_s"].median() for n, t in keys]
-        ll = [g[(g["n_train"] == n) & (g["threads"] == t)]["ll_mc"].median() for n, t in keys]
-        x = np.arange(len(keys)) + (i - 0.5) * w
-        axes[0].bar(x, med, w, label="scvi-tools AmortizedLDA" if tool == "scvi" else "atlasfit")
-        axes[1].bar(x, ll, w, label="scvi-tools AmortizedLDA" if tool == "scvi" else "atlasfit")
     labels = [f"{n // 1000}k cells\n{t} thread{'s' if t > 1 else ''}" for n, t in keys]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.3))
+    names = {"scvi": "scvi-tools AmortizedLDA", "atlasfit": "atlasfit"}
+    for i, tool in enumerate(("scvi", "atlasfit")):
+        for j, (n, t) in enumerate(keys):
+            g = df[(df["tool"] == tool) & (df["n_train"] == n) & (df["threads"] == t)]
+            x = j + (i - 0.5) * 0.3
+            axes[0].scatter([x] * len(g), g["cells_per_s"], color=f"C{i}", label=names[tool] if j == 0 else None)
+            axes[2].scatter([x] * len(g), g["ll_mc"], color=f"C{i}", label=names[tool] if j == 0 else None)
+    for j, (n, t) in enumerate(keys):
+        g = df[(df["n_train"] == n) & (df["threads"] == t)]
+        s, f = g[g["tool"] == "scvi"], g[g["tool"] == "atlasfit"]
+        ratios = [float(f[f["rep"] == r]["cells_per_s"].iloc[0] / s[s["rep"] == r]["cells_per_s"].iloc[0])
+                  for r in sorted(set(s["rep"]) & set(f["rep"]))]
+        axes[1].scatter([j] * len(ratios), ratios, color="C2")
+        axes[1].hlines(np.median(ratios), j - 0.25, j + 0.25, colors="C2")
+        axes[2].hlines(planted[n], j - 0.4, j + 0.4, colors="k", linestyles="--",
+                       label="planted parameters" if j == 0 else None)
+    axes[1].axhline(1.5, color="k", ls=":", lw=1, label="target 1.5x")
+    axes[1].axhline(1.0, color="grey", lw=0.8)
     for ax in axes:
         ax.set_xticks(np.arange(len(keys)), labels)
+        ax.set_xlim(-0.6, len(keys) - 0.4)
     axes[0].set_ylabel("cells / s (median over epochs)")
-    axes[0].set_title("epoch throughput, batch 256")
-    lo = min(df["ll_mc"].min(), min(planted.values()))
-    axes[1].set_ylim(lo - 0.1, max(df["ll_mc"].max(), max(planted.values())) + 0.05)
-    for j, (n, t) in enumerate(keys):
-        axes[1].hlines(planted[n], j - 0.45, j + 0.45, colors="k", linestyles="--",
-                       label="planted parameters" if j == 0 else None)
-    axes[1].set_ylabel("held-out log-likelihood per token")
-    axes[1].set_title("held-out per-token LL (MC means)")
+    axes[0].set_title("epoch throughput per run, batch 256")
+    axes[1].set_ylim(bottom=0)
+    axes[1].set_ylabel("atlasfit / scvi cells per s")
+    axes[1].set_title("ratio per interleaved pair (bar: median)")
+    axes[2].set_ylabel("held-out log-likelihood per token")
+    axes[2].set_title("held-out per-token LL (MC means)")
     axes[0].legend(fontsize=8)
-    axes[1].legend(fontsize=8, loc="lower right")
-    fig.suptitle("atlasfit topic model vs scvi-tools AmortizedLDA (same model, same planted data)")
+    axes[1].legend(fontsize=8)
+    axes[2].legend(fontsize=8, loc="lower right")
+    fig.suptitle("atlasfit topic model vs scvi-tools AmortizedLDA (same model, same planted data; shared 2-core machine)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
