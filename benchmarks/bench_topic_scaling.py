@@ -10,8 +10,9 @@ AdamW lr ``--lr`` (3e-2), constant KL weight, batch 1024, ``--epochs`` epochs.
 Runs, interleaved (A B A B ...) so that the machine's background load hits them alike:
 
 * ``timing``: ``steps_per_round`` = 1 (one round per step, ``theta_bar_sync="lagged"``) and
-  ``--best-s``, each on a LocalCluster with 1 and with 2 process workers (1 thread each,
-  OMP/OPENBLAS/MKL threads 1); both clusters stay up for the whole run. Cells/s of every epoch
+  each value of ``--best-s`` (comma-separated), each on a LocalCluster with 1 and with 2 process
+  workers (1 thread each, OMP/OPENBLAS/MKL threads 1); both clusters stay up for the whole run.
+  Cells/s of every epoch
   (timed from the first training round, so data shipping and setup are excluded); medians and the
   2-worker / 1-worker ratio.
 * ``quality``: ``steps_per_round`` = 1 with ``theta_bar_sync="exact"`` (two rounds per step) and
@@ -131,7 +132,7 @@ def main(argv=None) -> None:
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--lr", type=float, default=3e-2)
     ap.add_argument("--reps", type=int, default=2, help="interleaved repetitions of the timing runs")
-    ap.add_argument("--best-s", type=int, default=16)
+    ap.add_argument("--best-s", default="16,32", help="comma-separated steps_per_round values to time besides 1")
     ap.add_argument("--quality", default="exact1,4", help="extra 2-worker runs: exact1 and/or S values")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(RESULTS / "topic_scaling"), help="output path without extension")
@@ -154,7 +155,7 @@ def main(argv=None) -> None:
         clients = {1: k1, 2: k2}
         plan = []
         for rep in range(args.reps):
-            for S in (1, args.best_s):
+            for S in [1] + [int(v) for v in args.best_s.split(",") if v]:
                 for w in (1, 2):
                     plan.append(("timing", rep, w, S, "lagged"))
         for q in [q for q in args.quality.split(",") if q]:
