@@ -291,7 +291,8 @@ def plot(df, planted, path: str) -> None:
     axes[0].legend(fontsize=8)
     axes[1].legend(fontsize=8)
     axes[2].legend(fontsize=8, loc="lower right")
-    fig.suptitle("atlasfit topic model vs scvi-tools AmortizedLDA (same model, same planted data; shared 2-core machine)")
+    fig.suptitle("atlasfit topic model vs scvi-tools AmortizedLDA "
+                 "(same model, same planted data; shared 2-core machine)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 

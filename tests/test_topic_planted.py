@@ -140,7 +140,9 @@ ACCEPT_LL_GAP = {"rna": 0.2, "atac": 0.35}  # measured gaps 0.110 / 0.201 nats p
 
 @pytest.mark.slow
 def test_planted_atlas_acceptance():
-    """Issue 4 acceptance: 20k cells, 2,000 genes + 5,000 peaks, K=10 (252 s measured on 1 core; reproduces the benchmark row exactly).
+    """Issue 4 acceptance: 20k cells, 2,000 genes + 5,000 peaks, K=10.
+
+    252 s measured on 1 core; it reproduced the benchmark row exactly (same data, seed and code path).
 
     Hard assertions are regression bounds from the committed measurement. The issue's target (mean
     matched correlation >= 0.9 per modality) is **not met yet**: in every measured run one planted
