@@ -12,18 +12,19 @@ Runs, interleaved (A B A B ...) so that the machine's background load hits them 
 * ``timing``: ``steps_per_round`` = 1 (one round per step, ``theta_bar_sync="lagged"``) and
   each value of ``--best-s`` (comma-separated), each on a LocalCluster with 1 and with 2 process
   workers (1 thread each, OMP/OPENBLAS/MKL threads 1); both clusters stay up for the whole run.
-  Cells/s of every epoch
-  (timed from the first training round, so data shipping and setup are excluded); medians and the
-  2-worker / 1-worker ratio.
-* ``quality``: ``steps_per_round`` = 1 with ``theta_bar_sync="exact"`` (two rounds per step) and
-  ``"lagged"``, 4 and 16, on the 2-worker cluster. Held-out per-token log-likelihood of every run
+  Cells/s of every epoch (timed from the first training round, so data shipping and setup are
+  excluded); medians and the 2-worker / 1-worker ratio.
+* ``quality`` (``--quality``): extra 2-worker runs, ``steps_per_round`` = 1 with
+  ``theta_bar_sync="exact"`` (two rounds per step) and ``steps_per_round`` = 4. Held-out per-token log-likelihood of every run
   (posterior mean :math:`\\hat\\theta` with 20 samples, :math:`\\hat\\phi` at the variational mean)
   next to the planted-parameter value. 1- and 2-worker runs of one setting give the same bits, so
   their held-out values must agree (checked).
 
-Writes ``benchmarks/results/topic_scaling.csv`` and ``.png``. Run::
+Writes ``benchmarks/results/topic_scaling.csv`` and ``.png`` (the committed CSV holds two runs, with a
+``run`` column added: 1 = ``--best-s 16`` at load 1.4-2.1, whose PNG is committed; 2 = the defaults at
+load 2.2-3.8). Run::
 
-    python benchmarks/bench_topic_scaling.py                      # ~25-35 min on 2 busy cores
+    python benchmarks/bench_topic_scaling.py                      # ~13 min on 2 cores (load ~2-3)
     python benchmarks/bench_topic_scaling.py --cells 20000 --epochs 1 --reps 1 --out /tmp/x   # smoke
 """
 
