@@ -1,6 +1,6 @@
 """atlasfit's topic model vs scvi-tools' AmortizedLDA: epoch throughput and held-out log-likelihood.
 
-Same data for both: an RNA-only planted atlas (``bench_topic_planted.make_planted_atlas`` with
+Same data for both: an RNA-only planted atlas (``bench_topic_planted.planted_topic_atlas`` with
 ``n_peaks=0``: 2,000 genes, K=10 planted topics, LogNormal(log 2000, 0.5) library sizes, 4 samples)
 of 20k and 100k training cells plus 2,000 held-out cells. atlasfit is configured as AmortizedLDA
 (read from scvi-tools 1.4.2's source in the peer venv):
@@ -204,12 +204,12 @@ def rescore(tag: str, workdir: str, seed: int, n_topics: int) -> None:
     """Add the topic-recovery columns to an existing result CSV from the saved estimates in ``workdir``."""
     import pandas as pd
 
-    from benchmarks.bench_topic_planted import make_planted_atlas
+    from benchmarks.bench_topic_planted import planted_topic_atlas
 
     path = os.path.join(_HERE, "results", f"{tag}.csv")
     df = pd.read_csv(path)
     # phi is drawn before any cell, from the seed only: the same for every atlas size
-    phi = make_planted_atlas(10, 10, n_peaks=0, n_topics=n_topics, seed=seed).phi["rna"]
+    phi = planted_topic_atlas(10, 10, n_peaks=0, n_topics=n_topics, seed=seed).phi["rna"]
     rec = [_recovery(os.path.join(workdir, f"{r.tool}_{r.n_train}_{r.threads}_{r.rep}.json"), phi)
            for r in df.itertuples()]
     for k in rec[0]:
@@ -229,9 +229,9 @@ def profile_epoch(n_cells: int, out_txt: str, n_topics: int = 10, seed: int = 0)
     import pstats
 
     from atlasfit.models.topic import train_serial
-    from benchmarks.bench_topic_planted import make_planted_atlas
+    from benchmarks.bench_topic_planted import planted_topic_atlas
 
-    atlas = make_planted_atlas(n_cells, 10, n_peaks=0, n_topics=n_topics, seed=seed)
+    atlas = planted_topic_atlas(n_cells, 10, n_peaks=0, n_topics=n_topics, seed=seed)
     X = atlas.x_train["rna"]
     cfg = scvi_equivalent_config(X.shape[1], n_topics)
     pr = cProfile.Profile()
@@ -339,14 +339,14 @@ def main(argv=None):
             return
     import pandas as pd
 
-    from benchmarks.bench_topic_planted import make_planted_atlas, planted_per_token_ll
+    from benchmarks.bench_topic_planted import planted_topic_atlas, planted_per_token_ll
 
     cmd = "python benchmarks/bench_topic_vs_scvi.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     epochs = a.epochs if len(a.epochs) == len(a.sizes) else [a.epochs[0]] * len(a.sizes)
     os.makedirs(a.workdir, exist_ok=True)
     rows, planted = [], {}
     for n, ep in zip(a.sizes, epochs):
-        atlas = make_planted_atlas(n, a.n_test, n_peaks=0, n_topics=a.n_topics, seed=a.seed)
+        atlas = planted_topic_atlas(n, a.n_test, n_peaks=0, n_topics=a.n_topics, seed=a.seed)
         planted[n] = planted_per_token_ll(atlas, "rna")
         npz = os.path.join(a.workdir, f"data_{n}.npz")
         write_npz(atlas, npz)

@@ -652,3 +652,38 @@ def test_store_bad_inputs(planted, tmp_path):
 
 def test_top_level_export():
     assert atlasfit.MultimodalAmortizedLDA is MultimodalAmortizedLDA
+
+
+def test_device_choice_and_clear_gpu_error(planted, monkeypatch):
+    import atlasfit.cluster as cl
+
+    _, _, _, rna, atac = planted
+    model = MultimodalAmortizedLDA.from_data({"rna": rna, "atac": atac}, n_topics=K, n_hidden=8)
+    with pytest.raises(ValueError, match="device must be 'cpu', 'gpu' or 'auto'"):
+        model.train(1, 64, device="tpu", progress=False)
+    monkeypatch.setattr(cl, "gpu_available", lambda: False)
+    with pytest.raises(RuntimeError, match="gpu-cu12"):
+        model.train(1, 64, device="gpu", progress=False)
+    assert not model.is_trained
+    # "auto" without a usable GPU trains on the CPU, the same bits as device="cpu"
+    a = MultimodalAmortizedLDA.from_data({"rna": rna, "atac": atac}, n_topics=K, n_hidden=8)
+    a.train(2, 64, device="auto", progress=False)
+    b = MultimodalAmortizedLDA.from_data({"rna": rna, "atac": atac}, n_topics=K, n_hidden=8)
+    b.train(2, 64, device="cpu", progress=False)
+    assert a.device_ == "cpu"
+    np.testing.assert_array_equal(a.get_feature_topic_dist("rna").to_numpy(), b.get_feature_topic_dist("rna").to_numpy())
+
+
+def test_low_level_topic_proportions_with_encoder_covariates(planted):
+    # the encoder input is [x_hat, one-hot(batch)]: the low-level function must give what the model API gives
+    _, _, _, rna, atac = planted
+    mdata = _mudata(rna, atac)
+    model = MultimodalAmortizedLDA.from_mudata(mdata, sample_key="batch", batch_key="batch", n_topics=K,
+                                               n_hidden=8, encode_covariates=True)
+    model.train(2, 64, progress=False)
+    api = model.get_latent_representation(n_samples=0)
+    codes = pd.Index(model.batch_categories_).get_indexer(mdata.obs["batch"].astype(str))
+    low = topic_proportions(model._fit, {"rna": rna, "atac": atac}, n_samples=0, batch=codes)
+    np.testing.assert_allclose(low, np.asarray(api), rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="pass batch="):
+        topic_proportions(model._fit, {"rna": rna, "atac": atac}, n_samples=0)

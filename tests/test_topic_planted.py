@@ -18,9 +18,9 @@ if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
 from atlasfit.models.topic import per_token_log_likelihood  # noqa: E402
-from benchmarks.bench_topic_planted import (  # noqa: E402
+from atlasfit.datasets._planted import (  # noqa: E402
     atac_ceiling,
-    make_planted_atlas,
+    planted_topic_atlas,
     matched_correlation,
     per_token_ll_sparse,
     planted_per_token_ll,
@@ -29,7 +29,7 @@ from benchmarks.bench_topic_planted import (  # noqa: E402
 
 @pytest.fixture(scope="module")
 def small_atlas():
-    return make_planted_atlas(3000, 500, n_genes=200, n_peaks=300, n_topics=5, seed=3)
+    return planted_topic_atlas(3000, 500, n_genes=200, n_peaks=300, n_topics=5, seed=3)
 
 
 def test_planted_atlas_follows_the_issue_spec(small_atlas):
@@ -59,13 +59,13 @@ def test_planted_atlas_follows_the_issue_spec(small_atlas):
 
 
 def test_generator_is_deterministic():
-    a = make_planted_atlas(50, 10, n_genes=20, n_peaks=30, n_topics=3, seed=7)
-    b = make_planted_atlas(50, 10, n_genes=20, n_peaks=30, n_topics=3, seed=7)
+    a = planted_topic_atlas(50, 10, n_genes=20, n_peaks=30, n_topics=3, seed=7)
+    b = planted_topic_atlas(50, 10, n_genes=20, n_peaks=30, n_topics=3, seed=7)
     assert (a.x_train["rna"] != b.x_train["rna"]).nnz == 0
     assert (a.x_test["atac"] != b.x_test["atac"]).nnz == 0
-    c = make_planted_atlas(50, 10, n_genes=20, n_peaks=30, n_topics=3, seed=8)
+    c = planted_topic_atlas(50, 10, n_genes=20, n_peaks=30, n_topics=3, seed=8)
     assert (a.x_train["rna"] != c.x_train["rna"]).nnz > 0
-    assert "atac" not in make_planted_atlas(20, 5, n_genes=10, n_peaks=0, n_topics=3).x_train
+    assert "atac" not in planted_topic_atlas(20, 5, n_genes=10, n_peaks=0, n_topics=3).x_train
 
 
 def test_sparse_per_token_ll_equals_the_dense_formula():
@@ -152,7 +152,7 @@ def test_planted_atlas_acceptance():
     """
     from benchmarks.bench_topic_planted import run_option
 
-    a = make_planted_atlas(20_000, 2_000, seed=0)
+    a = planted_topic_atlas(20_000, 2_000, seed=0)
     row, curves = run_option(a, ACCEPT_OPTION, n_epochs=ACCEPT_EPOCHS, lr=ACCEPT_LR, batch_size=256,
                              seed=ACCEPT_SEED, n_topics=10, n_hidden=128)
     assert row["rna_corr_mean"] >= ACCEPT_RNA_CORR, row

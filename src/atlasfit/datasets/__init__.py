@@ -1,5 +1,5 @@
-"""Data sets: a synthetic multi-sample, multi-modal atlas with planted ground truth, and a small
-bundled real data set.
+"""Data sets: a synthetic multi-sample, multi-modal atlas with planted ground truth, a planted
+RNA + peaks topic atlas, and a small bundled real data set.
 
 Examples
 --------
@@ -11,6 +11,7 @@ Examples
 
 from __future__ import annotations
 
+from ._planted import PlantedAtlas, matched_correlation, planted_topic_atlas
 from ._real import multigedi_real_5k, real_data_path
 from ._synthetic import (
     SyntheticParams,
@@ -21,9 +22,12 @@ from ._synthetic import (
 )
 
 __all__ = [
+    "PlantedAtlas",
     "SyntheticParams",
     "iter_synthetic_atlas",
+    "matched_correlation",
     "multigedi_real_5k",
+    "planted_topic_atlas",
     "real_data_path",
     "synthetic_atlas",
     "synthetic_mudata",

@@ -599,7 +599,7 @@ class GEDI:
                             columns=self.pathway_names_)
 
     def top_pathway_genes(self, pathway: str, n: int = 20) -> list[str]:
-        """The ``n`` genes with the largest |association| with ``pathway`` (spec §7.5)."""
+        """The ``n`` genes with the largest absolute association with ``pathway`` (spec §7.5)."""
         assoc = self.pathway_associations()
         if pathway not in assoc.columns:
             raise KeyError(f"GEDI: unknown pathway {pathway!r}; pathways: {list(assoc.columns)[:10]}...")

@@ -409,27 +409,9 @@ class MultiGEDI:
         return DaskEngine(client, shards, name="multigedi")
 
     def _use_gpu(self, engine) -> bool:
-        if self.device == "cpu" or isinstance(engine, SerialEngine):
-            if self.device == "gpu":
-                from ...cluster import gpu_available
+        from ...cluster import resolve_device
 
-                if not gpu_available():
-                    raise RuntimeError(
-                        "MultiGEDI(device='gpu'): no CUDA device with CuPy found; install "
-                        "atlasfit[gpu-cu12] (or gpu-cu13) on a machine with an NVIDIA GPU, or use "
-                        "device='cpu'"
-                    )
-                return True
-            return False
-        from ...cluster import gpu_available
-
-        ok = gpu_available()
-        if self.device == "gpu" and not ok:
-            raise RuntimeError(
-                "MultiGEDI(device='gpu'): no CUDA device with CuPy found; install atlasfit[gpu-cu12] "
-                "(or gpu-cu13) on a machine with an NVIDIA GPU, or use device='cpu'"
-            )
-        return ok
+        return resolve_device(self.device, type(self).__name__, distributed=not isinstance(engine, SerialEngine))
 
     # ------------------------------------------------------------------ outputs
 

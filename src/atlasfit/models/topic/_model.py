@@ -35,7 +35,6 @@ from ._loss import (
     masked_softmax,
     moment_match,
     softmax,
-    topic_feature_logits,
 )
 from ._nn import encoder_eval
 from ._optim import AdamWState, adamw_init, adamw_step
@@ -429,11 +428,6 @@ class MultimodalAmortizedLDA:
     Attributes
     ----------
     config : TopicModelConfig
-    history_ : pandas.DataFrame
-        One row per epoch: ``epoch``, ``beta``, ``train_loss`` (mean over steps of the full-data-scale
-        loss :math:`\\mathcal L_t`, spec §3.1), ``train_loss_per_cell`` (divided by :math:`N`) and, with a
-        validation split, ``val_loss`` (:math:`-`:meth:`get_elbo` on the validation cells),
-        ``val_ll_per_token`` and ``val_ll_per_token/<modality>`` (see :meth:`get_perplexity`).
     train_indices_, validation_indices_ : numpy.ndarray
         Row positions of the training / validation cells in the registered data.
     n_epochs_ : int
@@ -661,6 +655,7 @@ class MultimodalAmortizedLDA:
         max_shards: int = 64,
         theta_bar_sync: str = "exact",
         steps_per_round: int = 1,
+        device: str = "cpu",
     ) -> MultimodalAmortizedLDA:
         """Train by minibatch AdamW on the engine protocol (spec §3, §6), with held-out tracking.
 
@@ -708,6 +703,10 @@ class MultimodalAmortizedLDA:
             round per step with the topic-variance regulariser on).
         n_eval_samples
             Monte-Carlo draws for the per-epoch ``val_loss``.
+        device
+            ``"cpu"``; ``"gpu"``: the minibatch forward/backward kernels run on CuPy on each worker's GPU
+            (e.g. a ``LocalCUDACluster`` client; a clear error without CuPy and a CUDA device);
+            ``"auto"``: the GPU when one is usable and ``client`` is given. Recorded in ``device_``.
 
         Returns
         -------
@@ -768,6 +767,10 @@ class MultimodalAmortizedLDA:
         sample_index = {s: i for i, s in enumerate(names)}
         shards = plan_shards(names, [len(groups[s]) for s in names], max_shards=max_shards)
         dtype = self.dtype
+        from ...cluster import resolve_device
+
+        gpu = resolve_device(device, type(self).__name__, distributed=client is not None)
+        self.device_ = "gpu" if gpu else "cpu"
         if client is None:
             engine = SerialEngine(shards)
         else:
@@ -781,7 +784,7 @@ class MultimodalAmortizedLDA:
             extras["cont"] = self._data.cont[tr]
         if cfg.spatial_mode is not None:  # edges to validation cells are dropped with them
             extras["graph"] = {m: G[tr][:, tr] for m, G in self._data.spatial.items()}
-        engine.setup(_shard_load, data, groups, sample_index, cfg, dtype, extras or None)
+        engine.setup(_shard_load, data, groups, sample_index, cfg, dtype, extras or None, "cupy" if gpu else None)
         try:
             if first_call:
                 dstats = engine.map(_shard_data_stats)
@@ -906,7 +909,13 @@ class MultimodalAmortizedLDA:
 
     @property
     def history_(self) -> pd.DataFrame:
-        """Per-epoch training record (see the class docstring)."""
+        """Per-epoch training record (a pandas DataFrame).
+
+        One row per epoch: ``epoch``, ``beta``, ``train_loss`` (mean over steps of the full-data-scale
+        loss :math:`\\mathcal L_t`, spec §3.1), ``train_loss_per_cell`` (divided by :math:`N`) and, with a
+        validation split, ``val_loss`` (:math:`-`:meth:`get_elbo` on the validation cells),
+        ``val_ll_per_token`` and ``val_ll_per_token/<modality>`` (see :meth:`get_perplexity`).
+        """
         return pd.DataFrame(self._history)
 
     @property
@@ -1226,21 +1235,8 @@ class MultimodalAmortizedLDA:
         self._check_trained()
         if m not in self.config.modalities:
             raise ValueError(f"unknown modality {m!r}; the model has {list(self.config.modalities)}")
-        cfg = self.config
-        if not cfg.horseshoe:
-            return topic_feature_dist(self._fit, m, include_background=include_background, n_samples=n_samples,
-                                      seed=seed)
-        # horseshoe (§5): plug-in logits with c, tau, delta, lambda at their LogNormal means
-        p = self._fit.params
-        Z = np.asarray(topic_feature_logits(p, cfg, m), dtype=np.float64)
-        if cfg.likelihood(m) == "gaussian":
-            return Z
-        b = np.zeros(Z.shape[1])
-        if include_background and cfg.has_background(m):
-            b = np.asarray(self._fit.buffers[f"b0/{m}"], dtype=np.float64)
-            if cfg.learns_background(m):
-                b = b + p[f"dec/{m}/bg_loc"]
-        return softmax(Z + b[None, :], axis=1)
+        return topic_feature_dist(self._fit, m, include_background=include_background, n_samples=n_samples,
+                                  seed=seed)
 
     def get_feature_topic_dist(self, modality: str | None = None, include_background: bool = False, *,
                                n_samples: int = 0, seed: int = 0, as_dict: bool = False):

@@ -38,6 +38,7 @@ from ._config import TopicModelConfig, kl_weight_schedule
 from ._loss import (
     backward_cells,
     combine_loss,
+    encoder_inputs,
     forward_cells,
     global_draws,
     global_draws_backward,
@@ -45,8 +46,9 @@ from ._loss import (
     masked_softmax,
     moment_match,
     softmax,
+    topic_feature_logits,
 )
-from ._nn import encoder_eval, lower_median, normalize_counts
+from ._nn import encoder_eval, lower_median
 from ._spatial import load_shard_extras, minibatch_extras
 from ._optim import AdamWState, adamw_init, adamw_step, adamw_update
 from ._params import (
@@ -148,8 +150,11 @@ def _np(d: dict) -> dict:
 # --------------------------------------------------------------------------- shard functions
 
 
-def _shard_load(spec, data, groups, sample_index, cfg, dtype, extras=None):
+def _shard_load(spec, data, groups, sample_index, cfg, dtype, extras=None, array_module=None):
     # extras: per-cell covariates / spatial graph ({"batch", "cont", "graph"}, see _spatial.load_shard_extras)
+    # array_module="cupy": the shard's counts stay in host memory (sparse) and every minibatch is moved to
+    # the worker's GPU, where the forward and backward kernels run (the same xp code); only the reduced
+    # gradients and statistics come back as NumPy
     rows = np.concatenate([groups[s] for s in spec.samples]) if spec.samples else np.zeros(0, dtype=np.int64)
     state = {
         "rows": rows,
@@ -157,6 +162,7 @@ def _shard_load(spec, data, groups, sample_index, cfg, dtype, extras=None):
         "parts": [],
         "cfg": cfg,
         "dtype": dtype,
+        "array_module": array_module,
     }
     off = 0
     for s in spec.samples:
@@ -217,6 +223,10 @@ def _shard_forward(state, params, gnoise, buffers, seed, epoch, step, n_steps, l
         state["_cache"] = None
         return {"n": 0}
     x = {m: _rows_dense(state["x"][m], local, dtype) for m in cfg.modalities}
+    if state.get("array_module") == "cupy":
+        import cupy  # noqa: PLC0415 - optional GPU dependency, only on GPU workers
+
+        x = {m: cupy.asarray(v) for m, v in x.items()}
     xp = get_xp(x[cfg.modalities[0]])
     noises = [draw_cell_noise(cfg, len(c), (seed, epoch, step, sid), dtype) for sid, c in chunks if len(c)]
     cnoise = {k: xp.asarray(np.concatenate([nz[k] for nz in noises])) for k in noises[0]}
@@ -379,6 +389,7 @@ def train_serial(
     callback: Callable | None = None,
     theta_bar_sync: str = "exact",
     steps_per_round: int = 1,
+    device: str = "cpu",
 ) -> TopicFit:
     """Fit MultimodalAmortizedLDA with minibatch AdamW over shards of whole samples (serial engine).
 
@@ -436,6 +447,9 @@ def train_serial(
         (its gradient scaled by :math:`N/B_s`, its own :math:`\\bar\\theta`), then parameters and
         moments are averaged weighted by the cells each shard used, in shard order. One engine round
         per ``S`` steps; rounds do not cross epochs.
+    device
+        ``"cpu"``, ``"gpu"`` (minibatch kernels on CuPy; a clear error without a CUDA device) or
+        ``"auto"`` (the GPU when one is usable and an ``engine_factory`` is given).
 
     Returns
     -------
@@ -480,8 +494,11 @@ def train_serial(
     groups = {s: np.flatnonzero(lab == s) for s in names}
     sample_index = {s: i for i, s in enumerate(names)}
     shards = plan_shards(names, [len(groups[s]) for s in names], max_shards=max_shards)
+    from ...cluster import resolve_device
+
+    gpu = resolve_device(device, "train_serial", distributed=engine_factory is not None)
     engine = (engine_factory or SerialEngine)(shards)
-    engine.setup(_shard_load, data, groups, sample_index, cfg, dtype)
+    engine.setup(_shard_load, data, groups, sample_index, cfg, dtype, None, "cupy" if gpu else None)
     try:
         dstats = engine.map(_shard_data_stats)
         lib_median, bern_depth, b0 = {}, {}, {}
@@ -610,6 +627,8 @@ def topic_proportions(
     n_samples: int = 100,
     seed: int = 0,
     cell_omega=None,
+    batch=None,
+    cont_covariates=None,
     batch_size: int = 4096,
 ) -> np.ndarray:
     """Posterior mean topic proportions :math:`\\hat\\theta_n = \\frac1S\\sum_s\\mathrm{softmax}(\\bar\\mu_n + \\sqrt{\\bar v_n}\\epsilon_s)` (§5).
@@ -618,7 +637,10 @@ def topic_proportions(
     does not depend on ``batch_size``, fixing §11 item 12), and the *trained* aggregation (attention
     included, fixing §11 item 10). For ``weight_mode="cell"`` pass ``cell_omega`` rows aligned with
     ``data`` (e.g. ``fit.cell_omega`` for the training cells); without it every present modality gets
-    equal weight. ``n_samples=0`` returns :math:`\\mathrm{softmax}(\\bar\\mu_n)`.
+    equal weight. ``n_samples=0`` returns :math:`\\mathrm{softmax}(\\bar\\mu_n)`. Encoder covariates:
+    ``batch`` (per-cell integer codes) and ``cont_covariates`` (N, C), aligned with ``data``, as
+    :func:`~atlasfit.models.topic._loss.encoder_inputs` needs them. Spatial encoders need the graph
+    of the evaluated cells: use :meth:`atlasfit.MultimodalAmortizedLDA.get_latent_representation`.
 
     Examples
     --------
@@ -632,6 +654,13 @@ def topic_proportions(
     """
     cfg = fit.cfg
     N = _check_data(data, cfg)
+    if cfg.spatial_mode is not None:
+        raise ValueError(f"topic_proportions: spatial_mode={cfg.spatial_mode!r} needs the evaluated cells' spatial "
+                         "graph; use MultimodalAmortizedLDA.get_latent_representation(data) instead")
+    if cfg.needs_batch and batch is None:
+        raise ValueError("topic_proportions: this model encodes a categorical covariate; pass batch=<codes per cell>")
+    if cfg.n_cont_encoded and cont_covariates is None:
+        raise ValueError("topic_proportions: this model encodes continuous covariates; pass cont_covariates=(N, C)")
     dtype = fit.params[next(iter(fit.params))].dtype
     out = np.empty((N, cfg.n_topics))
     rng = np.random.default_rng(np.random.SeedSequence([int(seed), 977]))
@@ -640,11 +669,16 @@ def topic_proportions(
         x = {m: _rows_dense(data[m], rows, dtype) for m in cfg.modalities}
         xp = get_xp(x[cfg.modalities[0]])
         p = _to_xp(fit.params, xp)
+        extra = {}
+        if cfg.needs_batch:
+            extra["batch"] = np.asarray(batch)[rows]
+        if cfg.n_cont_encoded:
+            extra["cont_covariates"] = xp.asarray(np.asarray(cont_covariates)[rows], dtype=dtype)
+        _, inputs = encoder_inputs(cfg, x, lib_median=fit.lib_median, **extra)
         mus, vs, pres = [], [], []
-        for m, lik in zip(cfg.modalities, cfg.likelihoods):
-            xm = x[m]
-            pres.append(xm.sum(axis=1) > 0)
-            xh = xm if (lik == "gaussian" or not cfg.normalize_encoder_inputs) else normalize_counts(xm, fit.lib_median[m])
+        for m in cfg.modalities:
+            pres.append(x[m].sum(axis=1) > 0)
+            xh, _ = inputs[m]
             mu, v = encoder_eval(p, f"enc/{m}/", xh, _to_xp(fit.bn_state, xp), cfg.n_layers, cfg.bn_eps, cfg.var_eps)
             mus.append(mu)
             vs.append(v)
@@ -682,7 +716,8 @@ def topic_feature_dist(
     :math:`b_m = b^0_m + \\text{bg\\_loc}_m` (``n_samples=0``, plug-in at the variational means), or the
     Monte-Carlo mean of :math:`\\mathrm{softmax}_f(M^\\phi + \\mathrm{sp}(S^\\phi)\\odot e + b_m)`.
     Unlike the reference (§11 item 13) the background is included by default, as in the likelihood.
-    Gaussian modalities: the mean logits :math:`M^\\phi_m` (no softmax).
+    Gaussian modalities: the mean logits :math:`M^\\phi_m` (no softmax). With the horseshoe prior the
+    logits are :func:`~atlasfit.models.topic.topic_feature_logits` (plug-in only).
 
     Examples
     --------
@@ -698,7 +733,10 @@ def topic_feature_dist(
     if modality not in cfg.modalities:
         raise ValueError(f"unknown modality {modality!r}; the model has {cfg.modalities}")
     p = fit.params
-    loc = np.asarray(p[f"dec/{modality}/Z_loc"], dtype=np.float64)
+    if cfg.horseshoe and n_samples > 0:
+        raise ValueError("topic_feature_dist: n_samples > 0 draws the logistic-normal prior's logits; with "
+                         "topic_feature_prior_type='horseshoe' use n_samples=0 (plug-in at the LogNormal means)")
+    loc = np.asarray(topic_feature_logits(p, cfg, modality), dtype=np.float64)
     if cfg.likelihood(modality) == "gaussian":
         return loc
     b = np.zeros(loc.shape[1])
