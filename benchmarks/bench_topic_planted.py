@@ -52,6 +52,11 @@ OPTIONS = {
     "reg=off kl=scvi400": ("off", "scvi400"),
     "reg=reference kl=documented": ("reference", "documented"),
     "reg=reference kl=constant": ("reference", "constant"),
+    # the decoder's topic-feature logits start from k-means groups of cells (kmeans_decoder_init)
+    # instead of zeros; the options above all start from zeros (the reference)
+    "reg=reference kl=scvi400 init=kmeans": ("reference", "scvi400", "kmeans"),
+    "reg=off kl=scvi400 init=kmeans": ("off", "scvi400", "kmeans"),
+    "reg=reference kl=constant init=kmeans": ("reference", "constant", "kmeans"),
 }
 
 
@@ -90,7 +95,8 @@ def run_option(atlas: PlantedAtlas, name: str, *, n_epochs: int, lr: float, batc
     """Train one option; returns (final row, per-epoch rows)."""
     from atlasfit.models.topic import train_serial
 
-    reg, sched = OPTIONS[name]
+    reg, sched, *rest = OPTIONS[name]
+    init = rest[0] if rest else "zeros"
     mods = list(atlas.x_train)
     cfg = _config(reg, mods, [atlas.x_train[m].shape[1] for m in mods], n_topics, n_hidden)
     curves = []
@@ -105,9 +111,9 @@ def run_option(atlas: PlantedAtlas, name: str, *, n_epochs: int, lr: float, batc
             f"{k}={v:.4g}" for k, v in row.items() if k not in ("option", "epoch")), flush=True)
 
     fit = train_serial(atlas.x_train, cfg, sample=atlas.sample_train, n_epochs=n_epochs, batch_size=batch_size,
-                       lr=lr, kl_schedule=sched, seed=seed, dtype=np.float32, callback=cb)
+                       lr=lr, kl_schedule=sched, seed=seed, dtype=np.float32, callback=cb, decoder_init=init)
     train_s = time.perf_counter() - t0
-    row = {"option": name, "regularizer": reg, "kl_schedule": sched, "epochs": n_epochs, "lr": lr,
+    row = {"option": name, "regularizer": reg, "kl_schedule": sched, "decoder_init": init, "epochs": n_epochs, "lr": lr,
            "batch_size": batch_size, "seed": seed, "train_s": train_s}
     row.update(evaluate(fit, atlas, n_samples=100))
     return row, curves

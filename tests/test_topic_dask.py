@@ -210,3 +210,59 @@ def test_bad_round_options():
         train_serial(data, _cfg(), sample=sample, steps_per_round=2.5)
     with pytest.raises(ValueError, match="theta_bar_sync"):
         train_serial(data, _cfg(), sample=sample, theta_bar_sync="previous")
+
+
+def test_workers_get_only_their_rows_with_covariates_graph_and_cell_weights(thread_clients):
+    # each worker is sent only its samples' rows (DaskEngine select_args hook); with batch offsets,
+    # encoder covariates, a within-sample GCN graph and per-cell weights the result is still the
+    # serial one, bit for bit (the serial engine holds all rows)
+    import anndata as ad
+    import mudata as md
+    import pandas as pd
+    import scipy.sparse as sp
+
+    from atlasfit.engine import plan_shards
+    from atlasfit.models.topic import MultimodalAmortizedLDA
+    from atlasfit.models.topic._train import _select_shard_rows, _shard_load
+
+    data, sample = _toy()
+    n = len(sample)
+    rng = np.random.default_rng(3)
+    G = sp.random(n, n, density=0.15, random_state=4, format="csr")
+    G = ((G + G.T) > 0).astype(float).tolil()
+    G[sample[:, None] != sample[None, :]] = 0  # within-sample edges only
+    G = G.tocsr()
+    obs = pd.DataFrame({"sample": sample, "batch": rng.choice(["b0", "b1"], n), "age": rng.normal(size=n)},
+                       index=[f"c{i}" for i in range(n)])
+    mods = {m: ad.AnnData(sp.csr_matrix(x), obs=obs.copy(), obsp={"nbr": G}) for m, x in data.items()}
+    mdata = md.MuData(mods)
+    for c in obs:
+        mdata.obs[c] = obs[c]
+
+    def fit(client):
+        m = MultimodalAmortizedLDA.from_mudata(
+            mdata, sample_key="sample", batch_key="batch", continuous_covariate_keys=["age"],
+            spatial_key="nbr", n_topics=3, n_hidden=6, weight_mode="cell", spatial_mode="gcn",
+            encode_covariates=True)
+        return m.train(max_epochs=2, batch_size=16, progress=False, client=client)
+
+    serial = fit(None)
+    _, k2 = thread_clients
+    dist = fit(k2)
+    for k, v in serial._fit.params.items():
+        np.testing.assert_array_equal(dist._fit.params[k], v, err_msg=k)
+    for a, b in zip(serial._omega, dist._omega):
+        np.testing.assert_array_equal(a, b)
+    # and the hook sends a worker its samples' rows only, renumbered, with their ids in the full data
+    groups = {s: np.flatnonzero(sample == s) for s in ("s0", "s1", "s2")}
+    shards = plan_shards(["s0", "s1", "s2"], [20, 28, 24], max_shards=3)
+    spec = [sh for sh in shards if list(sh.samples) == ["s1"]][0]
+    cfg = _cfg(n_batches=2)
+    args = (data, groups, {"s0": 0, "s1": 1, "s2": 2}, cfg, np.float64, {"batch": np.arange(n) % 2}, None)
+    a, kw = _select_shard_rows([spec], args, {})
+    sub, sub_groups = a[0], a[1]
+    assert sub["rna"].shape[0] == 28 and list(sub_groups) == ["s1"]
+    np.testing.assert_array_equal(kw["global_rows"], groups["s1"])
+    st = _shard_load(spec, *a, **kw)
+    np.testing.assert_array_equal(st["rows"], groups["s1"])
+    np.testing.assert_array_equal(st["batch"], (np.arange(n) % 2)[groups["s1"]])

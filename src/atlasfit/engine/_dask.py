@@ -372,6 +372,10 @@ class DaskEngine:
 
         Shards are placed on the running workers (balanced by cell count, deterministic by
         worker address order); the call is remembered so lost shards can be re-loaded.
+
+        If ``load_fn`` has an attribute ``select_args(specs, args, kwargs) -> (args, kwargs)``, each
+        worker is sent only what that returns for its shards (e.g. the rows of in-memory data its
+        samples own) instead of the whole ``args``.
         """
         if self.owners:
             self.client.run(_w_drop, self.id, on_error="ignore")
@@ -386,9 +390,11 @@ class DaskEngine:
         for i in indices:
             groups.setdefault(self.owners[i], []).append(i)
         futs, owners = [], []
+        select = getattr(load_fn, "select_args", None)
         for w, idx in sorted(groups.items()):
             specs = [self.shards[i] for i in idx]
-            futs.append(self._submit(_w_setup, self.id, specs, load_fn, args, kwargs, worker=w, tag="setup"))
+            a, kw = select(specs, args, kwargs) if select is not None else (args, kwargs)
+            futs.append(self._submit(_w_setup, self.id, specs, load_fn, a, kw, worker=w, tag="setup"))
             owners.append(w)
         self._collect(futs, owners)
 

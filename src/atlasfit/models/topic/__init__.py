@@ -37,6 +37,7 @@ from ._params import (
     init_bn_state,
     init_cell_omega,
     init_params,
+    kmeans_decoder_init,
     make_buffers,
 )
 from ._train import (
@@ -67,6 +68,7 @@ __all__ = [
     "init_cell_omega",
     "init_params",
     "kl_weight_schedule",
+    "kmeans_decoder_init",
     "likelihood_weights",
     "loglik_bernoulli",
     "loglik_gaussian",

@@ -39,7 +39,15 @@ from ._loss import (
 from ._nn import encoder_eval
 from ._optim import AdamWState, adamw_init, adamw_step
 from ._spatial import check_adjacency, neighbourhood, normalized_adjacency, sgc_features
-from ._params import background_init, draw_global_noise, init_bn_state, init_params, make_buffers, softplus
+from ._params import (
+    background_init,
+    draw_global_noise,
+    init_bn_state,
+    init_params,
+    kmeans_decoder_init,
+    make_buffers,
+    softplus,
+)
 from ._train import (
     TopicFit,
     _average_round,
@@ -656,6 +664,7 @@ class MultimodalAmortizedLDA:
         theta_bar_sync: str = "exact",
         steps_per_round: int = 1,
         device: str = "cpu",
+        decoder_init: str = "zeros",
     ) -> MultimodalAmortizedLDA:
         """Train by minibatch AdamW on the engine protocol (spec §3, §6), with held-out tracking.
 
@@ -703,6 +712,10 @@ class MultimodalAmortizedLDA:
             round per step with the topic-variance regulariser on).
         n_eval_samples
             Monte-Carlo draws for the per-epoch ``val_loss``.
+        decoder_init
+            Start of the topic-feature logits (first call only): ``"zeros"`` (the reference) or
+            ``"kmeans"`` (:func:`~atlasfit.models.topic.kmeans_decoder_init`: topics start at the
+            profiles of k-means groups of 2,000 cells, so no two start alike).
         device
             ``"cpu"``; ``"gpu"``: the minibatch forward/backward kernels run on CuPy on each worker's GPU
             (e.g. a ``LocalCUDACluster`` client; a clear error without CuPy and a CUDA device);
@@ -729,6 +742,8 @@ class MultimodalAmortizedLDA:
             raise ValueError(f"batch_size must be >= 2 (BatchNorm and the topic variance need 2 cells), got {batch_size}")
         if omega_update not in ("all", "minibatch"):
             raise ValueError(f"omega_update {omega_update!r}: use 'all' (reference) or 'minibatch' (lazy)")
+        if decoder_init not in ("zeros", "kmeans"):
+            raise ValueError(f"decoder_init {decoder_init!r}: use 'zeros' (reference) or 'kmeans'")
         if input_median not in ("dataset", "minibatch") and not (
             isinstance(input_median, (int, float)) and not isinstance(input_median, bool) and input_median > 0
         ):
@@ -799,6 +814,8 @@ class MultimodalAmortizedLDA:
                         b0[m] = background_init(sum(s[m]["x_over_lib"] for s in dstats), N, cfg.bg_offset)
                 buffers = make_buffers(cfg, b0, dtype)
                 p = init_params(cfg, seed, dtype)
+                if decoder_init == "kmeans":
+                    p.update(kmeans_decoder_init(cfg, data, buffers, seed=seed, dtype=dtype))
                 self._fit = TopicFit(cfg, p, init_bn_state(cfg, dtype), buffers, lib_median, bern_depth, None, [], N)
                 self._opt = adamw_init(p)
             elif self._omega is not None:

@@ -58,6 +58,7 @@ from ._params import (
     init_bn_state,
     init_cell_omega,
     init_params,
+    kmeans_decoder_init,
     make_buffers,
     softplus,
 )
@@ -150,14 +151,16 @@ def _np(d: dict) -> dict:
 # --------------------------------------------------------------------------- shard functions
 
 
-def _shard_load(spec, data, groups, sample_index, cfg, dtype, extras=None, array_module=None):
+def _shard_load(spec, data, groups, sample_index, cfg, dtype, extras=None, array_module=None, global_rows=None):
     # extras: per-cell covariates / spatial graph ({"batch", "cont", "graph"}, see _spatial.load_shard_extras)
     # array_module="cupy": the shard's counts stay in host memory (sparse) and every minibatch is moved to
     # the worker's GPU, where the forward and backward kernels run (the same xp code); only the reduced
     # gradients and statistics come back as NumPy
+    # global_rows: row ids of ``data``'s rows in the full data when a Dask worker was sent only its
+    # shards' rows (_select_shard_rows); None when ``data`` is the full data
     rows = np.concatenate([groups[s] for s in spec.samples]) if spec.samples else np.zeros(0, dtype=np.int64)
     state = {
-        "rows": rows,
+        "rows": rows if global_rows is None else np.asarray(global_rows)[rows],
         "x": {m: data[m][rows] for m in cfg.modalities},
         "parts": [],
         "cfg": cfg,
@@ -176,6 +179,41 @@ def _shard_load(spec, data, groups, sample_index, cfg, dtype, extras=None, array
         state["omega"], state["omega_m"], state["omega_v"] = om, np.zeros_like(om), np.zeros_like(om)
         state["omega_t"] = np.zeros(len(rows), dtype=np.int64)  # per-row step counts (lazy update)
     return state
+
+
+def _select_shard_rows(specs, args, kwargs):
+    """What a Dask worker needs to load ``specs`` (DaskEngine ``select_args`` hook of :func:`_shard_load`):
+    the rows of the data, covariates and graph of its samples only, with ``groups`` renumbered to those
+    rows and their ids in the full data passed as ``global_rows``."""
+    data, groups, sample_index, cfg, dtype, *rest = args
+    extras = rest[0] if rest else kwargs.get("extras")
+    array_module = rest[1] if len(rest) > 1 else kwargs.get("array_module")
+    samples = [s for spec in specs for s in spec.samples]
+    rows = np.concatenate([groups[s] for s in samples]) if samples else np.zeros(0, dtype=np.int64)
+    sub_groups, off = {}, 0
+    for s in samples:
+        k = len(groups[s])
+        sub_groups[s] = np.arange(off, off + k)
+        off += k
+    sub_data = {m: data[m][rows] for m in cfg.modalities}
+    sub_extras = None
+    if extras:
+        sub_extras = {}
+        for key, val in extras.items():
+            if val is None:
+                sub_extras[key] = None
+            elif key == "graph":
+                g = val if isinstance(val, dict) else {None: val}
+                sl = {m: G.tocsr()[rows][:, rows] if hasattr(G, "tocsr") else np.asarray(G)[np.ix_(rows, rows)]
+                      for m, G in g.items()}
+                sub_extras[key] = sl if isinstance(val, dict) else sl[None]
+            else:
+                sub_extras[key] = np.asarray(val)[rows]
+    sub_index = {s: sample_index[s] for s in samples}
+    return (sub_data, sub_groups, sub_index, cfg, dtype, sub_extras, array_module), {"global_rows": rows}
+
+
+_shard_load.select_args = _select_shard_rows
 
 
 def _shard_data_stats(state):
@@ -390,6 +428,7 @@ def train_serial(
     theta_bar_sync: str = "exact",
     steps_per_round: int = 1,
     device: str = "cpu",
+    decoder_init: str = "zeros",
 ) -> TopicFit:
     """Fit MultimodalAmortizedLDA with minibatch AdamW over shards of whole samples (serial engine).
 
@@ -447,6 +486,9 @@ def train_serial(
         (its gradient scaled by :math:`N/B_s`, its own :math:`\\bar\\theta`), then parameters and
         moments are averaged weighted by the cells each shard used, in shard order. One engine round
         per ``S`` steps; rounds do not cross epochs.
+    decoder_init
+        ``"zeros"`` (reference) or ``"kmeans"`` (:func:`~atlasfit.models.topic.kmeans_decoder_init`);
+        ignored when ``params`` is given.
     device
         ``"cpu"``, ``"gpu"`` (minibatch kernels on CuPy; a clear error without a CUDA device) or
         ``"auto"`` (the GPU when one is usable and an ``engine_factory`` is given).
@@ -477,6 +519,8 @@ def train_serial(
         raise ValueError(f"bernoulli_depth {bernoulli_depth!r}: use 'dataset' or 'minibatch'")
     if omega_update not in ("all", "minibatch"):
         raise ValueError(f"omega_update {omega_update!r}: use 'all' (reference) or 'minibatch' (lazy)")
+    if decoder_init not in ("zeros", "kmeans"):
+        raise ValueError(f"decoder_init {decoder_init!r}: use 'zeros' (reference) or 'kmeans'")
     if theta_bar_sync not in ("exact", "lagged"):
         raise ValueError(f"theta_bar_sync {theta_bar_sync!r}: use 'exact' (two rounds per step) or 'lagged' (one round)")
     if isinstance(steps_per_round, bool) or not isinstance(steps_per_round, (int, np.integer)) or steps_per_round < 1:
@@ -508,7 +552,12 @@ def train_serial(
             if cfg.has_background(m):
                 b0[m] = background_init(sum(s[m]["x_over_lib"] for s in dstats), N, cfg.bg_offset)
         buffers = make_buffers(cfg, b0, dtype)
-        p = init_params(cfg, seed, dtype) if params is None else {k: np.asarray(v, dtype=dtype) for k, v in params.items()}
+        if params is None:
+            p = init_params(cfg, seed, dtype)
+            if decoder_init == "kmeans":
+                p.update(kmeans_decoder_init(cfg, data, buffers, seed=seed, dtype=dtype))
+        else:
+            p = {k: np.asarray(v, dtype=dtype) for k, v in params.items()}
         bn = init_bn_state(cfg, dtype)
         opt_state = adamw_init(p)
         opt = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay}
