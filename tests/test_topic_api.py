@@ -330,8 +330,11 @@ def test_top_features_diversity_entropy_variance(fitted, planted):
 def test_untrained_topics_have_zero_diversity(planted):
     _, _, _, rna, atac = planted
     m = MultimodalAmortizedLDA.from_data({"rna": rna[:100]}, likelihoods=["multinomial"], n_topics=K)
-    m.train(max_epochs=0, progress=False)
+    m.train(max_epochs=0, decoder_init="zeros", progress=False)
     assert m.get_topic_diversity() == pytest.approx(0.0, abs=1e-12)  # Z_loc = 0: identical uniform topics
+    k = MultimodalAmortizedLDA.from_data({"rna": rna[:100]}, likelihoods=["multinomial"], n_topics=K)
+    k.train(max_epochs=0, progress=False)  # the default k-means start: distinct topics before any step
+    assert k.get_topic_diversity() > 0.1
 
 
 def test_likelihood_weights_and_cross_modality(fitted, planted):

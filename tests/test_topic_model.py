@@ -141,7 +141,8 @@ def test_single_shard_step_equals_loss_and_grad_step():
     data, _ = _toy(n=20)
     cfg = TopicModelConfig(("rna", "atac"), (10, 8), ("gamma_poisson", "bernoulli"), n_topics=3, n_hidden=6,
                            weight_mode="universal", bernoulli_scaling="reference")
-    fit = train_serial(data, cfg, n_epochs=1, batch_size=20, seed=1, lr=0.01, kl_schedule="constant")
+    fit = train_serial(data, cfg, n_epochs=1, batch_size=20, seed=1, lr=0.01, kl_schedule="constant",
+                       decoder_init="zeros")
     p0 = init_params(cfg, 1)
     state = {"parts": [(0, 0, 20)]}
     rows = _step_rows(state, 1, 0, 0, 1)[0][1]
@@ -198,23 +199,24 @@ def test_planted_topics_are_recovered():
         r, c = linear_sum_assignment(-C)
         return per_token_log_likelihood(th, ph, Xte), C[r, c]
 
-    # Training seed 1 (deterministic: same bits every run). Seeds 1, 2, 3 all pass these bounds
-    # (matched correlations >= 0.99); seed 0 ends, after 20 epochs, in a local optimum with one
-    # topic merged into another and one dead topic, a known failure mode of amortised LDA.
-    init = train_serial({"rna": Xtr}, cfg, sample=sample, n_epochs=0, seed=1)
+    # Training seed 0 (deterministic: same bits every run). Measured (tmp script, 20 epochs, lr 0.05):
+    # from the reference's zero start seeds 1 and 2 recover every topic (>= 0.995) but seed 0 ends
+    # with one topic merged into another and one dead topic (min matched corr 0.14, LL -4.603); from
+    # the default k-means start (kmeans_decoder_init) seeds 0, 1, 2 all reach >= 0.997, LL -4.476..-4.479.
+    init = train_serial({"rna": Xtr}, cfg, sample=sample, n_epochs=0, seed=0, decoder_init="zeros")
     fit = train_serial({"rna": Xtr}, cfg, sample=sample, n_epochs=20, batch_size=128, lr=0.05,
-                       kl_schedule="constant", seed=1)
+                       kl_schedule="constant", seed=0)
     ll0, corr0 = score(init)
     ll1, corr1 = score(fit)
     ll_oracle = per_token_log_likelihood(th_te, phi, Xte)  # planted theta and phi
-    # Measured (seed 1): init -4.93, fitted -4.53, oracle -4.45 nats/token, i.e. 84% of the gap
-    # between the untrained model and the oracle closed. Bound: at least 75% of that gap.
-    assert (ll1 - ll0) > 0.75 * (ll_oracle - ll0), (ll0, ll1, ll_oracle)
+    # Measured: untrained -4.945, fitted -4.476, oracle -4.453 nats/token, i.e. 95% of the gap
+    # between the untrained model and the oracle closed. Bound: at least 85% of that gap.
+    assert (ll1 - ll0) > 0.85 * (ll_oracle - ll0), (ll0, ll1, ll_oracle)
     # The untrained model's phi is the background (mean expression) plus noise, which already
-    # correlates 0.36-0.60 with every planted topic. A recovered topic must explain its own
-    # marker genes: require every Hungarian-matched correlation > 0.9 (measured: >= 0.99).
+    # correlates 0.33-0.64 with every planted topic. A recovered topic must explain its own
+    # marker genes: require every Hungarian-matched correlation > 0.95 (measured: >= 0.997).
     assert corr0.max() < 0.7
-    assert corr1.min() > 0.9, corr1
+    assert corr1.min() > 0.95, corr1
     # the loss went down
     assert fit.history[-1]["loss"] < fit.history[0]["loss"]
 

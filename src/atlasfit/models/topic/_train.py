@@ -428,7 +428,7 @@ def train_serial(
     theta_bar_sync: str = "exact",
     steps_per_round: int = 1,
     device: str = "cpu",
-    decoder_init: str = "zeros",
+    decoder_init: str = "kmeans",
 ) -> TopicFit:
     """Fit MultimodalAmortizedLDA with minibatch AdamW over shards of whole samples (serial engine).
 
@@ -487,8 +487,8 @@ def train_serial(
         moments are averaged weighted by the cells each shard used, in shard order. One engine round
         per ``S`` steps; rounds do not cross epochs.
     decoder_init
-        ``"zeros"`` (reference) or ``"kmeans"`` (:func:`~atlasfit.models.topic.kmeans_decoder_init`);
-        ignored when ``params`` is given.
+        ``"kmeans"`` (default, :func:`~atlasfit.models.topic.kmeans_decoder_init`) or ``"zeros"``
+        (the reference); ignored when ``params`` is given.
     device
         ``"cpu"``, ``"gpu"`` (minibatch kernels on CuPy; a clear error without a CUDA device) or
         ``"auto"`` (the GPU when one is usable and an ``engine_factory`` is given).
