@@ -57,10 +57,13 @@ OPTIONS = {
     "reg=reference kl=scvi400 init=kmeans": ("reference", "scvi400", "kmeans"),
     "reg=off kl=scvi400 init=kmeans": ("off", "scvi400", "kmeans"),
     "reg=reference kl=constant init=kmeans": ("reference", "constant", "kmeans"),
+    # peaks with the smooth binarised-Poisson link p = 1 - exp(-q) instead of the reference min(q, 1)
+    "reg=reference kl=constant init=kmeans link=cloglog": ("reference", "constant", "kmeans", "cloglog"),
+    "reg=reference kl=scvi400 init=kmeans link=cloglog": ("reference", "scvi400", "kmeans", "cloglog"),
 }
 
 
-def _config(reg: str, modalities, n_features, n_topics: int, n_hidden: int):
+def _config(reg: str, modalities, n_features, n_topics: int, n_hidden: int, link: str = "clip"):
     from atlasfit.models.topic import TopicModelConfig
 
     kw = {}
@@ -72,7 +75,7 @@ def _config(reg: str, modalities, n_features, n_topics: int, n_hidden: int):
         raise ValueError(f"unknown regulariser option {reg!r}")
     lik = {"rna": "multinomial", "atac": "bernoulli"}
     return TopicModelConfig(tuple(modalities), tuple(n_features), tuple(lik[m] for m in modalities),
-                            n_topics=n_topics, n_hidden=n_hidden, **kw)
+                            n_topics=n_topics, n_hidden=n_hidden, bernoulli_link=link, **kw)
 
 
 def evaluate(fit, atlas: PlantedAtlas, n_samples: int = 0) -> dict:
@@ -97,8 +100,9 @@ def run_option(atlas: PlantedAtlas, name: str, *, n_epochs: int, lr: float, batc
 
     reg, sched, *rest = OPTIONS[name]
     init = rest[0] if rest else "zeros"
+    link = rest[1] if len(rest) > 1 else "clip"
     mods = list(atlas.x_train)
-    cfg = _config(reg, mods, [atlas.x_train[m].shape[1] for m in mods], n_topics, n_hidden)
+    cfg = _config(reg, mods, [atlas.x_train[m].shape[1] for m in mods], n_topics, n_hidden, link)
     curves = []
     t0 = time.perf_counter()
 
@@ -113,7 +117,8 @@ def run_option(atlas: PlantedAtlas, name: str, *, n_epochs: int, lr: float, batc
     fit = train_serial(atlas.x_train, cfg, sample=atlas.sample_train, n_epochs=n_epochs, batch_size=batch_size,
                        lr=lr, kl_schedule=sched, seed=seed, dtype=np.float32, callback=cb, decoder_init=init)
     train_s = time.perf_counter() - t0
-    row = {"option": name, "regularizer": reg, "kl_schedule": sched, "decoder_init": init, "epochs": n_epochs, "lr": lr,
+    row = {"option": name, "regularizer": reg, "kl_schedule": sched, "decoder_init": init, "bernoulli_link": link,
+           "epochs": n_epochs, "lr": lr,
            "batch_size": batch_size, "seed": seed, "train_s": train_s}
     row.update(evaluate(fit, atlas, n_samples=100))
     return row, curves

@@ -203,10 +203,10 @@ def test_likelihood_per_modality(fitted, planted):
     # multinomial without coefficient (§1.7): sum x log rho
     phi = fitted.get_feature_topic_dist("rna", include_background=True).to_numpy().T
     assert ll["rna"] == pytest.approx((rna * np.log(th @ phi)).sum(), rel=1e-9)
-    # Bernoulli with depth scaling: p = min(rho * l_n, 1); scipy's Bernoulli log-pmf
+    # Bernoulli with depth scaling and the default cloglog link: p = 1 - exp(-rho * l_n); scipy's log-pmf
     phi_a = fitted.get_feature_topic_dist("atac", include_background=True).to_numpy().T
-    p = np.clip(np.minimum((th @ phi_a) * atac.sum(1, keepdims=True), 1.0), 1.1920929e-07, 1 - 1.1920929e-07)
-    assert ll["atac"] == pytest.approx(stats.bernoulli.logpmf(atac, p).sum(), rel=1e-9)
+    q = np.maximum((th @ phi_a) * atac.sum(1, keepdims=True), 1.1920929e-07)
+    assert ll["atac"] == pytest.approx(stats.bernoulli.logpmf(atac, -np.expm1(-q)).sum(), rel=1e-9)
     per = fitted.get_likelihood_per_modality(n_samples=0)
     assert per["rna"] == pytest.approx(ll["rna"] / rna.sum(), rel=1e-12)  # per token: / sum of counts
     # the multinomial per-token likelihood is minus the log perplexity (same definition)

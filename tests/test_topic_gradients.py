@@ -109,8 +109,9 @@ BASE = dict(n_topics=3, n_hidden=5)
         ("nb", {}),  # NB without background
         ("gamma_poisson", {"learnable_dispersion": True}),  # global d
         ("nb", {"learnable_dispersion": True, "global_dispersion": False}),  # per-feature d
-        ("bernoulli", {}),  # corrected depth scaling
+        ("bernoulli", {}),  # corrected depth scaling, cloglog link (defaults)
         ("bernoulli", {"bernoulli_scaling": "reference"}),
+        ("bernoulli", {"bernoulli_link": "clip"}),  # the reference link
         ("gaussian", {}),
     ],
 )
@@ -233,6 +234,9 @@ def test_likelihoods_match_scipy():
     xb = (x > 3).astype(float)
     lp, _ = loglik_bernoulli(xb, rho, np.full(3, 0.9))
     np.testing.assert_allclose(lp, st.bernoulli.logpmf(xb, rho * 0.9).sum(1), rtol=1e-12)
+    # cloglog link: an open feature is a positive Poisson(q) count, p = 1 - exp(-q)
+    lp, _ = loglik_bernoulli(xb, rho, np.full(3, 3.0), link="cloglog")
+    np.testing.assert_allclose(lp, st.bernoulli.logpmf(xb, -np.expm1(-rho * 3.0)).sum(1), rtol=1e-12)
     sig = np.array([0.5, 1.0, 2.0, 1.5, 0.8])
     lp, _, _ = loglik_gaussian(x, rho, sig)
     np.testing.assert_allclose(lp, st.norm.logpdf(x, rho, sig).sum(1), rtol=1e-12)

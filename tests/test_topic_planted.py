@@ -123,31 +123,29 @@ def test_scvi_equivalent_config():
     assert cfg.normalize_encoder_inputs is False
 
 
-# Acceptance configuration: the default k-means start of the topic-feature logits, constant KL,
-# 50 epochs, lr 0.05, batch 256, float32 (benchmarks/results/topic_planted_kmeans_long.csv, training
-# seed 1): RNA 0.998 / peaks 0.910 mean matched correlation, held-out LL -5.836 / -7.075 against
-# -5.809 / -7.020 under the planted parameters. The other seed measured (0) gives RNA 0.998 but peaks
-# 0.851: one peak topic stays poorly matched (0.25) while its RNA side is recovered (see
-# docs/topic_model.md); seed 1 is the one this test reruns, not a claim that every seed passes.
-ACCEPT_OPTION = "reg=reference kl=constant init=kmeans"
+# Acceptance configuration: the defaults of the topic model's training (k-means start of the
+# topic-feature logits, binarised-Poisson "cloglog" link for the peaks) with constant KL, 50 epochs,
+# lr 0.05, batch 256, float32 (benchmarks/results/topic_planted_cloglog.csv, training seed 0):
+# RNA 0.998 / peaks 0.992 mean matched correlation, held-out LL -5.837 / -7.037 against -5.809 /
+# -7.020 under the planted parameters (seed 1: 0.998 / 0.992, -5.834 / -7.036).
+ACCEPT_OPTION = "reg=reference kl=constant init=kmeans link=cloglog"
 ACCEPT_EPOCHS = 50
 ACCEPT_LR = 0.05
-ACCEPT_SEED = 1
+ACCEPT_SEED = 0
 # Regression bounds below those measured values (same data, same seed; margin for BLAS/rounding
 # differences between machines).
 ACCEPT_RNA_CORR = 0.95
-ACCEPT_ATAC_CORR = 0.85  # peaks are capped by binarisation: atac_ceiling 0.939 for this atlas
-ACCEPT_LL_GAP = {"rna": 0.1, "atac": 0.15}  # measured gaps 0.027 / 0.055 nats per token
+ACCEPT_ATAC_CORR = 0.95
+ACCEPT_LL_GAP = {"rna": 0.08, "atac": 0.08}  # measured gaps 0.028 / 0.017 nats per token
 
 
 @pytest.mark.slow
 def test_planted_atlas_acceptance():
-    """Issue 4 acceptance: 20k cells, 2,000 genes + 5,000 peaks, K=10.
+    """Issue 4 acceptance: 20k cells, 2,000 genes + 5,000 peaks, K=10; the issue's target is a mean
+    matched correlation >= 0.9 per modality.
 
-    1,232 s measured on 1 core of a loaded 2-core machine; it reproduces the benchmark row (same data,
-    seed and code path). Hard assertions are regression bounds from the committed measurement; the
-    issue's target (mean matched correlation >= 0.9 per modality) is asserted as an expected failure
-    (xfail) if a machine's rounding ever lands this seed below it.
+    204 s measured on 1 core; it reproduces the benchmark row (same data, seed and code path). The
+    bounds are regression bounds from that measurement, all above the target.
     """
     from benchmarks.bench_topic_planted import run_option
 
@@ -158,6 +156,3 @@ def test_planted_atlas_acceptance():
     assert row["atac_corr_mean"] >= ACCEPT_ATAC_CORR, row
     for m in ("rna", "atac"):
         assert row[f"{m}_ll"] >= planted_per_token_ll(a, m) - ACCEPT_LL_GAP[m], row
-    if min(row["rna_corr_mean"], row["atac_corr_mean"]) < 0.9:
-        pytest.xfail(f"issue 4 target (mean matched correlation >= 0.9) not met: rna {row['rna_corr_mean']:.3f}, "
-                     f"atac {row['atac_corr_mean']:.3f}")

@@ -91,6 +91,12 @@ class TopicModelConfig:
         ``"depth"`` (default, corrected): :math:`p = \\min(\\ell_n\\rho_{nf}, 1)`, so the expected number
         of ones of a cell is its observed number of ones. ``"reference"``:
         :math:`p = \\min(\\rho_{nf}\\ell_n/\\bar\\ell, 1)` (§1.7, mis-scaled, §11 item 16).
+    bernoulli_link
+        ``"cloglog"`` (default): :math:`p = 1 - e^{-q}` with :math:`q` the scaled rate above (an open
+        feature is a positive Poisson count, as in binarised ATAC), smooth everywhere. ``"clip"`` (the
+        reference): :math:`p = \\min(q, 1)`, with no gradient where :math:`q \\ge 1`; on the planted
+        atlas a peak topic that saturates there stays stuck (docs/topic_model.md, "Measured"). See
+        :func:`~atlasfit.models.topic.loglik_bernoulli`.
 
     Examples
     --------
@@ -127,6 +133,7 @@ class TopicModelConfig:
     regularizer_sign: str = "reference"
     normalize_encoder_inputs: bool = True
     bernoulli_scaling: str = "depth"
+    bernoulli_link: str = "cloglog"
     topic_feature_prior_type: str = "logistic_normal"
     n_batches: int = 0
     decoder_batch_offsets: bool = True
@@ -176,6 +183,8 @@ class TopicModelConfig:
             raise ValueError(f"regularizer_sign {self.regularizer_sign!r}: use 'reference' or 'documented'")
         if self.bernoulli_scaling not in ("depth", "reference"):
             raise ValueError(f"bernoulli_scaling {self.bernoulli_scaling!r}: use 'depth' or 'reference'")
+        if self.bernoulli_link not in ("clip", "cloglog"):
+            raise ValueError(f"bernoulli_link {self.bernoulli_link!r}: use 'clip' (reference) or 'cloglog'")
         if self.topic_feature_prior is not None and not np.isscalar(self.topic_feature_prior):
             raise ValueError("topic_feature_prior must be None or a float (one value for every topic and feature)")
         if self.dispersion <= 0:

@@ -473,9 +473,16 @@ def loglik_nb_learned(x, rho, lib, d):
     return lp.sum(axis=1), dmu * (mu_raw > _MU_FLOOR).astype(rho.dtype) * lib[:, None], dd
 
 
-def loglik_bernoulli(x, rho, scale):
-    """Bernoulli (§1.7): :math:`p=\\mathrm{clip}(\\min(\\rho_{nf}s_n,1),\\varepsilon_{32},1-\\varepsilon_{32})`,
+def loglik_bernoulli(x, rho, scale, link: str = "clip"):
+    """Bernoulli (§1.7) with :math:`q_{nf}=\\rho_{nf}s_n`,
     :math:`\\log p = \\sum_f\\tilde x\\log p + (1-\\tilde x)\\log(1-p)`, :math:`\\tilde x=\\mathrm{round}(\\mathrm{clip}(x,0,1))`.
+
+    ``link="clip"`` (the reference): :math:`p=\\mathrm{clip}(\\min(q,1),\\varepsilon_{32},1-\\varepsilon_{32})`;
+    the gradient is zero wherever :math:`q` leaves :math:`(\\varepsilon_{32}, 1-\\varepsilon_{32})`, so a
+    topic whose features saturate (:math:`q\\ge1`) gets no signal to come back.
+    ``link="cloglog"``: :math:`p = 1-e^{-q}` (a feature is open when a Poisson(:math:`q`) count is
+    positive, the binarised-count model), smooth for every :math:`q>0`:
+    :math:`\\partial\\log p/\\partial q = \\tilde x/(e^q-1) - (1-\\tilde x)`. For small :math:`q` both agree.
 
     ``scale`` is :math:`s_n` (:math:`\\ell_n` for ``bernoulli_scaling="depth"``,
     :math:`\\ell_n/\\bar\\ell` for ``"reference"``). Returns ``(log p per cell, d log p / d rho)``.
@@ -483,6 +490,13 @@ def loglik_bernoulli(x, rho, scale):
     xp = get_xp(x, rho)
     xt = xp.round(xp.clip(x, 0.0, 1.0))
     q = rho * scale[:, None]
+    if link == "cloglog":
+        ok = (q > EPS32).astype(rho.dtype)
+        qc = xp.maximum(q, EPS32)
+        lp = (xt * xp.log(-xp.expm1(-qc)) - (1.0 - xt) * qc).sum(axis=1)
+        return lp, (xt / xp.expm1(qc) - (1.0 - xt)) * ok * scale[:, None]
+    if link != "clip":
+        raise ValueError(f"bernoulli link {link!r}: use 'clip' or 'cloglog'")
     pm = xp.minimum(q, 1.0)
     pc = xp.clip(pm, EPS32, 1.0 - EPS32)
     ok = ((q > EPS32) & (q < 1.0 - EPS32)).astype(rho.dtype)
@@ -714,7 +728,7 @@ def forward_cells(
                             "use bernoulli_scaling='depth' or drop empty cells"
                         )
                     s = lib / ref
-                lp, drho = loglik_bernoulli(xm, rho, s)
+                lp, drho = loglik_bernoulli(xm, rho, s, cfg.bernoulli_link)
             elif cfg.learns_dispersion(m):
                 lp, drho, dd = loglik_nb_learned(xm, rho, lib, draws[f"d/{m}"])
                 entry["dd"] = dd

@@ -1115,7 +1115,7 @@ class MultimodalAmortizedLDA:
                 out[m] = loglik_multinomial(xm, rho)[0]
             elif lik == "bernoulli":
                 s = lib if cfg.bernoulli_scaling == "depth" else lib / fit.bern_depth[m]
-                out[m] = loglik_bernoulli(xm, rho, s)[0]
+                out[m] = loglik_bernoulli(xm, rho, s, cfg.bernoulli_link)[0]
             elif cfg.learns_dispersion(m):
                 out[m] = loglik_nb_learned(xm, rho, lib, draws[f"d/{m}"])[0]
             else:
