@@ -483,3 +483,14 @@ def test_docstring_examples():
     for mod in (_kernels, _shard, _fit, _model):
         res = doctest.testmod(mod, optionflags=doctest.ELLIPSIS, verbose=False)
         assert res.attempted > 0 and res.failed == 0, (mod.__name__, res)
+
+
+def test_gpu_without_a_device_is_a_clear_error_naming_gedi(monkeypatch):
+    import atlasfit.cluster as cl
+
+    monkeypatch.setattr(cl, "gpu_available", lambda: False)
+    a, C, H, _ = make_planted(0)
+    with pytest.raises(RuntimeError, match=r"GEDI\(device='gpu'\).*gpu-cu12"):
+        atlasfit.GEDI(K=K, C=C, H=H, sample_key="sample", device="gpu").fit(a, max_iterations=1, progress=False)
+    with pytest.raises(ValueError, match="device must be 'cpu', 'gpu' or 'auto'"):
+        atlasfit.GEDI(K=K, C=C, H=H, sample_key="sample", device="tpu")

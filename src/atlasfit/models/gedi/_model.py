@@ -338,7 +338,10 @@ class GEDI:
         union = getattr(reg, "_union", None)
         cell_names = None if is_store or union is None else {
             g: np.asarray(union[plan.cells[g]]).astype(str) for g in plan.global_samples}
-        array_module = "cupy" if reg._use_gpu(engine) else None
+        from ...cluster import resolve_device
+
+        gpu = resolve_device(self.device, "GEDI", distributed=not isinstance(engine, SerialEngine))
+        array_module = "cupy" if gpu else None
         engine.setup(sh.load_gedi_shard, sh.CheckedReader(reader, self.obs_type, genes, cell_names), plan,
                      config, ctx.lamQ, ctx.lamO, hcols, array_module)
         self._engine = engine
