@@ -494,3 +494,14 @@ def test_gpu_without_a_device_is_a_clear_error_naming_gedi(monkeypatch):
         atlasfit.GEDI(K=K, C=C, H=H, sample_key="sample", device="gpu").fit(a, max_iterations=1, progress=False)
     with pytest.raises(ValueError, match="device must be 'cpu', 'gpu' or 'auto'"):
         atlasfit.GEDI(K=K, C=C, H=H, sample_key="sample", device="tpu")
+
+
+def test_tl_gedi_writes_what_the_model_writes():
+    a, C, H, _ = make_planted(0)
+    ref = atlasfit.GEDI(K=K, C=C, H=H, sample_key="sample", seed=0).fit(a, max_iterations=3, progress=False)
+    b = a.copy()
+    atlasfit.tl.gedi(b, "sample", K=K, C=C, H=H, max_iterations=3)
+    np.testing.assert_array_equal(b.obsm["X_gedi"], ref.embedding())
+    np.testing.assert_array_equal(b.varm["gedi_pathway_assoc"], ref.pathway_associations().to_numpy())
+    out = atlasfit.tl.gedi(a, "sample", K=K, max_iterations=2, key_added="g2", copy=True)
+    assert "X_g2" in out.obsm and "X_g2" not in a.obsm and out.obsm["X_g2"].shape == (a.n_obs, K)

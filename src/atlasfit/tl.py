@@ -77,3 +77,54 @@ def multigedi(
         mdata.uns[key_added] = uns
     model.close()
     return mdata if copy else None
+
+
+def gedi(
+    adata,
+    sample_key: str,
+    *,
+    K: int = 10,
+    C=None,
+    H=None,
+    mode: str = "Bsphere",
+    max_iterations: int = 30,
+    seed: int = 0,
+    dtype: str = "float64",
+    layer: str | None = None,
+    key_added: str = "gedi",
+    client=None,
+    copy: bool = False,
+):
+    """Fit single-modality GEDI (optional pathway prior ``C``, sample covariates ``H``) on an in-memory
+    AnnData and write the results into it, as :meth:`atlasfit.GEDI.write` does: ``obsm[f"X_{key_added}"]``
+    (cells x K, the AnnData's row order), ``varm[f"{key_added}_Z"]`` and, with ``C``,
+    ``varm[f"{key_added}_pathway_assoc"]``; the parameters in ``uns[key_added]``.
+
+    Parameters
+    ----------
+    adata
+        AnnData of counts (``X`` or ``layer``), with the sample labels in ``obs[sample_key]``.
+    K, C, H, mode, seed, dtype, layer
+        See :class:`atlasfit.GEDI`.
+    max_iterations, client
+        See :meth:`atlasfit.GEDI.fit`.
+    key_added
+        Prefix of the written keys.
+    copy
+        Return an updated copy instead of updating ``adata``.
+
+    Returns
+    -------
+    The updated copy if ``copy``, else ``None``.
+    """
+    from .models.gedi import GEDI
+
+    if copy:
+        adata = adata.copy()
+    model = GEDI(K=K, C=C, H=H, mode=mode, seed=seed, dtype=dtype, sample_key=sample_key, layer=layer)
+    try:
+        model.fit(adata, max_iterations=max_iterations, client=client, progress=False)
+        model.write(adata, key=key_added)
+    finally:
+        model.close()
+    return adata if copy else None
