@@ -283,7 +283,8 @@ class DaskEngine:
         """Wait for ``futs`` (one per owner); raise ShardLostError if an owner goes away."""
         while True:
             try:
-                distributed.wait(futs, timeout=self.poll_interval)
+                with self.client.as_current():  # wait() uses the current client; ours may not be the default
+                    distributed.wait(futs, timeout=self.poll_interval)
                 break
             except TimeoutError:
                 self._raise_if_owner_died(futs, owners, "during a round")
@@ -328,7 +329,8 @@ class DaskEngine:
         live = [f for f, w in zip(futs, owners) if w in alive and not f.done()]
         if live:
             try:
-                distributed.wait(live, timeout=60)
+                with self.client.as_current():
+                    distributed.wait(live, timeout=60)
             except TimeoutError:
                 pass
         self.client.cancel(futs)
