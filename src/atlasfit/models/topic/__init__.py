@@ -42,6 +42,7 @@ from ._params import (
 )
 from ._train import (
     TopicFit,
+    guide_eval,
     per_token_log_likelihood,
     topic_feature_dist,
     topic_proportions,
@@ -64,6 +65,7 @@ __all__ = [
     "global_draws",
     "global_draws_backward",
     "global_kl",
+    "guide_eval",
     "init_bn_state",
     "init_cell_omega",
     "init_params",

@@ -24,7 +24,6 @@ from ...engine import SerialEngine, plan_shards
 from ._config import COUNT_LIKELIHOODS, LIKELIHOODS, TopicModelConfig, kl_weight_schedule
 from ._loss import (
     combine_loss,
-    encoder_inputs,
     global_draws,
     global_kl,
     loglik_bernoulli,
@@ -32,11 +31,8 @@ from ._loss import (
     loglik_multinomial,
     loglik_nb_fixed,
     loglik_nb_learned,
-    masked_softmax,
-    moment_match,
     softmax,
 )
-from ._nn import encoder_eval
 from ._optim import AdamWState, adamw_init, adamw_step
 from ._spatial import check_adjacency, neighbourhood, normalized_adjacency, sgc_features
 from ._params import (
@@ -62,6 +58,7 @@ from ._train import (
     _shard_step,
     _step_size,
     _update_bn,
+    guide_eval,
     topic_feature_dist,
 )
 
@@ -1059,29 +1056,7 @@ class MultimodalAmortizedLDA:
         """Eval-mode guide (§5): encoders (running BatchNorm statistics, no dropout) on the inputs of
         :func:`~atlasfit.models.topic._loss.encoder_inputs`, mixture weights ``w`` (n, M) and the
         moment-matched :math:`(\\bar\\mu, \\bar v)`. Returns ``(w, mbar, vbar, batch codes)``."""
-        fit, cfg = self._fit, self.config
-        p = fit.params
-        batch, inputs = encoder_inputs(cfg, x, lib_median=fit.lib_median, **extra)
-        mus, vs, pres = [], [], []
-        for m in cfg.modalities:
-            pres.append(x[m].sum(axis=1) > 0)
-            xh, gcn = inputs[m]
-            mu, v = encoder_eval(p, f"enc/{m}/", xh, fit.bn_state, cfg.n_layers, cfg.bn_eps, cfg.var_eps, gcn=gcn)
-            mus.append(mu)
-            vs.append(v)
-        mus, vs, pres = np.stack(mus), np.stack(vs), np.stack(pres, axis=1)
-        if cfg.aggregation == "attention":
-            w, _ = masked_softmax((np.tanh(mus @ p["att/W"]) @ p["att/u"]).T, pres, clamp=False)
-        else:
-            if cfg.weight_mode == "universal":
-                om = np.broadcast_to(p["mix/omega"][None, :], pres.shape)
-            elif cfg.weight_mode == "cell" and omega is not None:
-                om = np.asarray(omega, dtype=mus.dtype)
-            else:
-                om = np.ones(pres.shape, dtype=mus.dtype)
-            w, _ = masked_softmax(om, pres, clamp=True)
-        mbar, vbar, _ = moment_match(w, mus, vs)
-        return w, mbar, vbar, batch
+        return guide_eval(self._fit, x, omega=omega, **extra)
 
     def _rho(self, m: str, theta, draws, batch, phi=None):
         """:math:`\\rho_{nm} = \\theta_n\\phi^{(c(n))}_m` with :math:`\\phi^{(c)} = \\mathrm{softmax}_f(Z_m + b_m + \\tau^b_m\\Delta_{m,c})`

@@ -669,6 +669,42 @@ def _update_bn(bn: dict, tot: dict, B: int, cfg: TopicModelConfig) -> None:
 # --------------------------------------------------------------------------- posterior summaries
 
 
+def guide_eval(fit: TopicFit, x: Mapping, *, omega=None, **extra):
+    """Eval-mode guide (§5) on the dense rows ``x[m]``: encoders with BatchNorm running statistics and
+    no dropout on the inputs of :func:`~atlasfit.models.topic._loss.encoder_inputs` (``extra``: its
+    ``batch``, ``cont_covariates``, ``enc_inputs``, ``graph``), then the trained aggregation: mixture
+    weights ``w`` (n, M) (``omega``: these rows' per-cell weights for ``weight_mode="cell"``; without
+    them every present modality weighs the same) and the moment-matched :math:`(\\bar\\mu, \\bar v)`.
+    Runs on the array module of ``x``. Returns ``(w, mbar, vbar, batch codes)``."""
+    cfg = fit.cfg
+    first = x[cfg.modalities[0]]
+    xp = get_xp(first)
+    dtype = first.dtype
+    p = _to_xp(fit.params, xp)
+    bn = _to_xp(fit.bn_state, xp)
+    batch, inputs = encoder_inputs(cfg, x, lib_median=fit.lib_median, **extra)
+    mus, vs, pres = [], [], []
+    for m in cfg.modalities:
+        pres.append(x[m].sum(axis=1) > 0)
+        xh, gcn = inputs[m]
+        mu, v = encoder_eval(p, f"enc/{m}/", xh, bn, cfg.n_layers, cfg.bn_eps, cfg.var_eps, gcn=gcn)
+        mus.append(mu)
+        vs.append(v)
+    mus, vs, pres = xp.stack(mus), xp.stack(vs), xp.stack(pres, axis=1)
+    if cfg.aggregation == "attention":
+        w, _ = masked_softmax((xp.tanh(mus @ p["att/W"]) @ p["att/u"]).T, pres, clamp=False)
+    else:
+        if cfg.weight_mode == "universal":
+            om = xp.broadcast_to(p["mix/omega"][None, :], pres.shape)
+        elif cfg.weight_mode == "cell" and omega is not None:
+            om = xp.asarray(omega, dtype=dtype)
+        else:
+            om = xp.ones(pres.shape, dtype=dtype)
+        w, _ = masked_softmax(om, pres, clamp=True)
+    mbar, vbar, _ = moment_match(w, mus, vs)
+    return w, mbar, vbar, batch
+
+
 def topic_proportions(
     fit: TopicFit,
     data: Mapping,
@@ -717,32 +753,13 @@ def topic_proportions(
         rows = np.arange(lo, min(N, lo + batch_size))
         x = {m: _rows_dense(data[m], rows, dtype) for m in cfg.modalities}
         xp = get_xp(x[cfg.modalities[0]])
-        p = _to_xp(fit.params, xp)
         extra = {}
         if cfg.needs_batch:
             extra["batch"] = np.asarray(batch)[rows]
         if cfg.n_cont_encoded:
             extra["cont_covariates"] = xp.asarray(np.asarray(cont_covariates)[rows], dtype=dtype)
-        _, inputs = encoder_inputs(cfg, x, lib_median=fit.lib_median, **extra)
-        mus, vs, pres = [], [], []
-        for m in cfg.modalities:
-            pres.append(x[m].sum(axis=1) > 0)
-            xh, _ = inputs[m]
-            mu, v = encoder_eval(p, f"enc/{m}/", xh, _to_xp(fit.bn_state, xp), cfg.n_layers, cfg.bn_eps, cfg.var_eps)
-            mus.append(mu)
-            vs.append(v)
-        mus, vs, pres = xp.stack(mus), xp.stack(vs), xp.stack(pres, axis=1)
-        if cfg.aggregation == "attention":
-            w, _ = masked_softmax((xp.tanh(mus @ p["att/W"]) @ p["att/u"]).T, pres, clamp=False)
-        else:
-            if cfg.weight_mode == "universal":
-                om = xp.broadcast_to(p["mix/omega"][None, :], pres.shape)
-            elif cfg.weight_mode == "cell" and cell_omega is not None:
-                om = xp.asarray(np.asarray(cell_omega)[rows], dtype=dtype)
-            else:
-                om = xp.ones(pres.shape, dtype=dtype)
-            w, _ = masked_softmax(om, pres, clamp=True)
-        mbar, vbar, _ = moment_match(w, mus, vs)
+        om = None if cell_omega is None else np.asarray(cell_omega)[rows]
+        _, mbar, vbar, _ = guide_eval(fit, x, omega=om, **extra)
         if n_samples <= 0:
             th = softmax(mbar, axis=1)
         else:
