@@ -20,9 +20,10 @@ Runs, interleaved (A B A B ...) so that the machine's background load hits them 
   next to the planted-parameter value. 1- and 2-worker runs of one setting give the same bits, so
   their held-out values must agree (checked).
 
-Writes ``benchmarks/results/topic_scaling.csv`` and ``.png`` (the committed CSV holds three runs, with
+Writes ``benchmarks/results/topic_scaling.csv`` and ``.png`` (the committed CSV holds four runs, with
 a ``run`` column added: 1 = ``--best-s 16`` at load 1.4-2.1; 2 = the defaults at load 2.2-3.8;
-3 = ``--best-s 16,32 --quality ''`` at load 1.3-2.4, whose PNG is committed). Run::
+3 = ``--best-s 16,32 --quality ''`` at load 1.3-2.4; 4 = the same as 3 with nothing else running,
+after the k-means decoder start, whose PNG is committed). Run::
 
     python benchmarks/bench_topic_scaling.py                      # ~13 min on 2 cores (load ~2-3)
     python benchmarks/bench_topic_scaling.py --cells 20000 --epochs 1 --reps 1 --out /tmp/x   # smoke
