@@ -510,10 +510,9 @@ def test_tl_gedi_writes_what_the_model_writes():
 def test_worker_killed_mid_fit_gives_same_bits(tmp_path):
     """A worker process killed mid-fit (store fit, process workers): every shard rolls back to the last
     checkpoint and replays; the result equals the uninterrupted fit bit for bit (MultiGEDI's mechanism)."""
-    import os
-    import signal
-
     distributed = pytest.importorskip("distributed")
+    from _kill import KillWorkerAt
+
     from atlasfit.io import write_atlas
 
     a, C, H, _truth = make_planted(3, J=120, I=4, n=60)
@@ -527,18 +526,11 @@ def test_worker_killed_mid_fit_gives_same_bits(tmp_path):
                                               checkpoint_dir=tmp_path / "ck_ref", checkpoint_every=2)
         ref_shared, ref_emb = dict(ref.shared_), ref.embedding()
         ref.close()
-        pids = list(c.run(os.getpid).values())
-        killed = []
-
-        def kill_at_4(it, shared):
-            if it == 4 and not killed:
-                os.kill(pids[0], signal.SIGKILL)
-                killed.append(it)
-            return False
+        kill_at_4 = KillWorkerAt(c, 4)
 
         m = atlasfit.GEDI(K=3, C=C, H=H).fit(store, max_iterations=6, client=c, progress=False,
                                             checkpoint_dir=tmp_path / "ck", checkpoint_every=3, callback=kill_at_4)
-        assert killed == [4]
+        assert kill_at_4.killed == [4]
         for key in ("Z", "D", "o", "A", "R", "Ro", "sigma2", "tracking/sigma2"):
             np.testing.assert_array_equal(np.asarray(m.shared_[key]), np.asarray(ref_shared[key]), key)
         np.testing.assert_array_equal(m.embedding(), ref_emb)

@@ -5,9 +5,6 @@ determinism across worker counts, worker loss, resume, results in the store, sav
 
 from __future__ import annotations
 
-import os
-import signal
-
 import anndata as ad
 import mudata as md
 import numpy as np
@@ -15,6 +12,7 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 import zarr
+from _kill import KillWorkerAt
 from test_multigedi_parity import DATA, TOL, score_state
 
 import atlasfit
@@ -162,19 +160,12 @@ def test_worker_killed_mid_fit_gives_same_bits(store, tmp_path):
         ref = model_for(cfg, conf).fit(store, max_iterations=6, client=c, progress=False,
                                        checkpoint_dir=tmp_path / "ck_ref", checkpoint_every=2)
         ref_state = ref.export_state()
-        pids = list(c.run(os.getpid).values())
-        killed = []
-
-        def kill_at_4(it, shared):
-            if it == 4 and not killed:
-                os.kill(pids[0], signal.SIGKILL)
-                killed.append(it)
-            return False
+        kill_at_4 = KillWorkerAt(c, 4)
 
         model = model_for(cfg, conf)
         model.fit(store, max_iterations=6, client=c, progress=False, checkpoint_dir=tmp_path / "ck",
                   checkpoint_every=3, callback=kill_at_4)
-        assert killed == [4]
+        assert kill_at_4.killed == [4]
         states_equal(model.export_state(), ref_state)
     cluster.close()
 

@@ -1052,12 +1052,6 @@ class MultimodalAmortizedLDA:
                 extra["graph"] = {"adj": adj, "x_nbr": xn}
             yield pos, x, None if ev.omega is None else ev.omega[pos], extra
 
-    def _encode(self, x: dict, omega, extra: dict):
-        """Eval-mode guide (§5): encoders (running BatchNorm statistics, no dropout) on the inputs of
-        :func:`~atlasfit.models.topic._loss.encoder_inputs`, mixture weights ``w`` (n, M) and the
-        moment-matched :math:`(\\bar\\mu, \\bar v)`. Returns ``(w, mbar, vbar, batch codes)``."""
-        return guide_eval(self._fit, x, omega=omega, **extra)
-
     def _rho(self, m: str, theta, draws, batch, phi=None):
         """:math:`\\rho_{nm} = \\theta_n\\phi^{(c(n))}_m` with :math:`\\phi^{(c)} = \\mathrm{softmax}_f(Z_m + b_m + \\tau^b_m\\Delta_{m,c})`
         (§1.5, §1.6); ``phi`` replaces the plug-in :math:`\\mathrm{softmax}(Z+b)` when given."""
@@ -1110,7 +1104,7 @@ class MultimodalAmortizedLDA:
         rng = np.random.default_rng(np.random.SeedSequence([int(seed), 977]))
         out = np.empty((ev.n, self.config.n_topics))
         for pos, x, om, extra in self._blocks(ev, batch_size):
-            _, mbar, vbar, _ = self._encode(x, om, extra)
+            _, mbar, vbar, _ = guide_eval(self._fit, x, omega=om, **extra)
             if n_samples <= 0:
                 th = softmax(mbar, axis=1)
             else:
@@ -1136,7 +1130,7 @@ class MultimodalAmortizedLDA:
         acc = 0.0
         prior_mu, prior_sd = buf["prior_mu"], buf["prior_sd"]
         for pos, x, om, extra in self._blocks(ev, _EVAL_BLOCK):  # fixed grid: a row's noise does not depend on memory settings
-            _, mbar, vbar, batch = self._encode(x, om, extra)
+            _, mbar, vbar, batch = guide_eval(self._fit, x, omega=om, **extra)
             kl = (np.log(prior_sd) - 0.5 * np.log(vbar) + (vbar + (mbar - prior_mu) ** 2) / (2 * prior_sd**2) - 0.5).sum()
             acc -= float(kl)
             for s in range(S):
@@ -1397,7 +1391,7 @@ class MultimodalAmortizedLDA:
         cfg = self.config
         out = np.empty((ev.n, cfg.n_modalities))
         for pos, x, om, extra in self._blocks(ev, 4096):
-            out[pos] = self._encode(x, om, extra)[0]
+            out[pos] = guide_eval(self._fit, x, omega=om, **extra)[0]
         if return_format == "array":
             return out
         if return_format == "dict":
