@@ -2,13 +2,36 @@
 
 from ._checkpoint import Checkpoint, CheckpointInfo
 from ._dask import DaskEngine, place_shards
+from ._device import gpu_available, resolve_device
+from ._driver import (
+    CheckpointPolicy,
+    checkpoint_policy,
+    config_fingerprint,
+    default_checkpoint_dir,
+    is_distributed,
+    make_engine,
+    run_fit,
+)
 from ._errors import ShardLostError, StateMissingError
 from ._loop import resume, run_iterations
 from ._protocol import Engine, ShardSpec, plan_shards
+from ._reduce import gather_by_sample, ordered_sum, sum_dicts
 from ._serial import SerialEngine
 
 __all__ = [
     "Checkpoint",
+    "CheckpointPolicy",
+    "checkpoint_policy",
+    "config_fingerprint",
+    "default_checkpoint_dir",
+    "gather_by_sample",
+    "gpu_available",
+    "is_distributed",
+    "make_engine",
+    "ordered_sum",
+    "resolve_device",
+    "run_fit",
+    "sum_dicts",
     "CheckpointInfo",
     "DaskEngine",
     "Engine",

@@ -1,0 +1,225 @@
+"""The fit driver every model goes through.
+
+A model hands the driver its shard plan, its shard loader, its ``init`` and ``step`` functions and
+the functions that dump / restore its per-sample state; the driver
+
+* picks the engine: the caller's ``client`` (a :class:`DaskEngine` on its workers), the embedded
+  cluster of :func:`atlasfit.cluster.get_client` for a store fit without a client, or the in-process
+  :class:`SerialEngine` for in-memory data without a client;
+* resolves the device (NumPy or CuPy kernels, :func:`resolve_device`);
+* owns the checkpoint policy (where, how often, resume) and runs :func:`run_iterations` with
+  checkpoints, resume and worker-loss recovery.
+
+Models therefore import nothing from :mod:`distributed` or :mod:`atlasfit.cluster`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ._checkpoint import Checkpoint
+from ._device import resolve_device
+from ._loop import run_iterations
+from ._serial import SerialEngine
+
+
+def make_engine(
+    shards,
+    *,
+    client: Any = None,
+    store: bool = False,
+    device: str = "cpu",
+    who: str = "atlasfit",
+    name: str = "atlasfit",
+):
+    """The engine a fit runs on, and whether its kernels run on the GPU.
+
+    Parameters
+    ----------
+    shards
+        The shard plan (:func:`~atlasfit.engine.plan_shards`).
+    client
+        A ``distributed.Client``: shards live on its workers. ``None``: the embedded cluster
+        (:func:`atlasfit.cluster.get_client`, which reuses an active client) for a store fit,
+        in process (:class:`SerialEngine`) for in-memory data.
+    store
+        Whether the fit reads an atlas store (so the workers can read their own samples).
+    device
+        ``"cpu"``, ``"gpu"`` or ``"auto"`` (:func:`resolve_device`); ``"gpu"``/``"auto"`` start a
+        LocalCUDACluster when a cluster has to be started.
+    who, name
+        The model's name in errors, and the engine's task-key prefix.
+
+    Returns
+    -------
+    tuple
+        ``(engine, gpu)``.
+
+    Examples
+    --------
+    >>> from atlasfit.engine import make_engine, plan_shards
+    >>> eng, gpu = make_engine(plan_shards(["a"], [3]))
+    >>> type(eng).__name__, gpu
+    ('SerialEngine', False)
+    """
+    if client is None and not store:
+        engine = SerialEngine(shards)
+    else:
+        from ..cluster import get_client  # noqa: PLC0415 - only when a cluster is needed
+        from ._dask import DaskEngine  # noqa: PLC0415
+
+        if client is None:
+            client = get_client(gpu=device if device != "cpu" else False)
+        engine = DaskEngine(client, shards, name=name)
+    gpu = resolve_device(device, who, distributed=not isinstance(engine, SerialEngine))
+    return engine, gpu
+
+
+def is_distributed(engine) -> bool:
+    """Whether ``engine`` runs its shards outside this process."""
+    return not isinstance(engine, SerialEngine)
+
+
+def default_checkpoint_dir(store_path: str | os.PathLike, model: str) -> Path:
+    """``<store>.checkpoints/<model>`` beside the store (not inside it: anndata/mudata read or warn
+    about every top-level entry of a store).
+
+    Examples
+    --------
+    >>> default_checkpoint_dir("/data/atlas.zarr", "topic").as_posix()
+    '/data/atlas.zarr.checkpoints/topic'
+    """
+    p = Path(store_path)
+    return p.with_name(p.name + ".checkpoints") / model
+
+
+@dataclass
+class CheckpointPolicy:
+    """Where and how often a fit checkpoints.
+
+    Attributes
+    ----------
+    checkpoint
+        The :class:`Checkpoint`, or ``None`` (no fault tolerance).
+    every
+        Save every this many iterations (``None``: only at the start and the end).
+    resume
+        Continue from the checkpoint's last iteration.
+    """
+
+    checkpoint: Checkpoint | None
+    every: int | None
+    resume: bool = False
+
+
+def checkpoint_policy(
+    who: str,
+    *,
+    store_path: str | os.PathLike | None,
+    model: str,
+    distributed: bool,
+    checkpoint_dir: str | os.PathLike | None = None,
+    checkpoint_every: int | None = None,
+    resume: bool = False,
+    default_every: int = 10,
+) -> CheckpointPolicy:
+    """The checkpoint policy shared by every model.
+
+    * ``checkpoint_every=0`` (and no ``resume``): no checkpoints, no fault tolerance.
+    * A ``checkpoint_dir``, ``resume=True``, or a store fit on a Dask cluster: checkpoints in
+      ``checkpoint_dir`` (default :func:`default_checkpoint_dir` of the store), every
+      ``checkpoint_every`` iterations (default ``default_every``), so a lost worker costs at most
+      that many iterations.
+    * Otherwise (in-memory or in-process fits): none.
+
+    ``resume=True`` needs an existing checkpoint (clear error otherwise).
+
+    Examples
+    --------
+    >>> checkpoint_policy("M", store_path=None, model="m", distributed=False).checkpoint is None
+    True
+    """
+    if checkpoint_every is not None and (isinstance(checkpoint_every, bool) or int(checkpoint_every) < 0):
+        raise ValueError(f"{who}: checkpoint_every must be >= 0 (0: no checkpoints), got {checkpoint_every!r}")
+    if checkpoint_every == 0 and not resume:
+        return CheckpointPolicy(None, None, False)
+    if checkpoint_dir is None and not resume and not (store_path is not None and distributed):
+        return CheckpointPolicy(None, None, False)
+    if checkpoint_dir is None:
+        if store_path is None:
+            raise ValueError(f"{who}: give checkpoint_dir= to checkpoint (or resume) an in-memory fit")
+        checkpoint_dir = default_checkpoint_dir(store_path, model)
+    ck = Checkpoint(checkpoint_dir)
+    if resume and ck.iteration is None:
+        raise FileNotFoundError(
+            f"{who}: no checkpoint to resume from in {str(checkpoint_dir)!r}; start without resume_from_checkpoint"
+        )
+    every = default_every if not checkpoint_every else int(checkpoint_every)
+    return CheckpointPolicy(ck, every, bool(resume))
+
+
+def run_fit(
+    engine,
+    *,
+    init: Callable[[Any], Mapping],
+    step: Callable[[Any, dict, int], Mapping],
+    stop: int,
+    policy: CheckpointPolicy | None = None,
+    dump_local: Callable | None = None,
+    restore_local: Callable | None = None,
+    progress: Any = None,
+    callback: Callable[[int, dict], Any] | None = None,
+    desc: str = "atlasfit",
+) -> dict:
+    """Initialise (or resume) and iterate a fit on a set-up engine.
+
+    ``init(engine) -> shared`` builds the driver's state before iteration 0 (skipped when the
+    policy resumes: the checkpoint's shards and shared state are restored instead);
+    ``step(engine, shared, it) -> shared`` is one iteration. Checkpoints, worker-loss rollback and
+    progress are those of :func:`run_iterations`.
+
+    Examples
+    --------
+    >>> from atlasfit.engine import SerialEngine, plan_shards, run_fit
+    >>> eng = SerialEngine(plan_shards(["a", "b"], [2, 3]))
+    >>> eng.setup(lambda spec: {"n": sum(spec.n_cells)})
+    >>> run_fit(eng, init=lambda e: {"t": 0}, step=lambda e, s, it: {"t": s["t"] + sum(e.map(lambda st: st["n"]))},
+    ...         stop=2, progress=False)
+    {'t': 10}
+    """
+    policy = policy or CheckpointPolicy(None, None, False)
+    ck = policy.checkpoint
+    if policy.resume:
+        start, shared = ck.restore(engine, restore_local)
+    else:
+        start, shared = 0, dict(init(engine))
+    if stop < start:
+        raise ValueError(
+            f"{desc}: the checkpoint is at iteration {start}, past the requested stop ({stop}); "
+            f"ask for more iterations than {start}"
+        )
+    return run_iterations(
+        engine, step, shared, start=start, stop=int(stop),
+        checkpoint_every=policy.every if ck is not None else None,
+        checkpoint=ck,
+        dump_local=dump_local if ck is not None else None,
+        restore_local=restore_local if ck is not None else None,
+        progress=progress, callback=callback, desc=desc,
+    )
+
+
+def config_fingerprint(obj: Any) -> str:
+    """A short stable hash of a model's configuration (``repr`` of plain data), to tell whether a
+    checkpoint belongs to this model.
+
+    Examples
+    --------
+    >>> config_fingerprint({"K": 10}) == config_fingerprint({"K": 10}) != config_fingerprint({"K": 11})
+    True
+    """
+    return hashlib.sha256(repr(obj).encode()).hexdigest()[:16]
