@@ -41,7 +41,13 @@ class ShardSpec:
 
 
 class Engine(Protocol):
-    """What a model may ask of an engine."""
+    """What a model (through :func:`~atlasfit.engine.run_fit`) may ask of an engine.
+
+    ``load_fn`` passed to :meth:`setup` may carry a ``select_args(specs, args, kwargs) -> (args,
+    kwargs)`` attribute: a distributed engine then calls ``load_fn`` on each worker with what that
+    hook selects for the worker's shards (e.g. only their rows of an in-memory matrix) instead of
+    the full arguments. A shard function may return ``None`` for a shard with nothing to report.
+    """
 
     shards: Sequence[ShardSpec]
 
@@ -49,7 +55,17 @@ class Engine(Protocol):
         """Create every shard's local state as ``load_fn(shard_spec, *args, **kwargs)`` where it lives."""
 
     def map(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> list[Any]:
-        """Run ``fn(state, *args, **kwargs)`` on every shard; return the results in shard order."""
+        """Run ``fn(state, *args, **kwargs)`` on every shard; return the results in shard order.
+
+        Raises :class:`~atlasfit.engine.ShardLostError` when a shard's state was lost (a worker died)."""
+
+    def map_spec(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> list[Any]:
+        """Like :meth:`map` with the shard's :class:`ShardSpec`: ``fn(state, spec, *args, **kwargs)``."""
+
+    def recover(self) -> list[int]:
+        """Re-place and re-load (with the ``setup`` call) the shards whose state was lost; return
+        their indices (``[]`` when nothing was lost). The caller then restores their local state,
+        e.g. from a :class:`~atlasfit.engine.Checkpoint`."""
 
     def close(self) -> None:
         """Release shard state."""

@@ -15,9 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from ..multigedi import _shard as msh
-from ..multigedi._init import gather_by_sample, ordered_sum, rsvd_modality
-from ..multigedi._kernels import inv_sqrt_guard, update_hyperpriors, update_o, update_Z_ortho, update_Z_regular
+from ...engine import gather_by_sample, ordered_sum
+from .._factor import inv_sqrt_guard, msh, rsvd_modality, update_hyperpriors, update_o, update_Z_ortho, update_Z_regular
 from . import _shard as sh
 from ._kernels import gedi_dof, update_A, update_R, update_sigma2_gedi
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..._xp import get_xp
-from ..multigedi._kernels import project_Ytilde, residual_DBt
+from .._factor import project_Ytilde, residual_DBt
 
 
 def solve_B_single(W, Y, o_oi, si):

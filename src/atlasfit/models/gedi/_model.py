@@ -17,10 +17,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ...engine import Checkpoint, SerialEngine, plan_shards, resume, run_iterations
-from ..multigedi import _shard as msh
-from ..multigedi._init import gather_by_sample, ordered_sum
-from ..multigedi._model import MultiGEDI, _dump_local, _restore_local
+from ...engine import checkpoint_policy, gather_by_sample, is_distributed, ordered_sum, plan_shards, resolve_device, run_fit
+from .._factor import MultiGEDI, dump_local, msh, restore_local
 from . import _shard as sh
 from ._fit import GediContext, initialize_gedi, iterate_gedi
 from ._kernels import diff_exp, diff_O, diff_Q, pathway_solver
@@ -338,45 +336,29 @@ class GEDI:
         union = getattr(reg, "_union", None)
         cell_names = None if is_store or union is None else {
             g: np.asarray(union[plan.cells[g]]).astype(str) for g in plan.global_samples}
-        from ...cluster import resolve_device
-
-        gpu = resolve_device(self.device, "GEDI", distributed=not isinstance(engine, SerialEngine))
+        gpu = resolve_device(self.device, "GEDI", distributed=is_distributed(engine))
         array_module = "cupy" if gpu else None
         engine.setup(sh.load_gedi_shard, sh.CheckedReader(reader, self.obs_type, genes, cell_names), plan,
                      config, ctx.lamQ, ctx.lamO, hcols, array_module)
         self._engine = engine
         self._local = None
-        ck = None
-        if checkpoint_every == 0 and not resume_from_checkpoint:
-            pass
-        elif checkpoint_dir is not None or resume_from_checkpoint or (
-            is_store and not isinstance(engine, SerialEngine)
-        ):
-            if checkpoint_dir is None:
-                if not is_store:
-                    raise ValueError("GEDI.fit: give checkpoint_dir to checkpoint or resume an in-memory fit")
-                st = Path(reg._atlas.path)
-                checkpoint_dir = st.parent / f"{st.name}.checkpoints" / "gedi"
-            ck = Checkpoint(checkpoint_dir)
-            if checkpoint_every is None:
-                checkpoint_every = 10
-        if resume_from_checkpoint:
-            if ck.iteration is None:
-                raise FileNotFoundError(f"GEDI.fit: no checkpoint to resume from in {str(checkpoint_dir)!r}; "
-                                        "start without resume_from_checkpoint")
-            start, shared = resume(engine, ck, _restore_local)
+        policy = checkpoint_policy(
+            "GEDI.fit", store_path=reg._atlas.path if is_store else None, model="gedi",
+            distributed=is_distributed(engine), checkpoint_dir=checkpoint_dir,
+            checkpoint_every=checkpoint_every, resume=resume_from_checkpoint,
+        )
+        ck = policy.checkpoint
+        if policy.resume:
+            _, saved = ck.load_shared()
             for key, given, what in (("A", ctx.C, "C"), ("R", ctx.H, "H")):
-                if (key in shared) != (given is not None):
-                    raise ValueError(f"GEDI.fit: the checkpoint in {str(checkpoint_dir)!r} was written "
-                                     f"{'with' if key in shared else 'without'} {what}; resume with the same "
+                if (key in saved) != (given is not None):
+                    raise ValueError(f"GEDI.fit: the checkpoint in {str(ck.path)!r} was written "
+                                     f"{'with' if key in saved else 'without'} {what}; resume with the same "
                                      "C, H and settings")
-        else:
-            start, shared = 0, initialize_gedi(engine, plan, config, ctx)
-        shared = run_iterations(engine, partial(iterate_gedi, plan=plan, config=config, ctx=ctx), shared,
-                                start=start, stop=int(max_iterations), progress=progress, callback=callback,
-                                checkpoint_every=checkpoint_every if ck is not None else None, checkpoint=ck,
-                                dump_local=_dump_local if ck is not None else None,
-                                restore_local=_restore_local if ck is not None else None, desc="GEDI")
+        shared = run_fit(engine, init=partial(initialize_gedi, plan=plan, config=config, ctx=ctx),
+                         step=partial(iterate_gedi, plan=plan, config=config, ctx=ctx),
+                         stop=int(max_iterations), policy=policy, progress=progress, callback=callback,
+                         dump_local=dump_local, restore_local=restore_local, desc="GEDI")
         self.checkpoint_info_ = ck.last_info if ck is not None else None
         self.shared_ = shared
         self.n_iter_ = int(shared["iteration"])
@@ -763,7 +745,7 @@ class GEDI:
 
         import zarr
 
-        from ..multigedi._config import SamplePlan
+        from ..multigedi import SamplePlan
 
         root = zarr.open_group(str(path), mode="r")
         if root.attrs.get("atlasfit_model") != "GEDI":

@@ -13,13 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..._xp import get_xp, to_numpy
-from ..multigedi import _shard as msh
-from ..multigedi._kernels import (
-    normalize_B_columns,
-    o_statistic,
-    row_sumsq,
-    update_si,
-)
+from .._factor import msh, normalize_B_columns, o_statistic, row_sumsq, update_si
 from ._kernels import qhat_from_R, solve_B_single, update_oi_prior, update_Q_prior
 
 _p = msh._p

@@ -8,6 +8,7 @@ import hashlib
 
 import numpy as np
 
+from ...engine._reduce import gather_by_sample, ordered_sum  # noqa: F401 - used here and by _fit/_outputs
 from . import _shard as sh
 from ._config import FitConfig, SamplePlan
 from ._kernels import inv_sqrt_guard
@@ -26,25 +27,6 @@ def hashed_seed(seed: int, modality: str) -> int:
     True
     """
     return int.from_bytes(hashlib.sha256(f"{int(seed)}|{modality}".encode("utf-8")).digest()[:4], "little")
-
-
-def gather_by_sample(results) -> dict:
-    """Flatten shard results ``[[(g, ...), ...], ...]`` into ``{g: [(...), ...]}`` keeping order."""
-    out: dict = {}
-    for shard_res in results:
-        if shard_res is None:
-            continue
-        for item in shard_res:
-            out.setdefault(item[0], []).append(item[1:])
-    return out
-
-
-def ordered_sum(arrays):
-    """Sum in the given (global sample) order: deterministic bits for any shard grouping."""
-    acc = None
-    for a in arrays:
-        acc = np.array(a, dtype=np.float64, copy=True) if acc is None else acc + a
-    return acc
 
 
 def sign_fix_columns(U):

@@ -19,7 +19,15 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ...engine import Checkpoint, SerialEngine, plan_shards, resume, run_iterations
+from ...engine import (
+    checkpoint_policy,
+    default_checkpoint_dir,
+    is_distributed,
+    make_engine,
+    plan_shards,
+    resolve_device,
+    run_fit,
+)
 from . import _shard as sh
 from ._config import FitConfig, InMemoryReader, ModalityConfig, make_plan
 from ._fit import iterate
@@ -50,12 +58,15 @@ def _write_pca_rows(state, tmp_dir: str) -> list[str]:
 
 
 def _dump_local(state) -> dict:
-    """Checkpoint payload with array names safe for any store ('/' -> '~')."""
-    return {g: {k.replace("/", "~"): v for k, v in d.items()} for g, d in sh.dump_local(state).items()}
+    from .._factor import dump_local
+
+    return dump_local(state)
 
 
 def _restore_local(state, data: dict) -> None:
-    sh.restore_local(state, {g: {k.replace("~", "/"): v for k, v in d.items()} for g, d in data.items()})
+    from .._factor import restore_local
+
+    restore_local(state, data)
 
 
 def _safe(sample: str) -> str:
@@ -356,39 +367,18 @@ class MultiGEDI:
         self._engine = engine
         self._state_cache = None
 
-        ck = None
-        if checkpoint_every == 0 and not resume_from_checkpoint:
-            pass  # explicitly no checkpoints (no fault tolerance)
-        elif checkpoint_dir is not None or resume_from_checkpoint or (
-            is_store and not isinstance(engine, SerialEngine)
-        ):
-            if checkpoint_dir is None:
-                if not is_store:
-                    raise ValueError("MultiGEDI.fit: give checkpoint_dir to checkpoint an in-memory fit")
-                checkpoint_dir = _default_checkpoint_dir(self._atlas.path)
-            ck = Checkpoint(checkpoint_dir)
-            if checkpoint_every is None:
-                checkpoint_every = 10
-        start = 0
-        if resume_from_checkpoint:
-            if ck is None or ck.iteration is None:
-                raise FileNotFoundError(
-                    f"MultiGEDI.fit: no checkpoint to resume from in {checkpoint_dir!s}; "
-                    "start without resume_from_checkpoint"
-                )
-            start, shared = resume(engine, ck, _restore_local)
-        else:
-            shared = initialize(engine, plan, config, init_state=init_state)
-
+        policy = checkpoint_policy(
+            "MultiGEDI.fit", store_path=self._atlas.path if is_store else None, model="multigedi",
+            distributed=is_distributed(engine), checkpoint_dir=checkpoint_dir,
+            checkpoint_every=checkpoint_every, resume=resume_from_checkpoint,
+        )
+        ck = policy.checkpoint
         if tol is not None:
             callback = partial(_converged, names=config.names, tol=float(tol), user=callback)
-        shared = run_iterations(
-            engine, partial(iterate, plan=plan, config=config), shared,
-            start=start, stop=int(max_iterations),
-            checkpoint_every=checkpoint_every if ck is not None else None,
-            checkpoint=ck,
-            dump_local=_dump_local if ck is not None else None,
-            restore_local=_restore_local if ck is not None else None,
+        shared = run_fit(
+            engine, init=partial(initialize, plan=plan, config=config, init_state=init_state),
+            step=partial(iterate, plan=plan, config=config), stop=int(max_iterations), policy=policy,
+            dump_local=_dump_local, restore_local=_restore_local,
             progress=progress, callback=callback, desc="MultiGEDI",
         )
         self.shared_ = shared
@@ -399,19 +389,12 @@ class MultiGEDI:
         return self
 
     def _make_engine(self, shards, client, is_store):
-        if client is None and not is_store:
-            return SerialEngine(shards)
-        from ...cluster import get_client
-        from ...engine import DaskEngine
-
-        if client is None:
-            client = get_client(gpu=self.device if self.device != "cpu" else False)
-        return DaskEngine(client, shards, name="multigedi")
+        engine, self._gpu = make_engine(shards, client=client, store=is_store, device=self.device,
+                                        who=type(self).__name__, name="multigedi")
+        return engine
 
     def _use_gpu(self, engine) -> bool:
-        from ...cluster import resolve_device
-
-        return resolve_device(self.device, type(self).__name__, distributed=not isinstance(engine, SerialEngine))
+        return resolve_device(self.device, type(self).__name__, distributed=is_distributed(engine))
 
     # ------------------------------------------------------------------ outputs
 
@@ -704,5 +687,4 @@ def _converged(it: int, shared: dict, *, names, tol: float, user=None) -> bool:
 
 
 def _default_checkpoint_dir(store) -> Path:
-    store = Path(store)
-    return store.parent / f"{store.name}.checkpoints" / "multigedi"
+    return default_checkpoint_dir(store, "multigedi")
