@@ -402,3 +402,75 @@ def test_worker_loss_without_checkpoint_raises(kill_client):
         os.kill(pids[eng.owners[0]], signal.SIGKILL)
         with pytest.raises(ShardLostError, match="checkpoint"):
             run_iterations(eng, toy_step, init_shared(), start=0, stop=3, progress=False)
+
+
+# --------------------------------------------------------------------------- the fit driver
+
+
+def _drv_load(spec):
+    return {"x": np.arange(sum(spec.n_cells), dtype=float) + spec.index, "acc": np.zeros(1), "g": spec.samples[0]}
+
+
+def _drv_step(engine, shared, it):
+    parts = engine.map(_drv_accumulate, it)
+    return {"total": shared["total"] + sum(parts)}
+
+
+def _drv_accumulate(state, it):
+    state["acc"] += state["x"].sum() * (it + 1)
+    return float(state["acc"][0])
+
+
+def _drv_dump(state):
+    return {state["g"]: {"acc": state["acc"].copy()}}
+
+
+def _drv_restore(state, data):
+    state["acc"] = data[state["g"]]["acc"].copy()
+
+
+def test_checkpoint_policy_rules(tmp_path):
+    from atlasfit.engine import checkpoint_policy, default_checkpoint_dir
+
+    store = tmp_path / "a.zarr"
+    # in-memory / in-process fits: no checkpoint unless asked for
+    assert checkpoint_policy("M", store_path=None, model="m", distributed=False).checkpoint is None
+    # a store fit on a cluster checkpoints beside the store, every 10 by default
+    pol = checkpoint_policy("M", store_path=store, model="m", distributed=True)
+    assert pol.checkpoint.path == default_checkpoint_dir(store, "m").absolute() and pol.every == 10
+    assert checkpoint_policy("M", store_path=store, model="m", distributed=True, checkpoint_every=0).checkpoint is None
+    with pytest.raises(ValueError, match="checkpoint_dir"):
+        checkpoint_policy("M", store_path=None, model="m", distributed=False, resume=True)
+    with pytest.raises(FileNotFoundError, match="no checkpoint to resume"):
+        checkpoint_policy("M", store_path=store, model="m", distributed=True, resume=True)
+    with pytest.raises(ValueError, match="checkpoint_every"):
+        checkpoint_policy("M", store_path=store, model="m", distributed=True, checkpoint_every=-1)
+
+
+def test_run_fit_resume_equals_uninterrupted(tmp_path):
+    """run_fit(init=..., stop=5) == run_fit(stop=3) then run_fit(resume, stop=5): same bits, local
+    state included (the totals depend on every shard's accumulated state)."""
+    from atlasfit.engine import checkpoint_policy, make_engine, run_fit
+
+    shards = plan_shards(["a", "b", "c"], [3, 4, 5])
+    eng, gpu = make_engine(shards)
+    assert isinstance(eng, SerialEngine) and gpu is False
+    eng.setup(_drv_load)
+    ref = run_fit(eng, init=lambda e: {"total": 0.0}, step=_drv_step, stop=5, progress=False)
+
+    ck_dir = tmp_path / "ck"
+    eng1, _ = make_engine(shards)
+    eng1.setup(_drv_load)
+    pol = checkpoint_policy("T", store_path=None, model="t", distributed=False, checkpoint_dir=ck_dir,
+                            checkpoint_every=1)
+    run_fit(eng1, init=lambda e: {"total": 0.0}, step=_drv_step, stop=3, policy=pol,
+            dump_local=_drv_dump, restore_local=_drv_restore, progress=False)
+    eng2, _ = make_engine(shards)
+    eng2.setup(_drv_load)
+    pol2 = checkpoint_policy("T", store_path=None, model="t", distributed=False, checkpoint_dir=ck_dir, resume=True)
+    got = run_fit(eng2, init=lambda e: pytest.fail("resume must not re-initialise"), step=_drv_step, stop=5,
+                  policy=pol2, dump_local=_drv_dump, restore_local=_drv_restore, progress=False)
+    assert got == ref
+    with pytest.raises(ValueError, match="past the requested stop"):
+        run_fit(eng2, init=lambda e: {}, step=_drv_step, stop=2, policy=pol2,
+                dump_local=_drv_dump, restore_local=_drv_restore, progress=False)
