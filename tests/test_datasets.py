@@ -304,3 +304,59 @@ def test_synthetic_atlas_store_roundtrip(tmp_path):
     with pytest.raises(Exception, match="exist"):
         synthetic_atlas(tmp_path / "syn.zarr", **kw)
     synthetic_atlas(tmp_path / "syn.zarr", **kw, overwrite=True)
+
+
+def test_planted_topic_store(tmp_path):
+    """write_planted_topic_store: a valid store of the training cells (600 cells, 3 samples, 10 %
+    held out), the planted parameters of planted_topic_atlas bit for bit, and cells with the planted
+    statistics. The cells cannot equal planted_topic_atlas's: that draws a sample label per cell and
+    the cells of all samples interleaved from one stream, while the store is drawn sample by sample
+    (keys (seed, 7, s)), so the cells are checked against the model instead."""
+    from atlasfit import io
+    from atlasfit.datasets import planted_topic_atlas, read_planted_side, write_planted_topic_store
+    from atlasfit.datasets._planted import planted_per_token_ll
+
+    kw = dict(n_samples=3, n_topics=4, n_genes=200, n_peaks=300, seed=5)
+    path = write_planted_topic_store(tmp_path / "p.zarr", 600, held_out_fraction=0.1, **kw)
+    io.validate(path)
+    atlas = io.open_atlas(path)
+    assert atlas.samples["rna"].to_dict() == {"s0": 180, "s1": 180, "s2": 180}
+    assert atlas.samples["atac"].to_dict() == atlas.samples["rna"].to_dict()
+    side = read_planted_side(path)
+    assert side.x_test["rna"].shape == (60, 200) and side.x_test["atac"].shape == (60, 300)
+    assert np.bincount(side.sample_test).tolist() == [20, 20, 20]
+    ref = planted_topic_atlas(50, 10, **kw)
+    for m in ("rna", "atac"):  # the same planted parameters
+        assert np.array_equal(side.phi[m], ref.phi[m])
+        assert np.array_equal(side.phi_sample[m], ref.phi_sample[m])
+    rna = sp.vstack([atlas.read_block("rna", s) for s in ("s0", "s1", "s2")], format="csr")
+    atac = sp.vstack([atlas.read_block("atac", s) for s in ("s0", "s1", "s2")], format="csr")
+    assert set(np.unique(atac.data)) == {1.0}
+    import zarr
+
+    theta = np.asarray(zarr.open_group(str(path), mode="r")["mod/rna/obsm/theta_true"][:], dtype=np.float64)
+    assert theta.shape == (540, 4) and np.allclose(theta.sum(1), 1, atol=1e-5)
+    # RNA: library LogNormal(log 2000, 0.5) (sd of the mean log: 0.02); counts follow lib * theta phi^(s)
+    lib = np.asarray(rna.sum(1)).ravel()
+    assert abs(np.log(lib).mean() - np.log(2000)) < 0.1
+    s_idx = np.repeat([0, 1, 2], 180)
+    expected = np.zeros(200)
+    for s in range(3):
+        rows = s_idx == s
+        expected += (lib[rows, None] * (theta[rows] @ side.phi_sample["rna"][s])).sum(0)
+    assert np.corrcoef(expected, np.asarray(rna.sum(0)).ravel())[0, 1] > 0.99
+    # peaks: binarised Poisson, P(open) = E_d[1 - exp(-d rho)] with d ~ LogNormal(log 200, 0.5)
+    # (expectation over d by 20-point Gauss-Hermite quadrature)
+    rho = np.vstack([theta[s_idx == s] @ side.phi_sample["atac"][s] for s in range(3)])
+    z, w = np.polynomial.hermite_e.hermegauss(20)
+    d = np.exp(np.log(200) + 0.5 * z)
+    p_open = sum(wi * (1 - np.exp(-di * rho)) for di, wi in zip(d, w / w.sum()))
+    open_per_peak = np.asarray(atac.sum(0)).ravel()
+    assert np.corrcoef(p_open.sum(0), open_per_peak)[0, 1] > 0.95
+    assert abs(open_per_peak.sum() / p_open.sum() - 1) < 0.05
+    # held-out per-token LL under the planted parameters: the same as on planted_topic_atlas's draws
+    ll_side = planted_per_token_ll(side, "rna")
+    ll_ref = planted_per_token_ll(planted_topic_atlas(50, 300, **kw), "rna")
+    assert abs(ll_side - ll_ref) < 0.15, (ll_side, ll_ref)
+    with pytest.raises(FileExistsError):
+        write_planted_topic_store(tmp_path / "p.zarr", 600, **kw)

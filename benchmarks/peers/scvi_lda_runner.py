@@ -1,8 +1,11 @@
 """Train scvi-tools' AmortizedLDA on one planted data set and save what the comparison needs.
 
 Runs in the peer venv ``/work/peers/scvi`` (torch 2.13.0 CPU + scvi-tools), never in atlasfit's;
-driven by ``benchmarks/bench_topic_vs_scvi.py``. Input: an ``.npz`` with the training and held-out
-count matrices in CSR parts (``{train,test}_{data,indices,indptr,shape}``). Output: ``--out`` JSON
+driven by ``benchmarks/bench_topic_vs_scvi.py`` and ``benchmarks/bench_topic_atlas.py``. Input: an
+``.npz`` with the training and held-out count matrices in CSR parts
+(``{train,test}_{data,indices,indptr,shape}``), or a directory written by ``bench_topic_atlas.py``
+(``rna_train.npz``, ``rna_ho.npz``, ``rna_ho_obs.npz`` from ``scipy.sparse.save_npz``; the last is the
+observed half of the held-out counts, whose theta is saved as ``theta_dc_mc``). Output: ``--out`` JSON
 (per-epoch wall times, settings, versions) and ``--out`` with ``.npz``: the held-out topic proportions
 and the topic-feature matrix, so the log-likelihood is computed by the driver's own code, not by
 scvi's ``get_elbo``/``get_perplexity``.
@@ -45,6 +48,7 @@ def main(argv=None):
     ap.add_argument("--epochs", type=int, default=5)
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--lr", type=float, default=0.01)
+    ap.add_argument("--default-lr", action="store_true", help="leave lr at scvi-tools' default (ignore --lr)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--eval-samples", type=int, default=1000)
@@ -62,9 +66,18 @@ def main(argv=None):
     scvi.settings.num_threads = a.threads
     torch.set_num_threads(a.threads)
 
-    z = np.load(a.data)
-    Xtr = _csr(z, "train").astype(np.float32)
-    Xte = _csr(z, "test").astype(np.float32)
+    Xobs = None
+    if os.path.isdir(a.data):
+        import scipy.sparse as sp
+
+        def load(name):
+            return sp.load_npz(os.path.join(a.data, name)).tocsr().astype(np.float32)
+
+        Xtr, Xte, Xobs = load("rna_train.npz"), load("rna_ho.npz"), load("rna_ho_obs.npz")
+    else:
+        z = np.load(a.data)
+        Xtr = _csr(z, "train").astype(np.float32)
+        Xte = _csr(z, "test").astype(np.float32)
     adata = ad.AnnData(X=Xtr)
     adata_te = ad.AnnData(X=Xte)
     scvi.model.AmortizedLDA.setup_anndata(adata)
@@ -86,7 +99,7 @@ def main(argv=None):
     model.train(
         max_epochs=a.epochs,
         batch_size=a.batch_size,
-        lr=a.lr,
+        **({} if a.default_lr else {"lr": a.lr}),
         train_size=1.0,
         accelerator="cpu",
         callbacks=[timer],
@@ -99,6 +112,10 @@ def main(argv=None):
     t1 = time.perf_counter()
     theta_mc = model.get_latent_representation(adata_te, n_samples=a.eval_samples).to_numpy()
     phi_mc = model.get_feature_by_topic(n_samples=a.eval_samples).to_numpy().T
+    extra_arrays = {}
+    if Xobs is not None:
+        extra_arrays["theta_dc_mc"] = model.get_latent_representation(
+            ad.AnnData(X=Xobs), n_samples=a.eval_samples).to_numpy()
     guide = model.module.guide
     guide.eval()
     with torch.no_grad():
@@ -112,6 +129,7 @@ def main(argv=None):
         phi_mc=phi_mc,
         theta_mean=theta_mean,
         phi_mean=phi_mean,
+        **extra_arrays,
     )
     res = {
         "tool": "scvi-tools",
@@ -125,7 +143,7 @@ def main(argv=None):
         "n_hidden": a.n_hidden,
         "epochs": a.epochs,
         "batch_size": a.batch_size,
-        "lr": a.lr,
+        "lr": None if a.default_lr else a.lr,
         "epoch_s": timer.times,
         "train_wall_s": train_wall,
         "eval_wall_s": eval_wall,

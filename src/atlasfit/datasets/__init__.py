@@ -12,6 +12,7 @@ Examples
 from __future__ import annotations
 
 from ._planted import PlantedAtlas, matched_correlation, planted_topic_atlas
+from ._planted_store import read_planted_side, write_planted_topic_store
 from ._real import multigedi_real_5k, real_data_path
 from ._synthetic import (
     SyntheticParams,
@@ -28,8 +29,10 @@ __all__ = [
     "matched_correlation",
     "multigedi_real_5k",
     "planted_topic_atlas",
+    "read_planted_side",
     "real_data_path",
     "synthetic_atlas",
     "synthetic_mudata",
     "synthetic_truth",
+    "write_planted_topic_store",
 ]

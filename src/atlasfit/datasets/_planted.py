@@ -145,6 +145,18 @@ def planted_topic_atlas(
     >>> a.x_train["rna"].shape, a.x_test["atac"].shape, a.phi["rna"].shape
     ((200, 30), (50, 40), (3, 30))
     """
+    modalities, kinds, phi, phi_s, alpha_s = _planted_params(n_genes, n_peaks, n_topics, n_samples,
+                                                             theta_alpha, phi_alpha, seed)
+    r_tr = np.random.default_rng(np.random.SeedSequence([seed, 5]))
+    r_te = np.random.default_rng(np.random.SeedSequence([seed, 6]))
+    xtr, str_, thtr = _draw_cells(r_tr, n_train, alpha_s, phi_s, lib_median, frag_median, modalities, kinds)
+    xte, ste, thte = _draw_cells(r_te, n_test, alpha_s, phi_s, lib_median, frag_median, modalities, kinds)
+    return PlantedAtlas(xtr, xte, str_, ste, thtr, thte, phi, phi_s)
+
+
+def _planted_params(n_genes, n_peaks, n_topics, n_samples, theta_alpha, phi_alpha, seed):
+    """The planted parameters of :func:`planted_topic_atlas` (drawn from the key ``(seed, 4)``):
+    ``(modalities, kinds, phi, phi_sample, alpha_sample)``."""
     rng = np.random.default_rng(np.random.SeedSequence([seed, 4]))
     K, S = n_topics, n_samples
     modalities, kinds, sizes = ["rna"], ["counts"], [n_genes]
@@ -163,11 +175,7 @@ def planted_topic_atlas(
         phi_s[m] = pss / pss.sum(axis=2, keepdims=True)
     g = rng.standard_normal((S, K))
     alpha_s = theta_alpha * K * np.exp(0.3 * g) / np.exp(0.3 * g).sum(axis=1, keepdims=True)
-    r_tr = np.random.default_rng(np.random.SeedSequence([seed, 5]))
-    r_te = np.random.default_rng(np.random.SeedSequence([seed, 6]))
-    xtr, str_, thtr = _draw_cells(r_tr, n_train, alpha_s, phi_s, lib_median, frag_median, modalities, kinds)
-    xte, ste, thte = _draw_cells(r_te, n_test, alpha_s, phi_s, lib_median, frag_median, modalities, kinds)
-    return PlantedAtlas(xtr, xte, str_, ste, thtr, thte, phi, phi_s)
+    return modalities, kinds, phi, phi_s, alpha_s
 
 
 def planted_per_token_ll(atlas: PlantedAtlas, modality: str) -> float:
