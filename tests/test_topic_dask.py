@@ -223,7 +223,6 @@ def test_workers_get_only_their_rows_with_covariates_graph_and_cell_weights(thre
 
     from atlasfit.engine import plan_shards
     from atlasfit.models.topic import MultimodalAmortizedLDA
-    from atlasfit.models.topic._train import _select_shard_rows, _shard_load
 
     data, sample = _toy()
     n = len(sample)
@@ -254,15 +253,19 @@ def test_workers_get_only_their_rows_with_covariates_graph_and_cell_weights(thre
     for a, b in zip(serial._omega, dist._omega):
         np.testing.assert_array_equal(a, b)
     # and the hook sends a worker its samples' rows only, renumbered, with their ids in the full data
+    from atlasfit.models.topic._shard import Layout, MemoryBlocks, load_shard
+
     groups = {s: np.flatnonzero(sample == s) for s in ("s0", "s1", "s2")}
     shards = plan_shards(["s0", "s1", "s2"], [20, 28, 24], max_shards=3)
     spec = [sh for sh in shards if list(sh.samples) == ["s1"]][0]
     cfg = _cfg(n_batches=2)
-    args = (data, groups, {"s0": 0, "s1": 1, "s2": 2}, cfg, np.float64, {"batch": np.arange(n) % 2}, None)
-    a, kw = _select_shard_rows([spec], args, {})
-    sub, sub_groups = a[0], a[1]
-    assert sub["rna"].shape[0] == 28 and list(sub_groups) == ["s1"]
-    np.testing.assert_array_equal(kw["global_rows"], groups["s1"])
-    st = _shard_load(spec, *a, **kw)
+    layout = Layout(n={s: len(g) for s, g in groups.items()}, index={"s0": 0, "s1": 1, "s2": 2},
+                    sid={"s0": 0, "s1": 1, "s2": 2})
+    args = (MemoryBlocks(data, groups, batch=np.arange(n) % 2), layout, cfg, np.float64, None)
+    a, kw = load_shard.select_args([spec], args, {})
+    sub = a[0]
+    assert sub.X["rna"].shape[0] == 28 and list(sub.rows) == ["s1"]
+    np.testing.assert_array_equal(sub.row_ids("s1"), groups["s1"])
+    st = load_shard(spec, *a, **kw)
     np.testing.assert_array_equal(st["rows"], groups["s1"])
     np.testing.assert_array_equal(st["batch"], (np.arange(n) % 2)[groups["s1"]])

@@ -37,7 +37,8 @@ from atlasfit.models.topic._spatial import (
     normalized_adjacency,
     sgc_features,
 )
-from atlasfit.models.topic._train import _shard_backward, _shard_forward, _shard_load
+from atlasfit.models.topic._shard import Layout, MemoryBlocks, load_shard
+from atlasfit.models.topic._train import _shard_backward, _shard_forward
 
 RTOL = 1e-6
 H = 1e-4  # 5-point stencil: truncation O(H^4), round-off ~ 1e-16 |L| / H
@@ -261,7 +262,7 @@ def test_graph_errors_name_the_problem():
 
 
 def test_shard_functions_pass_batch_codes_and_graph():
-    """_shard_load / _shard_forward / _shard_backward with a GCN graph and batch offsets over two samples:
+    """load_shard / _shard_forward / _shard_backward with a GCN graph and batch offsets over two samples:
     the shard's gradient equals loss_and_grad on the same rows (same noise)."""
     rng = np.random.default_rng(7)
     cfg = TopicModelConfig(("rna",), (6,), ("multinomial",), spatial_mode="gcn", n_batches=2, **BASE)
@@ -271,7 +272,10 @@ def test_shard_functions_pass_batch_codes_and_graph():
     batch = rng.integers(0, 2, n0 + n1)
     groups = {"s0": np.arange(n0), "s1": np.arange(n0, n0 + n1)}
     spec = plan_shards(["s0", "s1"], [n0, n1], max_shards=1)[0]
-    state = _shard_load(spec, x, groups, {"s0": 0, "s1": 1}, cfg, np.float64, {"batch": batch, "graph": A})
+    # the shard reads its samples' blocks (rows, batch codes and graph) through the in-memory reader
+    reader = MemoryBlocks(x, groups, batch=batch, graphs={"rna": A})
+    layout = Layout(n={"s0": n0, "s1": n1}, index={"s0": 0, "s1": 1}, sid={"s0": 0, "s1": 1})
+    state = load_shard(spec, reader, layout, cfg, np.float64)
     p = init_params(cfg, seed=1)
     buf = make_buffers(cfg)
     gn = draw_global_noise(cfg, (0, 0, 0))

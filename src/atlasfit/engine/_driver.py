@@ -169,6 +169,7 @@ def run_fit(
     init: Callable[[Any], Mapping],
     step: Callable[[Any, dict, int], Mapping],
     stop: int,
+    start: int = 0,
     policy: CheckpointPolicy | None = None,
     dump_local: Callable | None = None,
     restore_local: Callable | None = None,
@@ -178,8 +179,9 @@ def run_fit(
 ) -> dict:
     """Initialise (or resume) and iterate a fit on a set-up engine.
 
-    ``init(engine) -> shared`` builds the driver's state before iteration 0 (skipped when the
-    policy resumes: the checkpoint's shards and shared state are restored instead);
+    ``init(engine) -> shared`` builds the driver's state before iteration ``start`` (0, or where an
+    earlier call of a continued fit stopped; skipped when the policy resumes: the checkpoint's
+    shards, shared state and iteration are restored instead);
     ``step(engine, shared, it) -> shared`` is one iteration. Checkpoints, worker-loss rollback and
     progress are those of :func:`run_iterations`.
 
@@ -197,7 +199,7 @@ def run_fit(
     if policy.resume:
         start, shared = ck.restore(engine, restore_local)
     else:
-        start, shared = 0, dict(init(engine))
+        shared = dict(init(engine))
     if stop < start:
         raise ValueError(
             f"{desc}: the checkpoint is at iteration {start}, past the requested stop ({stop}); "

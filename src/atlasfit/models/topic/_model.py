@@ -18,374 +18,53 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import scipy.sparse as sp
 
-from ...engine import SerialEngine, plan_shards
-from ._config import COUNT_LIKELIHOODS, LIKELIHOODS, TopicModelConfig, kl_weight_schedule
-from ._loss import (
-    combine_loss,
-    global_draws,
-    global_kl,
-    loglik_bernoulli,
-    loglik_gaussian,
-    loglik_multinomial,
-    loglik_nb_fixed,
-    loglik_nb_learned,
-    softmax,
+from ...engine import checkpoint_policy, is_distributed, make_engine, plan_shards, run_fit
+from ._config import COUNT_LIKELIHOODS, LIKELIHOODS, TopicModelConfig
+from ._loss import softmax
+from ._data import (
+    _as_list,
+    _check_modality_values,
+    _default_likelihood,
+    _dense_rows,
+    _is_binary,
+    _register,
+    _Registered,
+    split_indices,
+    training_layout,
 )
-from ._optim import AdamWState, adamw_init, adamw_step
+from ._fit import FitPlan, check_options, epoch_step, fit_from_shared, init_shared
+from ._optim import AdamWState
+from ._params import softplus
+from ._shard import OMEGA_KEYS, dump_local, load_shard, restore_local, split_positions, train_positions
 from ._spatial import check_adjacency, neighbourhood, normalized_adjacency, sgc_features
-from ._params import (
-    background_init,
-    draw_global_noise,
-    init_bn_state,
-    init_params,
-    kmeans_decoder_init,
-    make_buffers,
-    softplus,
+from ._summaries import (
+    EVAL_BLOCK,
+    elbo_block,
+    elbo_draws,
+    loglik,
+    plugin_draws,
+    reduce_scores,
+    rho,
+    score_rows,
+    shard_validation,
+    token_phis,
 )
-from ._train import (
-    TopicFit,
-    _average_round,
-    _check_data,
-    _full_grads,
-    _merge_median,
-    _shard_backward,
-    _shard_data_stats,
-    _shard_forward,
-    _shard_load,
-    _shard_local_steps,
-    _shard_step,
-    _step_size,
-    _update_bn,
-    guide_eval,
-    topic_feature_dist,
-)
+from ._train import TopicFit, guide_eval, topic_feature_dist
 
-_RNA_NAMES = ("rna", "gex", "gene", "genes", "expression", "transcripts", "mrna")
 _FORMAT = "atlasfit.MultimodalAmortizedLDA/1"
-_EVAL_BLOCK = 1024
-
-
-# --------------------------------------------------------------------------- data registration
-
-
-def _dense_rows(X, rows=None) -> np.ndarray:
-    sub = X if rows is None else X[rows]
-    if sp.issparse(sub):
-        sub = sub.toarray()
-    return np.asarray(sub, dtype=np.float64)
-
-
-def _values(X) -> np.ndarray:
-    return X.data if sp.issparse(X) else np.asarray(X).ravel()
-
-
-def _first_bad(X, bad_fn):
-    """(row, col) of the first entry where ``bad_fn(values)`` is True, or None."""
-    if sp.issparse(X):
-        C = sp.csr_matrix(X)
-        hit = np.flatnonzero(bad_fn(C.data))
-        if not hit.size:
-            return None
-        k = int(hit[0])
-        row = int(np.searchsorted(C.indptr, k, side="right") - 1)
-        return row, int(C.indices[k])
-    A = np.asarray(X)
-    hit = np.argwhere(bad_fn(A))
-    return None if not hit.size else (int(hit[0, 0]), int(hit[0, 1]))
-
-
-def _check_modality_values(m, X, lik, obs_names, var_names):
-    """Errors for data a likelihood cannot take, naming the first offending cell and feature."""
-
-    def where(rc):
-        r, c = rc
-        return f"first at cell {str(obs_names[r])!r}, feature {str(var_names[c])!r}"
-
-    rc = _first_bad(X, lambda v: ~np.isfinite(v))
-    if rc is not None:
-        raise ValueError(f"modality {m!r} has non-finite values (NaN/inf; {where(rc)}); fill them (e.g. 0) "
-                         "or drop those cells/features")
-    if lik == "gaussian":
-        return
-    rc = _first_bad(X, lambda v: v < 0)
-    if rc is not None:
-        raise ValueError(f"modality {m!r} has negative values ({where(rc)}); likelihood {lik!r} needs counts "
-                         f">= 0: pass raw counts (layers={{{m!r}: 'counts'}}) or likelihoods={{{m!r}: 'gaussian'}}")
-    if lik == "bernoulli":
-        rc = _first_bad(X, lambda v: (v != 0) & (v != 1))
-        if rc is not None:
-            raise ValueError(f"modality {m!r} is not binary ({where(rc)}); likelihood 'bernoulli' needs 0/1 "
-                             "data: binarise it (x > 0) or use a count likelihood")
-        return
-    rc = _first_bad(X, lambda v: v != np.round(v))
-    if rc is not None:
-        raise ValueError(f"modality {m!r} holds non-integer values ({where(rc)}) but likelihood {lik!r} needs "
-                         f"counts; pass the raw-count layer (layers={{{m!r}: 'counts'}}) or "
-                         f"likelihoods={{{m!r}: 'gaussian'}} for continuous data")
-
-
-def _default_likelihood(m: str, X, kind: str | None = None) -> str:
-    """Seed defaults (§8) made data-aware: binary -> bernoulli, RNA-like counts -> gamma_poisson,
-    other counts -> multinomial, continuous (store kind) -> gaussian."""
-    if kind == "binary":
-        return "bernoulli"
-    if kind == "continuous":
-        return "gaussian"
-    v = _values(X)
-    v = v[np.isfinite(v)]
-    if v.size and kind is None and np.all((v == 0) | (v == 1)):
-        return "bernoulli"
-    return "gamma_poisson" if m.lower() in _RNA_NAMES else "multinomial"
-
-
-def _as_list(arg, names, what):
-    if arg is None:
-        return {m: None for m in names}
-    if isinstance(arg, str):
-        return {m: arg for m in names}
-    if isinstance(arg, Mapping):
-        unknown = set(arg) - set(names)
-        if unknown:
-            raise ValueError(f"{what} names modalities {sorted(unknown)} that are not used (modalities: {names})")
-        return {m: arg.get(m) for m in names}
-    arg = list(arg)
-    if len(arg) != len(names):
-        raise ValueError(f"{what} has {len(arg)} entries but there are {len(names)} modalities {names}; "
-                         "give one per modality or a dict {modality: value}")
-    return dict(zip(names, arg))
-
-
-class _Registered:
-    """Cells x features matrices per modality, aligned rows, with names and sample labels."""
-
-    def __init__(self, X, obs_names, var_names, samples, kinds, source=None, spatial=None):
-        self.X = X  # {m: csr / ndarray}
-        self.obs_names = pd.Index(obs_names)
-        self.var_names = var_names  # {m: Index}
-        self.samples = np.asarray(samples).astype(str)
-        self.kinds = kinds  # {m: store kind or None}
-        self.source = source  # store path or None
-        self.spatial = spatial or {}
-        self.named = True
-        self.batch = None  # integer codes per cell (batch_key)
-        self.batch_categories: list[str] = []
-        self.cont = None  # (n_cells, n_continuous) floats (continuous_covariate_keys)
-
-    @property
-    def n_obs(self) -> int:
-        return len(self.obs_names)
-
-
-def _take_layer(a, m, layer):
-    if layer is None:
-        if a.X is None:
-            raise ValueError(f"modality {m!r} has no X; pass layers={{{m!r}: <layer>}} (layers: {list(a.layers)})")
-        return a.X
-    if layer not in a.layers:
-        raise ValueError(f"modality {m!r} has no layer {layer!r} (layers: {list(a.layers)}); fix layers=")
-    return a.layers[layer]
-
-
-def _register(data, modalities=None, layers=None, sample_key=None, spatial_key=None, batch_key=None,
-              continuous_covariate_keys=None) -> _Registered:
-    """Turn any supported input into aligned per-modality matrices (no copy where possible)."""
-    import anndata as ad
-
-    try:
-        import mudata as md
-    except ImportError:  # pragma: no cover - mudata is a core dependency
-        md = None
-    from ...io import Atlas, open_atlas
-
-    if isinstance(data, (str, Path, Atlas)):
-        return _register_store(data if isinstance(data, Atlas) else open_atlas(data), modalities, layers,
-                               sample_key, spatial_key, batch_key, continuous_covariate_keys)
-    root_obs = None
-    named = True  # feature names come from the data (not generated for plain arrays)
-    if md is not None and isinstance(data, md.MuData):
-        mods = dict(data.mod)
-        root_obs = data.obs
-        root_names = data.obs_names
-    elif isinstance(data, ad.AnnData):
-        name = (list(modalities)[0] if modalities else "rna")
-        if modalities is not None and len(list(modalities)) != 1:
-            raise ValueError(f"an AnnData holds one modality but modalities={list(modalities)}; pass a MuData "
-                             "or a dict {name: AnnData}")
-        mods = {name: data}
-        root_names = data.obs_names
-    elif isinstance(data, Mapping):
-        if not data:
-            raise ValueError("data is an empty dict; give {modality: AnnData or (n_cells, n_features) array}")
-        vals = list(data.values())
-        if all(isinstance(v, ad.AnnData) for v in vals):
-            mods = dict(data)
-            root_names = vals[0].obs_names
-        elif all(sp.issparse(v) or isinstance(v, np.ndarray) for v in vals):
-            n = vals[0].shape[0]
-            mods = {}
-            for m, v in data.items():
-                if v.ndim != 2:
-                    raise ValueError(f"modality {m!r}: array has shape {v.shape}; give (n_cells, n_features)")
-                if v.shape[0] != n:
-                    raise ValueError(f"mismatched cells: modality {m!r} has {v.shape[0]} rows, modality "
-                                     f"{list(data)[0]!r} has {n}; align the rows (one row per cell, same order)")
-                mods[m] = ad.AnnData(sp.csr_matrix(v) if sp.issparse(v) else np.asarray(v))
-                mods[m].obs_names = [f"cell{i}" for i in range(n)]
-                mods[m].var_names = [f"{m}_{j}" for j in range(v.shape[1])]
-            root_names = mods[list(mods)[0]].obs_names
-            layers = None  # plain arrays are the matrices themselves
-            named = False
-        else:
-            raise TypeError("a dict input must hold only AnnData or only (n_cells, n_features) arrays, got "
-                            f"{sorted({type(v).__name__ for v in vals})}")
-    else:
-        raise TypeError(f"cannot use data of type {type(data).__name__}; give an AnnData, a MuData, a dict of "
-                        "AnnData or arrays, or an atlas store path (atlasfit.io.convert)")
-    names = list(mods) if modalities is None else [str(m) for m in modalities]
-    for m in names:
-        if m not in mods:
-            raise ValueError(f"modality {m!r} is missing from the data (it has {list(mods)}); fix modalities=")
-    lay = _as_list(layers, names, "layers")
-    X, var_names = {}, {}
-    for m in names:
-        a = mods[m]
-        if a.n_obs != len(root_names) or not a.obs_names.equals(pd.Index(root_names)):
-            other = pd.Index(root_names)
-            if a.n_obs != len(other):
-                detail = f"{a.n_obs} cells, the data has {len(other)}"
-            else:
-                k = int(np.flatnonzero(a.obs_names.to_numpy() != other.to_numpy())[0])
-                detail = f"cell {k} is {a.obs_names[k]!r} but {other[k]!r} in the data's cell order"
-            raise ValueError(f"mismatched cells: modality {m!r} has {detail}; every modality must hold the same "
-                             "cells in the same order (e.g. mudata.pp.intersect_obs(mdata) and reorder)")
-        M = _take_layer(a, m, lay[m])
-        if hasattr(M, "compute"):
-            M = M.compute()
-        X[m] = sp.csr_matrix(M) if sp.issparse(M) else np.asarray(M)
-        if X[m].ndim == 1:
-            X[m] = X[m][:, None]
-        var_names[m] = a.var_names
-    n = len(root_names)
-    frames = ([root_obs] if root_obs is not None else []) + [mods[m].obs for m in names]
-
-    def column(key, what):
-        for f in frames:  # MuData global obs first, then the modalities' obs
-            if key in f.columns:
-                return f[key]
-        cols = sorted(set().union(*[set(f.columns) for f in frames]))
-        raise ValueError(f"unknown {what} {key!r}: no obs column of that name (columns: {cols}); pass an existing "
-                         f"column, or {what}=None")
-
-    samples = np.zeros(n, dtype=str) if sample_key is None else _labels(column(sample_key, "sample_key"),
-                                                                       "sample_key", sample_key, root_names)
-    spatial = {}
-    if spatial_key is not None:
-        for m in names:
-            holders = [mods[m]] + ([data] if root_obs is not None else [])
-            G = next((h.obsp[spatial_key] for h in holders if spatial_key in h.obsp), None)
-            if G is None:
-                have = sorted(set().union(*[set(h.obsp.keys()) for h in holders]))
-                raise ValueError(f"spatial key {spatial_key!r} is absent: modality {m!r} has no "
-                                 f".obsp[{spatial_key!r}] (obsp keys: {have}); build the graph first "
-                                 "(e.g. squidpy.gr.spatial_neighbors) or pass spatial_key=None")
-            if G.shape != (n, n):
-                raise ValueError(f"modality {m!r}: .obsp[{spatial_key!r}] has shape {G.shape}, expected ({n}, {n})")
-            spatial[m] = sp.csr_matrix(G)
-    reg = _Registered(X, root_names, var_names, samples, {m: None for m in names}, None, spatial)
-    reg.named = named
-    _covariates(reg, column, batch_key, continuous_covariate_keys)
-    return reg
-
-
-def _labels(col: pd.Series, what: str, key: str, names) -> np.ndarray:
-    if col.isna().any():
-        k = int(np.flatnonzero(col.isna().to_numpy())[0])
-        raise ValueError(f"{what} {key!r}: cell {str(names[k])!r} has no label; fill or drop such cells")
-    return col.astype(str).to_numpy()
-
-
-def _covariates(reg: _Registered, column, batch_key, cont_keys) -> None:
-    """Per-cell covariates (§1.5, §2.2): batch codes of ``batch_key`` (categories in order of first
-    appearance) and the ``continuous_covariate_keys`` columns as floats."""
-    if batch_key is not None:
-        lab = _labels(column(batch_key, "batch_key"), "batch_key", batch_key, reg.obs_names)
-        cats, first = np.unique(lab, return_index=True)
-        cats = cats[np.argsort(first)]
-        reg.batch_categories = [str(c) for c in cats]
-        reg.batch = pd.Index(cats).get_indexer(lab).astype(np.int64)
-    if cont_keys:
-        cols = []
-        for key in cont_keys:
-            c = pd.to_numeric(column(key, "continuous_covariate_keys"), errors="coerce").to_numpy(dtype=np.float64)
-            if not np.all(np.isfinite(c)):
-                k = int(np.flatnonzero(~np.isfinite(c))[0])
-                raise ValueError(f"continuous covariate {key!r}: cell {str(reg.obs_names[k])!r} has a missing or "
-                                 "non-numeric value; impute or drop such cells")
-            cols.append(c)
-        reg.cont = np.stack(cols, axis=1)
-
-
-def _register_store(atlas, modalities, layers, sample_key, spatial_key, batch_key=None,
-                    continuous_covariate_keys=None) -> _Registered:
-    if sample_key is not None and sample_key != atlas.sample_key:
-        raise ValueError(f"unknown sample_key {sample_key!r}: the atlas store {str(atlas.path)!r} is keyed by "
-                         f"{atlas.sample_key!r}; pass sample_key=None (or {atlas.sample_key!r})")
-    if spatial_key is not None:
-        raise ValueError(f"spatial key {spatial_key!r} is absent: atlas stores keep no .obsp graphs; load the "
-                         "data as a MuData with the graph in .obsp instead")
-    names = list(atlas.modalities) if modalities is None else [str(m) for m in modalities]
-    for m in names:
-        if m not in atlas.modalities:
-            raise ValueError(f"modality {m!r} is missing from the atlas store (it has {atlas.modalities}); "
-                             "fix modalities=")
-    lay = _as_list(layers, names, "layers")
-    counts = atlas.samples
-    ref = names[0]
-    obs_ref = atlas.obs(ref).index
-    for m in names[1:]:
-        differ = counts.index[counts[m].to_numpy() != counts[ref].to_numpy()]
-        if len(differ):
-            s = differ[0]
-            raise ValueError(f"mismatched cells: sample {s!r} has {int(counts.loc[s, m])} cells in modality {m!r} "
-                             f"but {int(counts.loc[s, ref])} in {ref!r}; the topic model needs every modality "
-                             "measured on the same cells (convert only the shared samples/cells)")
-        obs_m = atlas.obs(m).index
-        if not obs_m.equals(obs_ref):
-            k = int(np.flatnonzero(obs_m.to_numpy() != obs_ref.to_numpy())[0])
-            raise ValueError(f"mismatched cells: store row {k} is {obs_m[k]!r} in modality {m!r} but "
-                             f"{obs_ref[k]!r} in {ref!r}; convert the modalities with the same cells")
-    present = counts[ref][counts[ref] > 0]
-    X, var_names, kinds = {}, {}, {}
-    for m in names:
-        blocks = [atlas.read_block(m, s, lay[m]) for s in present.index]
-        X[m] = sp.vstack(blocks, format="csr") if sp.issparse(blocks[0]) else np.concatenate(blocks, axis=0)
-        var_names[m] = atlas.var(m).index
-        kinds[m] = atlas.kind(m)
-    samples = np.repeat(present.index.to_numpy().astype(str), present.to_numpy())
-    reg = _Registered(X, obs_ref, var_names, samples, kinds, str(atlas.path))
-    if batch_key is not None or continuous_covariate_keys:
-        obs = atlas.obs(ref)
-
-        def column(key, what):
-            if key not in obs.columns:
-                raise ValueError(f"unknown {what} {key!r}: modality {ref!r} of the store has no obs column of that "
-                                 f"name (columns: {sorted(obs.columns)})")
-            return obs[key]
-
-        _covariates(reg, column, batch_key, continuous_covariate_keys)
-    return reg
 
 
 class _EvalSet:
     """Cells to evaluate: full matrices ``X`` with the selected rows ``idx`` (None: all), and per
     selected cell its Omega row, name, batch code and continuous covariates; the full spatial graphs
-    (SGC inputs and GCN neighbourhoods are computed over all cells of ``X``)."""
+    (SGC inputs and GCN neighbourhoods are computed over all cells of ``X``); ``groups``:
+    ``[(sample position, positions of its selected cells)]`` (Monte-Carlo keys and sums per sample)."""
 
-    def __init__(self, X, idx, omega, names, batch, cont, graphs):
+    def __init__(self, X, idx, omega, names, batch, cont, graphs, groups):
         self.X, self.idx, self.omega, self.names = X, idx, omega, pd.Index(names)
         self.batch, self.cont, self.graphs = batch, cont, graphs or {}
+        self.groups = groups
         self.sgc = None
         self.adj_hat = None
 
@@ -394,21 +73,13 @@ class _EvalSet:
         return len(self.names)
 
 
-# --------------------------------------------------------------------------- shard helpers (engine protocol)
-
-
-def _shard_set_omega(state, omega, om_m, om_v, om_t):
-    """Restore the per-cell mixing logits and their AdamW moments (continued training)."""
-    if "omega" in state:
-        r = state["rows"]
-        state["omega"], state["omega_m"], state["omega_v"] = omega[r].copy(), om_m[r].copy(), om_v[r].copy()
-        state["omega_t"] = om_t[r].copy()
-
-
-def _shard_get_omega_state(state):
-    if "omega" not in state:
-        return None
-    return state["rows"], state["omega"], state["omega_m"], state["omega_v"], state["omega_t"]
+def _groups(reg: _Registered, sel) -> list:
+    lab = reg.samples[sel]
+    index = {s: i for i, s in enumerate(reg.sample_names())}
+    out = []
+    for s in dict.fromkeys(lab.tolist()):
+        out.append((index[s], np.flatnonzero(lab == s)))
+    return sorted(out, key=lambda t: t[0])
 
 
 # --------------------------------------------------------------------------- the model
@@ -463,12 +134,13 @@ class MultimodalAmortizedLDA:
         self.continuous_covariate_keys_: list | None = None
         self._fit: TopicFit | None = None
         self._opt: AdamWState | None = None
-        self._omega = None  # (m, v, t, omega) over ALL registered cells (cell weight mode)
+        self._local: dict = {}  # {sample: {omega, omega_m, omega_v, omega_t}} of the training cells (cell weights)
+        self._omega_cache = None
+        self._split_cache = None
+        self._saved_split = None  # (train, validation) of a loaded model without data
         self._history: list[dict] = []
         self.n_epochs_ = 0
         self.stopped_early_ = False
-        self.train_indices_: np.ndarray | None = None
-        self.validation_indices_: np.ndarray | None = None
         self._train_settings: dict = {}
         self._theta_prev = None  # global mean theta of the last step (theta_bar_sync="lagged")
         self.best_epoch_: int | None = None
@@ -555,20 +227,21 @@ class MultimodalAmortizedLDA:
         if reg.cont is not None:
             cfg.setdefault("n_continuous_covariates", reg.cont.shape[1])
             cfg.setdefault("encode_covariates", True)
-        names = list(reg.X)
+        names = reg.modalities
         liks = _as_list(likelihoods, names, "likelihoods")
         for m in names:
             if liks[m] is None:
-                liks[m] = _default_likelihood(m, reg.X[m], reg.kinds[m])
+                liks[m] = _default_likelihood(m, reg.kinds[m], lambda m=m: _is_binary(reg, m))
             if liks[m] not in LIKELIHOODS:
                 raise ValueError(f"modality {m!r}: unknown likelihood {liks[m]!r}; use one of {LIKELIHOODS}")
             if reg.kinds[m] == "continuous" and liks[m] in COUNT_LIKELIHOODS:
                 raise ValueError(f"modality {m!r} is stored as kind 'continuous' (non-count data) but likelihood "
                                  f"{liks[m]!r} needs counts; use likelihoods={{{m!r}: 'gaussian'}}")
-            _check_modality_values(m, reg.X[m], liks[m], reg.obs_names, reg.var_names[m])
+            if not reg.is_store:  # a store's blocks are checked where the shards read them
+                _check_modality_values(m, reg.X[m], liks[m], reg.obs_names, reg.var_names[m])
         config = TopicModelConfig(
             modalities=tuple(names),
-            n_features=tuple(int(reg.X[m].shape[1]) for m in names),
+            n_features=tuple(reg.n_features(m) for m in names),
             likelihoods=tuple(liks[m] for m in names),
             n_topics=int(n_topics),
             **cfg,
@@ -612,27 +285,6 @@ class MultimodalAmortizedLDA:
 
     # ------------------------------------------------------------------ training
 
-    def _split(self, validation_fraction: float, seed: int) -> None:
-        """Seeded validation split, stratified per sample: within each sample the cells are permuted
-        with a generator keyed by (seed, sample position) and the first round(fraction * n_s) go to
-        validation."""
-        if not 0.0 <= validation_fraction < 1.0:
-            raise ValueError(f"validation_fraction must be in [0, 1), got {validation_fraction}")
-        lab = self._data.samples
-        names, first = np.unique(lab, return_index=True)
-        names = names[np.argsort(first)]
-        val = []
-        for i, s in enumerate(names):
-            idx = np.flatnonzero(lab == s)
-            perm = np.random.default_rng(np.random.SeedSequence([int(seed), 5501, i])).permutation(idx.size)
-            val.append(idx[perm[: int(round(validation_fraction * idx.size))]])
-        val = np.sort(np.concatenate(val)) if val else np.zeros(0, dtype=np.int64)
-        train = np.setdiff1d(np.arange(self._data.n_obs), val)
-        if train.size < 2:
-            raise ValueError(f"validation_fraction={validation_fraction} leaves {train.size} training cells; "
-                             "lower it (training needs at least 2 cells)")
-        self.train_indices_, self.validation_indices_ = train, val
-
     def train(
         self,
         max_epochs: int | None = None,
@@ -662,6 +314,9 @@ class MultimodalAmortizedLDA:
         steps_per_round: int = 1,
         device: str = "cpu",
         decoder_init: str = "kmeans",
+        checkpoint_every: int | None = None,
+        checkpoint_dir: str | Path | None = None,
+        resume_from_checkpoint: bool = False,
     ) -> MultimodalAmortizedLDA:
         """Train by minibatch AdamW on the engine protocol (spec §3, §6), with held-out tracking.
 
@@ -719,6 +374,15 @@ class MultimodalAmortizedLDA:
             ``"cpu"``; ``"gpu"``: the minibatch forward/backward kernels run on CuPy on each worker's GPU
             (e.g. a ``LocalCUDACluster`` client; a clear error without CuPy and a CUDA device);
             ``"auto"``: the GPU when one is usable and ``client`` is given. Recorded in ``device_``.
+        checkpoint_every, checkpoint_dir, resume_from_checkpoint
+            Fault tolerance (:func:`atlasfit.engine.checkpoint_policy`): a store fit on a Dask cluster
+            checkpoints every ``checkpoint_every`` epochs (default 10; ``0``: never) into
+            ``checkpoint_dir`` (default ``<store>.checkpoints/topic`` beside the store); the
+            parameters, AdamW moments and step, BatchNorm statistics, the lagged :math:`\bar\theta`,
+            the history and each sample's :math:`\\Omega` rows. A lost worker rolls back to the last
+            checkpoint and replays (the same bits); ``resume_from_checkpoint=True`` continues an
+            interrupted fit (a new model on the same data, the same ``train`` arguments) up to
+            ``max_epochs`` epochs in all.
 
         Returns
         -------
@@ -734,194 +398,217 @@ class MultimodalAmortizedLDA:
         """
         if self._data is None:
             raise RuntimeError("this model has no data attached; use MultimodalAmortizedLDA.load(path, data=...)")
-        cfg = self.config
+        cfg, reg = self.config, self._data
         if monitor not in ("val_loss", "val_ll_per_token"):
             raise ValueError(f"monitor {monitor!r}: use 'val_loss' or 'val_ll_per_token'")
-        if batch_size < 2:
-            raise ValueError(f"batch_size must be >= 2 (BatchNorm and the topic variance need 2 cells), got {batch_size}")
-        if omega_update not in ("all", "minibatch"):
-            raise ValueError(f"omega_update {omega_update!r}: use 'all' (reference) or 'minibatch' (lazy)")
-        if decoder_init not in ("zeros", "kmeans"):
-            raise ValueError(f"decoder_init {decoder_init!r}: use 'zeros' (reference) or 'kmeans'")
-        if input_median not in ("dataset", "minibatch") and not (
-            isinstance(input_median, (int, float)) and not isinstance(input_median, bool) and input_median > 0
-        ):
-            raise ValueError(f"input_median {input_median!r}: use 'dataset', 'minibatch' or a positive scale factor")
-        if bernoulli_depth not in ("dataset", "minibatch"):
-            raise ValueError(f"bernoulli_depth {bernoulli_depth!r}: use 'dataset' or 'minibatch'")
-        if theta_bar_sync not in ("exact", "lagged"):
-            raise ValueError(f"theta_bar_sync {theta_bar_sync!r}: use 'exact' (two rounds per step) or 'lagged'")
-        if isinstance(steps_per_round, bool) or not isinstance(steps_per_round, (int, np.integer)) or steps_per_round < 1:
-            raise ValueError(f"steps_per_round must be an integer >= 1, got {steps_per_round!r}")
+        check_options(input_median=input_median, bernoulli_depth=bernoulli_depth, omega_update=omega_update,
+                      decoder_init=decoder_init, theta_bar_sync=theta_bar_sync, steps_per_round=steps_per_round,
+                      batch_size=batch_size)
+        if not 0.0 <= validation_fraction < 1.0:
+            raise ValueError(f"validation_fraction must be in [0, 1), got {validation_fraction}")
+        settings = {"validation_fraction": float(validation_fraction), "seed": int(seed),
+                    "input_median": input_median, "bernoulli_depth": bernoulli_depth}
         first_call = self._fit is None
-        if first_call:
-            self._split(validation_fraction, seed)
-            self._train_settings = {"validation_fraction": float(validation_fraction), "seed": int(seed),
-                                    "input_median": input_median, "bernoulli_depth": bernoulli_depth}
-        else:
-            old = self._train_settings
-            for k, v in (("validation_fraction", float(validation_fraction)), ("seed", int(seed)),
-                         ("input_median", input_median), ("bernoulli_depth", bernoulli_depth)):
-                if old.get(k) != v:
-                    raise ValueError(f"train() continues the previous fit, which used {k}={old.get(k)!r}; "
+        if not first_call:
+            for k, v in settings.items():
+                if self._train_settings.get(k) != v:
+                    raise ValueError(f"train() continues the previous fit, which used {k}={self._train_settings.get(k)!r}; "
                                      f"got {k}={v!r} (start a new model to change it)")
-        val = self.validation_indices_
-        if early_stopping and val.size == 0:
+        layout, names, sizes, locate, reader = training_layout(reg, dict(zip(cfg.modalities, cfg.likelihoods)),
+                                                               validation_fraction, seed)
+        N = int(sum(sizes))
+        if N < 2:
+            raise ValueError(f"validation_fraction={validation_fraction} leaves {N} training cells; "
+                             "lower it (training needs at least 2 cells)")
+        n_val = reg.n_obs - N
+        if early_stopping and n_val == 0:
             raise ValueError("early_stopping needs validation cells: set validation_fraction > 0")
+        self._train_settings = settings
         if max_epochs is None:
-            max_epochs = max(1, min(int(round(2e7 / self._data.n_obs)), 1000))
-        tr = self.train_indices_
-        N = int(tr.size)
-        data = {m: self._data.X[m][tr] for m in cfg.modalities}
-        _check_data(data, cfg)
-        lab = self._data.samples[tr]
-        names, first = np.unique(lab, return_index=True)
-        names = [str(n) for n in names[np.argsort(first)]]
-        groups = {s: np.flatnonzero(lab == s) for s in names}
-        sample_index = {s: i for i, s in enumerate(names)}
-        shards = plan_shards(names, [len(groups[s]) for s in names], max_shards=max_shards)
-        dtype = self.dtype
-        from ...cluster import resolve_device
-
-        gpu = resolve_device(device, type(self).__name__, distributed=client is not None)
+            max_epochs = max(1, min(int(round(2e7 / reg.n_obs)), 1000))
+        shards = plan_shards(names, sizes, max_shards=max_shards)
+        who = type(self).__name__
+        engine, gpu = make_engine(shards, client=client, store=reg.is_store, device=device, who=who, name="topic")
         self.device_ = "gpu" if gpu else "cpu"
-        if client is None:
-            engine = SerialEngine(shards)
-        else:
-            from ...engine import DaskEngine
+        start = self.n_epochs_
+        kw = dict(kl_kwargs or {})
+        kw.setdefault("max_epochs", start + max_epochs)
+        plan = FitPlan(cfg, self.dtype, N, sizes, batch_size, seed, {"lr": lr, "betas": betas, "eps": eps,
+                       "weight_decay": weight_decay}, kl_schedule, kw, input_median, bernoulli_depth,
+                       int(steps_per_round), theta_bar_sync, omega_update, decoder_init)
+        policy = checkpoint_policy(f"{who}.train", store_path=reg.source if reg.is_store else None, model="topic",
+                                   distributed=is_distributed(engine), checkpoint_dir=checkpoint_dir,
+                                   checkpoint_every=checkpoint_every, resume=resume_from_checkpoint)
+        sign = 1.0 if monitor == "val_loss" else -1.0
+        fresh_es = {"best": math.inf, "best_epoch": -1, "waited": 0, "stop": False}
 
-            engine = DaskEngine(client, shards, name="topic")
-        extras = {}
-        if cfg.needs_batch:
-            extras["batch"] = self._data.batch[tr]
-        if cfg.n_cont_encoded:
-            extras["cont"] = self._data.cont[tr]
-        if cfg.spatial_mode is not None:  # edges to validation cells are dropped with them
-            extras["graph"] = {m: G[tr][:, tr] for m, G in self._data.spatial.items()}
-        engine.setup(_shard_load, data, groups, sample_index, cfg, dtype, extras or None, "cupy" if gpu else None)
-        try:
+        def init(e):
             if first_call:
-                dstats = engine.map(_shard_data_stats)
-                lib_median, bern_depth, b0 = {}, {}, {}
-                for m in cfg.modalities:
-                    if isinstance(input_median, (int, float)) and not isinstance(input_median, bool):
-                        lib_median[m] = float(input_median)
-                    else:
-                        lib_median[m] = _merge_median(dstats, m)
-                    bern_depth[m] = sum(s[m]["lib_sum"] for s in dstats) / N
-                    if cfg.has_background(m):
-                        b0[m] = background_init(sum(s[m]["x_over_lib"] for s in dstats), N, cfg.bg_offset)
-                buffers = make_buffers(cfg, b0, dtype)
-                p = init_params(cfg, seed, dtype)
-                if decoder_init == "kmeans":
-                    p.update(kmeans_decoder_init(cfg, data, buffers, seed=seed, dtype=dtype))
-                self._fit = TopicFit(cfg, p, init_bn_state(cfg, dtype), buffers, lib_median, bern_depth, None, [], N)
-                self._opt = adamw_init(p)
-            elif self._omega is not None:
-                engine.map(_shard_set_omega, *(a[tr] for a in self._omega))
-            fit, opt_state = self._fit, self._opt
-            p, bn, buffers = fit.params, fit.bn_state, fit.buffers
-            opt = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay}
-            n_steps = max(1, math.ceil(N / batch_size))
-            kw = dict(kl_kwargs or {})
-            kw.setdefault("max_epochs", self.n_epochs_ + max_epochs)
-            med_arg = None if input_median == "minibatch" else fit.lib_median
-            depth_arg = fit.bern_depth if bernoulli_depth == "dataset" else None
-            sizes = [len(groups[s]) for s in names]
-            needs_theta_bar = bool(cfg.topic_variance_weight)
-            fwd_kw: dict = {}
-            sign = 1.0 if monitor == "val_loss" else -1.0
-            best, best_epoch, waited = math.inf, None, 0
-            self.stopped_early_ = False
-            epochs = range(max_epochs)
-            if progress:
-                from tqdm.auto import tqdm
+                shared = init_shared(e, plan, locate=locate)
+            else:
+                shared = self._shared_state(plan)
+                if self._local:
+                    e.map(restore_local, self._local)
+            shared["es"] = dict(fresh_es)
+            return shared
 
-                epochs = tqdm(epochs, desc="MultimodalAmortizedLDA", unit="epoch")
-            for _ in epochs:
-                epoch = self.n_epochs_
-                beta = kl_weight_schedule(epoch, kl_schedule, **kw)
-                losses = []
-                if steps_per_round > 1:  # local steps with periodic averaging (train_serial's scheme)
-                    for s0 in range(0, n_steps, steps_per_round):
-                        steps = list(range(s0, min(n_steps, s0 + steps_per_round)))
-                        res = engine.map(_shard_local_steps, p, opt_state.m, opt_state.v, opt_state.step, steps, seed,
-                                         epoch, n_steps, buffers, med_arg, depth_arg, N, beta, opt, omega_update, fwd_kw)
-                        p = _average_round(res, p, opt_state, bn, cfg, N, beta, len(steps), losses)
+        def step(e, shared, it):
+            if shared.get("fingerprint") != plan.fingerprint():
+                raise ValueError(f"{who}.train: the checkpoint was written by a fit with another configuration, data "
+                                 "or train() settings; resume with the same model and arguments, or start without "
+                                 "resume_from_checkpoint")
+            shared = epoch_step(e, shared, it, plan)
+            hist = shared["history"]
+            if n_val:
+                fit = fit_from_shared(cfg, shared, N)
+                fit.optimizer = None
+                for k, v in self._validate(e, fit, seed, n_eval_samples).items():
+                    hist.setdefault(k, []).append(v)
+                es = dict(shared["es"])
+                score = sign * hist[monitor][-1]
+                if score < es["best"] - min_delta:
+                    es.update(best=score, best_epoch=int(it), waited=0)
                 else:
-                    for step in range(n_steps):
-                        B = _step_size(sizes, step, n_steps)
-                        if B == 0:
-                            continue
-                        gnoise = draw_global_noise(cfg, (seed, epoch, step), dtype)
-                        t = opt_state.step + 1
-                        fwd = (p, gnoise, buffers, seed, epoch, step, n_steps, med_arg, depth_arg)
-                        if not needs_theta_bar or (theta_bar_sync == "lagged" and self._theta_prev is not None):
-                            out = engine.map(_shard_step, fwd, (N / B, beta, B, self._theta_prev, t, opt, omega_update),
-                                             fwd_kw)
-                            fstats, shard_grads = [o[0] for o in out], [o[1] for o in out]
-                            live = [s for s in fstats if s["n"] > 0]
-                            tot = {k: sum(s[k] for s in live) for k in live[0]}
-                        else:
-                            fstats = engine.map(_shard_forward, *fwd, **fwd_kw)
-                            live = [s for s in fstats if s["n"] > 0]
-                            tot = {k: sum(s[k] for s in live) for k in live[0]}
-                            shard_grads = engine.map(_shard_backward, N / B, beta, B, tot["theta_sum"] / B, t, opt,
-                                                     omega_update)
-                        self._theta_prev = tot["theta_sum"] / B
-                        grads: dict = {}
-                        for sg in shard_grads:  # shard order: deterministic
-                            for k, v in sg.items():
-                                grads[k] = grads[k] + v if k in grads else v
-                        grads, gval = _full_grads(p, gnoise, grads, beta, cfg, buffers)
-                        losses.append(combine_loss(tot, cfg, cell_scale=N / B, beta=beta, global_value=gval))
-                        p = adamw_step(p, grads, opt_state, **opt)
-                        _update_bn(bn, tot, B, cfg)
-                fit.params = p
-                self.n_epochs_ += 1
-                self._collect_omega(engine)
-                loss = float(np.mean(losses)) if losses else float("nan")
-                rec = {"epoch": epoch, "beta": beta, "train_loss": loss, "train_loss_per_cell": loss / N}
-                if val.size:
-                    ev = self._resolve(cells=val)
-                    rec["val_loss"] = -self._elbo(ev, n_samples=n_eval_samples, seed=seed)
-                    ll = self._per_token(ev, self._theta(ev, 0, seed, 4096))
-                    rec["val_ll_per_token"] = ll["total"]
-                    for m in cfg.modalities:
-                        if m in ll:
-                            rec[f"val_ll_per_token/{m}"] = ll[m]
-                self._history.append(rec)
-                fit.history.append({"epoch": epoch, "beta": beta, "loss": loss})
-                stop = bool(callback(epoch, dict(rec))) if callback is not None else False
-                if val.size:
-                    score = sign * rec[monitor]
-                    if score < best - min_delta:
-                        best, best_epoch, waited = score, epoch, 0
-                    else:
-                        waited += 1
-                    self.best_epoch_ = best_epoch
-                    if early_stopping and waited >= patience:
-                        self.stopped_early_ = True
-                        stop = True
-                if stop:
-                    break
+                    es["waited"] += 1
+                es["stop"] = bool(early_stopping and es["waited"] >= patience)
+                shared["es"] = es
+            return shared
+
+        def each_epoch(it, shared):
+            stop = bool(callback(it - 1, self._records(shared, N)[-1])) if callback is not None else False
+            return stop or shared["es"]["stop"]
+
+        engine.setup(load_shard, reader, layout, cfg, self.dtype, "cupy" if gpu else None)
+        try:
+            cell = cfg.weight_mode == "cell"
+            shared = run_fit(engine, init=init, step=step, start=start, stop=start + int(max_epochs), policy=policy,
+                             dump_local=dump_local if cell else None, restore_local=restore_local if cell else None,
+                             progress=progress, callback=each_epoch, desc=who)
+            self._fit = fit_from_shared(cfg, shared, N)
+            self._opt = self._fit.optimizer
+            self._theta_prev = shared["theta_prev"]
+            self._history = self._records(shared, N)
+            self.n_epochs_ = len(shared["history"]["epoch"])
+            es = shared["es"]
+            self.stopped_early_ = bool(es["stop"])
+            if n_val:
+                self.best_epoch_ = None if es["best_epoch"] < 0 else int(es["best_epoch"])
+            local = {}
+            for part in engine.map(dump_local):
+                local.update(part)
+            self._local = local
+            self._omega_cache = None
+            self.checkpoint_info_ = policy.checkpoint.last_info if policy.checkpoint is not None else None
         finally:
             engine.close()
         return self
 
-    def _collect_omega(self, engine) -> None:
-        parts = engine.map(_shard_get_omega_state)
-        if not parts or parts[0] is None:
-            return
-        if self._omega is None:
+    def _validate(self, engine, fit: TopicFit, seed: int, n_eval_samples: int) -> dict:
+        """``val_loss`` and the per-token scores of the validation cells: an engine round over the shards'
+        validation rows (spatial encoders: on the driver, which holds the in-memory graph)."""
+        if self.config.spatial_mode is None:
+            parts = [item for res in engine.map(shard_validation, fit, seed, n_eval_samples) for item in res]
+        else:
+            saved, self._fit = self._fit, fit
+            try:
+                parts = self._score(self._resolve(cells=self.validation_indices_), seed, n_eval_samples)
+            finally:
+                self._fit = saved
+        _, gmean = elbo_draws(fit, n_eval_samples, seed)
+        return reduce_scores(parts, fit, gmean, token_phis(fit))
+
+    def _score(self, ev, seed: int, n_samples: int) -> list:
+        """Driver-side :func:`~atlasfit.models.topic._summaries.score_rows` per sample of ``ev``."""
+        fit = self._fit
+        draws, _ = elbo_draws(fit, n_samples, seed)
+        phis = token_phis(fit)
+        tdraws = plugin_draws(fit) if self.config.batch_offsets else None
+        out = []
+        for idx, pos in ev.groups:
+            blocks = (((idx, int(np.searchsorted(pos, p[0]))), x, om, extra) for p, x, om, extra in
+                      self._blocks(ev, EVAL_BLOCK, positions=pos))
+            out.append((idx, score_rows(fit, blocks, draws, seed, phis, tdraws)))
+        return out
+
+    def _records(self, shared: dict, N: int) -> list:
+        h = shared["history"]
+        out = []
+        for i in range(len(h["epoch"])):
+            rec = {"epoch": h["epoch"][i], "beta": h["beta"][i], "train_loss": h["loss"][i],
+                   "train_loss_per_cell": h["loss"][i] / N}
+            for k, v in h.items():
+                if k.startswith("val_") and i < len(v):
+                    rec[k] = v[i]
+            out.append(rec)
+        return out
+
+    def _shared_state(self, plan: FitPlan) -> dict:
+        """The driver state of the fit so far (continued training)."""
+        fit, opt = self._fit, self._opt
+        h = {"epoch": [], "beta": [], "loss": []}
+        for rec in self._history:
+            h["epoch"].append(rec["epoch"])
+            h["beta"].append(rec["beta"])
+            h["loss"].append(rec["train_loss"])
+            for k, v in rec.items():
+                if k.startswith("val_"):
+                    h.setdefault(k, []).append(v)
+        return {"params": dict(fit.params), "opt_m": dict(opt.m), "opt_v": dict(opt.v), "opt_step": int(opt.step),
+                "bn": dict(fit.bn_state), "buffers": dict(fit.buffers), "lib_median": dict(fit.lib_median),
+                "bern_depth": dict(fit.bern_depth), "theta_prev": self._theta_prev, "history": h,
+                "fingerprint": plan.fingerprint()}
+
+    @property
+    def train_indices_(self) -> np.ndarray | None:
+        """Row positions of the training cells in the registered data (sorted; None before training)."""
+        return None if not self._train_settings else self._split_arrays()[0]
+
+    @property
+    def validation_indices_(self) -> np.ndarray | None:
+        """Row positions of the validation cells in the registered data (sorted; None before training)."""
+        return None if not self._train_settings else self._split_arrays()[1]
+
+    def _split_arrays(self):
+        key = (self._train_settings["validation_fraction"], self._train_settings["seed"])
+        if self._split_cache is None or self._split_cache[0] != key:
+            arrays = split_indices(self._data, *key) if self._data is not None else self._saved_split
+            self._split_cache = (key, arrays)
+        return self._split_cache[1]
+
+    @property
+    def _omega(self):
+        """``(omega, omega_m, omega_v, omega_t)`` over every registered cell (``weight_mode="cell"``;
+        validation cells keep the start value 1), assembled from the samples' local state."""
+        if not self._local:
+            return None
+        if self._omega_cache is None:
             n, M = self._data.n_obs, self.config.n_modalities
-            self._omega = (np.ones((n, M), dtype=self.dtype), np.zeros((n, M), dtype=self.dtype),
-                           np.zeros((n, M), dtype=self.dtype), np.zeros(n, dtype=np.int64))
-        tr = self.train_indices_
-        for rows, om, m1, v1, t1 in parts:
-            g = tr[rows]
-            self._omega[0][g], self._omega[1][g], self._omega[2][g], self._omega[3][g] = om, m1, v1, t1
-        self._fit.cell_omega = self._omega[0][tr]
+            out = (np.ones((n, M), dtype=self.dtype), np.zeros((n, M), dtype=self.dtype),
+                   np.zeros((n, M), dtype=self.dtype), np.zeros(n, dtype=np.int64))
+            counts = self._data.sample_counts()
+            names = list(counts)
+            rows = self._data.sample_rows()
+            fr, seed = self._train_settings["validation_fraction"], self._train_settings["seed"]
+            for s, d in self._local.items():
+                i = names.index(s)
+                tr = rows[s][train_positions(counts[s], split_positions(counts[s], fr, seed, i))]
+                for a, k in zip(out, OMEGA_KEYS):
+                    a[tr] = d[k]
+            self._omega_cache = out
+        return self._omega_cache
+
+    def _local_from_rows(self, arrays) -> dict | None:
+        """Per-sample local state from ``(omega, omega_m, omega_v, omega_t)`` over every registered cell."""
+        if self._data is None:
+            return None
+        counts, rows = self._data.sample_counts(), self._data.sample_rows()
+        fr, seed = self._train_settings["validation_fraction"], self._train_settings["seed"]
+        out = {}
+        for i, s in enumerate(counts):
+            tr = rows[s][train_positions(counts[s], split_positions(counts[s], fr, seed, i))]
+            if tr.size:
+                out[s] = {k: np.array(a[tr]) for k, a in zip(OMEGA_KEYS, arrays)}
+        return out
 
     @property
     def history_(self) -> pd.DataFrame:
@@ -1009,10 +696,12 @@ class MultimodalAmortizedLDA:
         return _EvalSet(
             reg.X, idx, None if omega is None else omega[sel], reg.obs_names[sel],
             None if reg.batch is None else reg.batch[sel], None if reg.cont is None else reg.cont[sel], reg.spatial,
+            _groups(reg, sel),
         )
 
-    def _blocks(self, ev: _EvalSet, size: int):
-        """Yield ``(positions, x, Omega rows, forward extras)`` for consecutive blocks of ``size`` cells:
+    def _blocks(self, ev: _EvalSet, size: int, positions=None):
+        """Yield ``(positions, x, Omega rows, forward extras)`` for consecutive blocks of ``size`` cells
+        (of ``positions`` in ``ev``, default all):
         dense rows in the parameters' dtype, and the encoder extensions (batch codes, continuous
         covariates, SGC inputs from the whole evaluated graph, GCN neighbourhoods)."""
         fit, cfg = self._fit, self.config
@@ -1031,8 +720,9 @@ class MultimodalAmortizedLDA:
             ev.adj_hat = {m: normalized_adjacency(check_adjacency(ev.graphs[m], ev.X[m].shape[0],
                                                                   name=f"spatial graph of modality {m!r}"))
                           for m in cfg.modalities}
-        for lo in range(0, ev.n, size):
-            pos = np.arange(lo, min(ev.n, lo + size))
+        positions = np.arange(ev.n) if positions is None else np.asarray(positions)
+        for lo in range(0, positions.size, size):
+            pos = positions[lo:lo + size]
             rows = pos if ev.idx is None else ev.idx[pos]
             x = {m: _dense_rows(ev.X[m], rows).astype(dtype, copy=False) for m in cfg.modalities}
             extra: dict = {}
@@ -1053,50 +743,13 @@ class MultimodalAmortizedLDA:
             yield pos, x, None if ev.omega is None else ev.omega[pos], extra
 
     def _rho(self, m: str, theta, draws, batch, phi=None):
-        """:math:`\\rho_{nm} = \\theta_n\\phi^{(c(n))}_m` with :math:`\\phi^{(c)} = \\mathrm{softmax}_f(Z_m + b_m + \\tau^b_m\\Delta_{m,c})`
-        (§1.5, §1.6); ``phi`` replaces the plug-in :math:`\\mathrm{softmax}(Z+b)` when given."""
-        cfg = self.config
-        eta = draws[f"Z/{m}"] + draws[f"b/{m}"][None, :] if cfg.has_background(m) else draws[f"Z/{m}"]
-        if not cfg.batch_offsets:
-            return theta @ (softmax(eta, axis=1) if phi is None else phi)
-        tb, dl = draws[f"tb/{m}"], draws[f"delta/{m}"]
-        rho = np.empty((theta.shape[0], eta.shape[1]), dtype=theta.dtype)
-        for c in np.unique(batch):
-            idx = np.flatnonzero(batch == c)
-            rho[idx] = theta[idx] @ softmax(eta + tb[:, None] * dl[int(c)][None, :], axis=1)
-        return rho
+        return rho(self._fit, m, theta, draws, batch, phi)
 
     def _loglik(self, x: dict, theta, draws, batch) -> dict:
-        """Per-cell :math:`\\log p_m(x_{nm}\\mid\\theta_n, \\text{draws})` with the training likelihoods (§1.5-§1.7)."""
-        fit, cfg = self._fit, self.config
-        out = {}
-        for m, lik in zip(cfg.modalities, cfg.likelihoods):
-            xm = x[m]
-            if lik == "gaussian":
-                mean = theta @ draws[f"Z/{m}"]
-                if cfg.batch_offsets:
-                    mean = mean + (theta @ draws[f"tb/{m}"])[:, None] * draws[f"delta/{m}"][batch]
-                out[m] = loglik_gaussian(xm, mean, draws[f"sigma/{m}"])[0]
-                continue
-            rho = self._rho(m, theta, draws, batch)
-            lib = np.maximum(xm.sum(axis=1), 0.0)
-            if lik == "multinomial":
-                out[m] = loglik_multinomial(xm, rho)[0]
-            elif lik == "bernoulli":
-                s = lib if cfg.bernoulli_scaling == "depth" else lib / fit.bern_depth[m]
-                out[m] = loglik_bernoulli(xm, rho, s, cfg.bernoulli_link)[0]
-            elif cfg.learns_dispersion(m):
-                out[m] = loglik_nb_learned(xm, rho, lib, draws[f"d/{m}"])[0]
-            else:
-                out[m] = loglik_nb_fixed(xm, rho, lib, cfg.dispersion)[0]
-        return out
+        return loglik(self._fit, x, theta, draws, batch)
 
     def _plugin_draws(self) -> dict:
-        """Global latents at their variational location (zero noise, §5 plug-in)."""
-        fit, cfg = self._fit, self.config
-        p = fit.params
-        zero = {k: np.zeros_like(v) for k, v in draw_global_noise(cfg, (0,), p[next(iter(p))].dtype).items()}
-        return global_draws(p, zero, cfg, fit.buffers)
+        return plugin_draws(self._fit)
 
     def _theta(self, ev: _EvalSet, n_samples: int, seed: int, batch_size: int) -> np.ndarray:
         """:math:`\\hat\\theta` (§5), with :func:`~atlasfit.models.topic.topic_proportions`' noise stream
@@ -1117,28 +770,20 @@ class MultimodalAmortizedLDA:
         return out
 
     def _elbo(self, ev: _EvalSet, n_samples: int, seed: int) -> float:
-        fit, cfg = self._fit, self.config
-        p, buf = fit.params, fit.buffers
-        S = max(1, int(n_samples))
-        draws, gvals = [], []
-        for s in range(S):
-            gn = draw_global_noise(cfg, (int(seed), 7919, s), p[next(iter(p))].dtype)
-            draws.append(global_draws(p, gn, cfg, buf))
-            gvals.append(global_kl(p, gn, cfg, buf)[0])
+        """ELBO per evaluated cell: per-sample sums over blocks of :data:`EVAL_BLOCK` cells (noise keyed by
+        (sample, block), so a row's noise does not depend on memory settings or on the other samples),
+        summed in sample order (the per-epoch ``val_loss`` of the shards gives the same value)."""
         if ev.n == 0:
             raise ValueError("no cells to evaluate")
+        fit = self._fit
+        draws, gmean = elbo_draws(fit, n_samples, seed)
         acc = 0.0
-        prior_mu, prior_sd = buf["prior_mu"], buf["prior_sd"]
-        for pos, x, om, extra in self._blocks(ev, _EVAL_BLOCK):  # fixed grid: a row's noise does not depend on memory settings
-            _, mbar, vbar, batch = guide_eval(self._fit, x, omega=om, **extra)
-            kl = (np.log(prior_sd) - 0.5 * np.log(vbar) + (vbar + (mbar - prior_mu) ** 2) / (2 * prior_sd**2) - 0.5).sum()
-            acc -= float(kl)
-            for s in range(S):
-                rng = np.random.default_rng(np.random.SeedSequence([int(seed), 7920, s, int(pos[0])]))
-                theta = softmax(mbar + np.sqrt(vbar) * rng.standard_normal(mbar.shape), axis=1)
-                lp = self._loglik(x, theta, draws[s], batch)
-                acc += sum(float(buf[f"lik_w/{m}"]) * float(lp[m].sum()) for m in cfg.modalities) / S
-        return acc / ev.n - float(np.mean(gvals)) / fit.n_cells
+        for idx, pos in ev.groups:
+            a = 0.0
+            for p, x, om, extra in self._blocks(ev, EVAL_BLOCK, positions=pos):
+                a += elbo_block(fit, x, om, extra, draws, seed, (idx, int(np.searchsorted(pos, p[0]))))
+            acc += a
+        return acc / ev.n - gmean / fit.n_cells
 
     def _per_token(self, ev: _EvalSet, theta, batch_size: int = 4096) -> dict:
         cfg = self.config
@@ -1694,8 +1339,8 @@ class MultimodalAmortizedLDA:
                             None if is_store else meta["spatial_key"], meta["batch_key"],
                             meta["continuous_covariate_keys"])
             for m in config.modalities:
-                if reg.X[m].shape[1] != config.n_feat(m):
-                    raise ValueError(f"modality {m!r}: data has {reg.X[m].shape[1]} features, the saved model "
+                if reg.n_features(m) != config.n_feat(m):
+                    raise ValueError(f"modality {m!r}: data has {reg.n_features(m)} features, the saved model "
                                      f"{config.n_feat(m)}; pass the data the model was trained on")
             if obs is not None and [str(v) for v in reg.obs_names] != obs:
                 raise ValueError(f"the data's cells differ from the saved model's ({reg.n_obs} vs {len(obs)} "
@@ -1726,12 +1371,13 @@ class MultimodalAmortizedLDA:
         model._fit = fit
         if meta["opt_step"] is not None:
             model._opt = AdamWState(int(meta["opt_step"]), dict(groups.get("opt_m", {})), dict(groups.get("opt_v", {})))
+        model._saved_split = (groups["split"]["train"], groups["split"]["validation"])
         if "cell" in groups:
             c = groups["cell"]
-            model._omega = (c["omega"], c["omega_m"], c["omega_v"], c["omega_t"])
+            model._local = model._local_from_rows(tuple(c[k] for k in OMEGA_KEYS))
+            if model._local is None:  # no data attached: keep the rows for save()
+                model._local, model._omega_cache = {"": {}}, tuple(c[k] for k in OMEGA_KEYS)
         model._theta_prev = groups.get("lag", {}).get("theta_prev")
-        model.train_indices_ = groups["split"]["train"]
-        model.validation_indices_ = groups["split"]["validation"]
         if model._omega is not None:
             fit.cell_omega = model._omega[0][model.train_indices_]
         return model

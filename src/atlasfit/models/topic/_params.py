@@ -273,9 +273,6 @@ def kmeans_decoder_init(
     >>> sorted((Z[:, :5].mean(1) > Z[:, 5:].mean(1)).tolist())   # one topic per planted block
     [False, True]
     """
-    import scipy.sparse as sp
-    from scipy.cluster.vq import kmeans2
-
     if cfg.horseshoe:
         return {}
     mods = [m for m, lik in zip(cfg.modalities, cfg.likelihoods) if lik != "gaussian"]
@@ -283,13 +280,42 @@ def kmeans_decoder_init(
         return {}
     if not 0.0 < mix <= 1.0:
         raise ValueError(f"kmeans_decoder_init: mix must be in (0, 1], got {mix}")
-    N = data[mods[0]].shape[0]
-    K = cfg.n_topics
+    rows, rng = kmeans_rows(data[mods[0]].shape[0], seed, n_cells)
+    return kmeans_from_rows(cfg, {m: data[m][rows] for m in mods}, buffers, rng, mix=mix, dtype=dtype)
+
+
+def kmeans_rows(n_total: int, seed: int = 0, n_cells: int = 2000):
+    """The cells :func:`kmeans_decoder_init` clusters: ``(sorted row positions, generator)``, a draw of
+    ``min(n_total, n_cells)`` of ``n_total`` rows without replacement keyed by (seed, 7302); the
+    generator continues into the k-means seeding.
+
+    Examples
+    --------
+    >>> kmeans_rows(10, 0, 3)[0].size
+    3
+    """
     rng = np.random.default_rng(np.random.SeedSequence([int(seed), 7302]))
-    rows = np.sort(rng.choice(N, size=min(N, int(n_cells)), replace=False))
+    rows = np.sort(rng.choice(int(n_total), size=min(int(n_total), int(n_cells)), replace=False))
+    return rows, rng
+
+
+def kmeans_from_rows(cfg: TopicModelConfig, sub: dict, buffers: dict, rng, *, mix: float = 0.5,
+                     dtype=np.float64) -> dict[str, np.ndarray]:
+    """:func:`kmeans_decoder_init` on the already drawn rows ``sub[m]`` (:func:`kmeans_rows`): a small
+    input independent of the data size, gathered from the shards in a fit."""
+    import scipy.sparse as sp
+    from scipy.cluster.vq import kmeans2
+
+    if not 0.0 < mix <= 1.0:
+        raise ValueError(f"kmeans_decoder_init: mix must be in (0, 1], got {mix}")
+    mods = [m for m, lik in zip(cfg.modalities, cfg.likelihoods) if lik != "gaussian"]
+    if cfg.horseshoe or not mods:
+        return {}
+    K = cfg.n_topics
+    n_rows = sub[mods[0]].shape[0]
     prof, blocks = {}, []
     for m in mods:
-        X = data[m][rows]
+        X = sub[m]
         X = sp.csr_matrix(X, dtype=np.float64) if not sp.issparse(X) else X.tocsr().astype(np.float64)
         lib = np.asarray(X.sum(axis=1)).ravel()
         P = sp.diags(1.0 / np.where(lib > 0, lib, 1.0)) @ X  # normalised profiles (0 rows stay 0)
@@ -297,8 +323,8 @@ def kmeans_decoder_init(
         H = P.sqrt().toarray()
         blocks.append(H)  # Hellinger: sqrt of a profile has unit norm, so every present modality weighs the same
     feats = np.hstack(blocks)
-    if len(rows) < K:
-        raise ValueError(f"kmeans_decoder_init: {len(rows)} cells for {K} topics; need at least K cells")
+    if n_rows < K:
+        raise ValueError(f"kmeans_decoder_init: {n_rows} cells for {K} topics; need at least K cells")
     _, label = kmeans2(feats, K, iter=20, minit="++", seed=rng)
     out = {}
     for m in mods:

@@ -26,15 +26,14 @@ over cells.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from ..._xp import get_xp, to_numpy
-from ...engine import SerialEngine, plan_shards
-from ._config import TopicModelConfig, kl_weight_schedule
+from ...engine import plan_shards, run_fit
+from ._config import TopicModelConfig
 from ._loss import (
     backward_cells,
     combine_loss,
@@ -48,20 +47,10 @@ from ._loss import (
     softmax,
     topic_feature_logits,
 )
-from ._nn import encoder_eval, lower_median
-from ._spatial import load_shard_extras, minibatch_extras
-from ._optim import AdamWState, adamw_init, adamw_step, adamw_update
-from ._params import (
-    background_init,
-    draw_cell_noise,
-    draw_global_noise,
-    init_bn_state,
-    init_cell_omega,
-    init_params,
-    kmeans_decoder_init,
-    make_buffers,
-    softplus,
-)
+from ._nn import encoder_eval
+from ._optim import AdamWState, adamw_step, adamw_update
+from ._params import draw_cell_noise, draw_global_noise, softplus
+from ._spatial import minibatch_extras
 
 
 @dataclass
@@ -151,90 +140,6 @@ def _np(d: dict) -> dict:
 # --------------------------------------------------------------------------- shard functions
 
 
-def _shard_load(spec, data, groups, sample_index, cfg, dtype, extras=None, array_module=None, global_rows=None):
-    # extras: per-cell covariates / spatial graph ({"batch", "cont", "graph"}, see _spatial.load_shard_extras)
-    # array_module="cupy": the shard's counts stay in host memory (sparse) and every minibatch is moved to
-    # the worker's GPU, where the forward and backward kernels run (the same xp code); only the reduced
-    # gradients and statistics come back as NumPy
-    # global_rows: row ids of ``data``'s rows in the full data when a Dask worker was sent only its
-    # shards' rows (_select_shard_rows); None when ``data`` is the full data
-    rows = np.concatenate([groups[s] for s in spec.samples]) if spec.samples else np.zeros(0, dtype=np.int64)
-    state = {
-        "rows": rows if global_rows is None else np.asarray(global_rows)[rows],
-        "x": {m: data[m][rows] for m in cfg.modalities},
-        "parts": [],
-        "cfg": cfg,
-        "dtype": dtype,
-        "array_module": array_module,
-    }
-    off = 0
-    for s in spec.samples:
-        k = len(groups[s])
-        state["parts"].append((sample_index[s], off, k))
-        off += k
-    n_all = data[cfg.modalities[0]].shape[0]
-    state.update(load_shard_extras(extras, rows, [(s, len(groups[s])) for s in spec.samples], cfg, n_all))
-    if cfg.weight_mode == "cell" and cfg.aggregation == "moe":
-        om = init_cell_omega(cfg, len(rows), dtype)
-        state["omega"], state["omega_m"], state["omega_v"] = om, np.zeros_like(om), np.zeros_like(om)
-        state["omega_t"] = np.zeros(len(rows), dtype=np.int64)  # per-row step counts (lazy update)
-    return state
-
-
-def _select_shard_rows(specs, args, kwargs):
-    """What a Dask worker needs to load ``specs`` (DaskEngine ``select_args`` hook of :func:`_shard_load`):
-    the rows of the data, covariates and graph of its samples only, with ``groups`` renumbered to those
-    rows and their ids in the full data passed as ``global_rows``."""
-    data, groups, sample_index, cfg, dtype, *rest = args
-    extras = rest[0] if rest else kwargs.get("extras")
-    array_module = rest[1] if len(rest) > 1 else kwargs.get("array_module")
-    samples = [s for spec in specs for s in spec.samples]
-    rows = np.concatenate([groups[s] for s in samples]) if samples else np.zeros(0, dtype=np.int64)
-    sub_groups, off = {}, 0
-    for s in samples:
-        k = len(groups[s])
-        sub_groups[s] = np.arange(off, off + k)
-        off += k
-    sub_data = {m: data[m][rows] for m in cfg.modalities}
-    sub_extras = None
-    if extras:
-        sub_extras = {}
-        for key, val in extras.items():
-            if val is None:
-                sub_extras[key] = None
-            elif key == "graph":
-                g = val if isinstance(val, dict) else {None: val}
-                sl = {m: G.tocsr()[rows][:, rows] if hasattr(G, "tocsr") else np.asarray(G)[np.ix_(rows, rows)]
-                      for m, G in g.items()}
-                sub_extras[key] = sl if isinstance(val, dict) else sl[None]
-            else:
-                sub_extras[key] = np.asarray(val)[rows]
-    sub_index = {s: sample_index[s] for s in samples}
-    return (sub_data, sub_groups, sub_index, cfg, dtype, sub_extras, array_module), {"global_rows": rows}
-
-
-_shard_load.select_args = _select_shard_rows
-
-
-def _shard_data_stats(state):
-    cfg = state["cfg"]
-    out = {}
-    for m, lik in zip(cfg.modalities, cfg.likelihoods):
-        X = state["x"][m]
-        rs = np.asarray(to_numpy(X.sum(axis=1))).ravel().astype(np.float64)
-        lib = np.maximum(rs, 0.0)
-        vals, counts = np.unique(np.maximum(lib, 1.0), return_counts=True)
-        out[m] = {"lib_vals": vals, "lib_counts": counts, "lib_sum": float(lib.sum()), "n": int(lib.size)}
-        if cfg.has_background(m):
-            lt = np.where(lib != 0, lib, 1.0)
-            if hasattr(X, "multiply"):
-                s = np.asarray(X.multiply(1.0 / lt[:, None]).sum(axis=0)).ravel()
-            else:
-                s = (np.asarray(X, dtype=np.float64) / lt[:, None]).sum(axis=0)
-            out[m]["x_over_lib"] = s
-    return out
-
-
 def _step_rows(state, seed, epoch, step, n_steps):
     """Local row positions of this shard's part of the step's minibatch, sample by sample."""
     if state.get("_perm_epoch") != epoch:
@@ -309,10 +214,6 @@ def _shard_backward(state, cell_scale, beta, n_batch, theta_bar, t, opt, omega_u
             new = adamw_update(state["omega"][r], to_numpy(g_omega), state["omega_m"][r], state["omega_v"][r], step, **opt)
             state["omega"][r], state["omega_m"][r], state["omega_v"][r] = new
     return _np(grads)
-
-
-def _shard_get_omega(state):
-    return (state["rows"], state["omega"]) if "omega" in state else None
 
 
 def _shard_step(state, fwd_args, bwd_args, fwd_kw=None):
@@ -508,120 +409,55 @@ def train_serial(
     >>> len(fit.history), fit.params["dec/rna/Z_loc"].shape
     (2, (3, 12))
     """
-    fixed_scale = None
-    if isinstance(input_median, (int, float)) and not isinstance(input_median, bool):
-        if not input_median > 0:
-            raise ValueError(f"input_median as a scale factor must be > 0, got {input_median}")
-        fixed_scale = float(input_median)
-    elif input_median not in ("dataset", "minibatch"):
-        raise ValueError(f"input_median {input_median!r}: use 'dataset', 'minibatch' or a positive scale factor")
-    if bernoulli_depth not in ("dataset", "minibatch"):
-        raise ValueError(f"bernoulli_depth {bernoulli_depth!r}: use 'dataset' or 'minibatch'")
-    if omega_update not in ("all", "minibatch"):
-        raise ValueError(f"omega_update {omega_update!r}: use 'all' (reference) or 'minibatch' (lazy)")
-    if decoder_init not in ("zeros", "kmeans"):
-        raise ValueError(f"decoder_init {decoder_init!r}: use 'zeros' (reference) or 'kmeans'")
-    if theta_bar_sync not in ("exact", "lagged"):
-        raise ValueError(f"theta_bar_sync {theta_bar_sync!r}: use 'exact' (two rounds per step) or 'lagged' (one round)")
-    if isinstance(steps_per_round, bool) or not isinstance(steps_per_round, (int, np.integer)) or steps_per_round < 1:
-        raise ValueError(f"steps_per_round must be an integer >= 1, got {steps_per_round!r}")
-    steps_per_round = int(steps_per_round)
-    if batch_size < 2:
-        raise ValueError(f"batch_size must be >= 2 (BatchNorm and the topic variance need 2 cells), got {batch_size}")
+    from ...engine import make_engine
+    from ._fit import FitPlan, check_options, epoch_step, fit_from_shared, init_shared, memory_locator
+    from ._shard import Layout, MemoryBlocks, dump_local, load_shard
+
+    check_options(input_median=input_median, bernoulli_depth=bernoulli_depth, omega_update=omega_update,
+                  decoder_init=decoder_init, theta_bar_sync=theta_bar_sync, steps_per_round=steps_per_round,
+                  batch_size=batch_size)
     N = _check_data(data, cfg)
     labels = np.zeros(N, dtype=np.int64) if sample is None else np.asarray(sample)
     if labels.shape != (N,):
         raise ValueError(f"sample has {labels.shape} entries; expected one label per cell ({N})")
-    names, first = np.unique(labels.astype(str), return_index=True)
-    names = [str(n) for n in names[np.argsort(first)]]
     lab = labels.astype(str)
-    groups = {s: np.flatnonzero(lab == s) for s in names}
-    sample_index = {s: i for i, s in enumerate(names)}
-    shards = plan_shards(names, [len(groups[s]) for s in names], max_shards=max_shards)
-    from ...cluster import resolve_device
+    names, first = np.unique(lab, return_index=True)
+    names = [str(n) for n in names[np.argsort(first)]]
+    rows = {s: np.flatnonzero(lab == s) for s in names}
+    sizes = [len(rows[s]) for s in names]
+    order = {s: i for i, s in enumerate(names)}
+    layout = Layout(n=dict(zip(names, sizes)), index=order, sid=order)
+    shards = plan_shards(names, sizes, max_shards=max_shards)
+    if engine_factory is None:
+        engine, gpu = make_engine(shards, device=device, who="train_serial", name="topic")
+    else:
+        from ...engine import resolve_device
 
-    gpu = resolve_device(device, "train_serial", distributed=engine_factory is not None)
-    engine = (engine_factory or SerialEngine)(shards)
-    engine.setup(_shard_load, data, groups, sample_index, cfg, dtype, None, "cupy" if gpu else None)
+        gpu = resolve_device(device, "train_serial", distributed=True)
+        engine = engine_factory(shards)
+    kw = dict(kl_kwargs or {})
+    kw.setdefault("max_epochs", n_epochs)
+    plan = FitPlan(cfg, dtype, N, sizes, batch_size, seed, {"lr": lr, "betas": betas, "eps": eps,
+                   "weight_decay": weight_decay}, kl_schedule, kw, input_median, bernoulli_depth,
+                   int(steps_per_round), theta_bar_sync, omega_update, decoder_init)
+
+    def each_epoch(it, shared):
+        if callback is not None:
+            callback(it - 1, fit_from_shared(cfg, shared, N))
+
+    engine.setup(load_shard, MemoryBlocks(dict(data), rows), layout, cfg, dtype, "cupy" if gpu else None)
     try:
-        dstats = engine.map(_shard_data_stats)
-        lib_median, bern_depth, b0 = {}, {}, {}
-        for m in cfg.modalities:
-            lib_median[m] = _merge_median(dstats, m) if fixed_scale is None else fixed_scale
-            bern_depth[m] = sum(s[m]["lib_sum"] for s in dstats) / N
-            if cfg.has_background(m):
-                b0[m] = background_init(sum(s[m]["x_over_lib"] for s in dstats), N, cfg.bg_offset)
-        buffers = make_buffers(cfg, b0, dtype)
-        if params is None:
-            p = init_params(cfg, seed, dtype)
-            if decoder_init == "kmeans":
-                p.update(kmeans_decoder_init(cfg, data, buffers, seed=seed, dtype=dtype))
-        else:
-            p = {k: np.asarray(v, dtype=dtype) for k, v in params.items()}
-        bn = init_bn_state(cfg, dtype)
-        opt_state = adamw_init(p)
-        opt = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay}
-        n_steps = max(1, math.ceil(N / batch_size))
-        kw = dict(kl_kwargs or {})
-        kw.setdefault("max_epochs", n_epochs)
-        med_arg = None if input_median == "minibatch" else lib_median
-        depth_arg = bern_depth if bernoulli_depth == "dataset" else None
-        fit = TopicFit(cfg, p, bn, buffers, lib_median, bern_depth, None, [], N, opt_state)
-        sizes = [len(groups[s]) for s in names]
-        needs_theta_bar = bool(cfg.topic_variance_weight)
-        fwd_kw: dict = {}  # extra keyword arguments of _shard_forward, the same every step
-        theta_prev = None  # global mean theta of the previous step (theta_bar_sync="lagged")
-        for epoch in range(n_epochs):
-            beta = kl_weight_schedule(epoch, kl_schedule, **kw)
-            losses = []
-            if steps_per_round > 1:
-                for s0 in range(0, n_steps, steps_per_round):
-                    steps = list(range(s0, min(n_steps, s0 + steps_per_round)))
-                    res = engine.map(
-                        _shard_local_steps, p, opt_state.m, opt_state.v, opt_state.step, steps, seed, epoch,
-                        n_steps, buffers, med_arg, depth_arg, N, beta, opt, omega_update, fwd_kw,
-                    )
-                    p = _average_round(res, p, opt_state, bn, cfg, N, beta, len(steps), losses)
-            else:
-                for step in range(n_steps):
-                    B = _step_size(sizes, step, n_steps)
-                    if B == 0:
-                        continue
-                    gnoise = draw_global_noise(cfg, (seed, epoch, step), dtype)
-                    cell_scale = N / B
-                    t = opt_state.step + 1
-                    fwd = (p, gnoise, buffers, seed, epoch, step, n_steps, med_arg, depth_arg)
-                    if not needs_theta_bar or (theta_bar_sync == "lagged" and theta_prev is not None):
-                        bwd = (cell_scale, beta, B, theta_prev, t, opt, omega_update)
-                        out = engine.map(_shard_step, fwd, bwd, fwd_kw)
-                        fstats, shard_grads = [o[0] for o in out], [o[1] for o in out]
-                        live = [s for s in fstats if s["n"] > 0]
-                        tot = {k: sum(s[k] for s in live) for k in live[0]}
-                    else:
-                        fstats = engine.map(_shard_forward, *fwd, **fwd_kw)
-                        live = [s for s in fstats if s["n"] > 0]
-                        tot = {k: sum(s[k] for s in live) for k in live[0]}
-                        shard_grads = engine.map(_shard_backward, cell_scale, beta, B, tot["theta_sum"] / B, t, opt, omega_update)
-                    if tot["n"] != B:
-                        raise RuntimeError(f"step {step}: shards used {tot['n']} cells, the plan has {B}")
-                    theta_prev = tot["theta_sum"] / B
-                    grads: dict = {}
-                    for sg in shard_grads:  # shard order: deterministic
-                        for k, v in sg.items():
-                            grads[k] = grads[k] + v if k in grads else v
-                    grads, gval = _full_grads(p, gnoise, grads, beta, cfg, buffers)
-                    losses.append(combine_loss(tot, cfg, cell_scale=cell_scale, beta=beta, global_value=gval))
-                    p = adamw_step(p, grads, opt_state, **opt)
-                    _update_bn(bn, tot, B, cfg)
-            fit.params = p
-            fit.history.append({"epoch": epoch, "beta": beta, "loss": float(np.mean(losses)) if losses else float("nan")})
-            if callback is not None:
-                callback(epoch, fit)
-        omegas = engine.map(_shard_get_omega)
-        if omegas and omegas[0] is not None:
+        shared = run_fit(engine, init=lambda e: init_shared(e, plan, params=params, locate=memory_locator(lab)),
+                         step=lambda e, sh, it: epoch_step(e, sh, it, plan), stop=int(n_epochs), progress=False,
+                         callback=each_epoch, desc="train_serial")
+        fit = fit_from_shared(cfg, shared, N)
+        local = {}
+        for part in engine.map(dump_local):
+            local.update(part)
+        if local:
             om = np.empty((N, cfg.n_modalities), dtype=dtype)
-            for rows, o in omegas:
-                om[rows] = o
+            for s, d in local.items():
+                om[rows[s]] = d["omega"]
             fit.cell_omega = om
     finally:
         engine.close()

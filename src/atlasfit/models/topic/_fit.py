@@ -1,0 +1,287 @@
+"""The topic model's one training loop (the training plan), on the fit driver of :mod:`atlasfit.engine`.
+
+* :func:`init_shared`: the data statistics of the shards (median library, Bernoulli depth, the
+  background :math:`b^0`), the parameters (:func:`~atlasfit.models.topic.init_params`, the k-means
+  start from at most 2,000 cells gathered from the shards), AdamW moments and BatchNorm statistics;
+* :func:`epoch_step`: one epoch = one iteration of :func:`atlasfit.engine.run_fit`: synchronous
+  steps (one or two engine rounds each, ``theta_bar_sync``) or local steps with periodic averaging
+  (``steps_per_round > 1``).
+
+The driver's ``shared`` state (a dict of arrays, scalars and flat lists: checkpointable) holds the
+parameters, AdamW moments and step count, BatchNorm statistics, buffers, the lagged
+:math:`\\bar\\theta`, the data statistics and the per-epoch history. Both
+:func:`~atlasfit.models.topic.train_serial` and :meth:`~atlasfit.MultimodalAmortizedLDA.train` run it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.sparse as sp
+
+from ...engine import config_fingerprint
+from ._config import TopicModelConfig, kl_weight_schedule
+from ._loss import combine_loss
+from ._optim import AdamWState, adamw_init, adamw_step
+from ._params import (
+    background_init,
+    draw_global_noise,
+    init_bn_state,
+    init_params,
+    kmeans_from_rows,
+    kmeans_rows,
+    make_buffers,
+)
+from ._shard import shard_pop_stats
+from ._train import (
+    TopicFit,
+    _average_round,
+    _full_grads,
+    _merge_median,
+    _shard_backward,
+    _shard_forward,
+    _shard_local_steps,
+    _shard_step,
+    _step_size,
+    _update_bn,
+)
+
+
+@dataclass
+class FitPlan:
+    """Everything an epoch needs besides the shards and ``shared`` (fixed for one ``train`` call)."""
+
+    cfg: TopicModelConfig
+    dtype: type
+    n_cells: int
+    sizes: list
+    batch_size: int
+    seed: int
+    opt: dict
+    kl_schedule: str
+    kl_kwargs: dict
+    input_median: object = "dataset"
+    bernoulli_depth: str = "dataset"
+    steps_per_round: int = 1
+    theta_bar_sync: str = "exact"
+    omega_update: str = "all"
+    decoder_init: str = "kmeans"
+
+    @property
+    def n_steps(self) -> int:
+        return max(1, math.ceil(self.n_cells / self.batch_size))
+
+    def fingerprint(self) -> str:
+        """What a checkpoint must match to be resumed by this fit."""
+        return config_fingerprint((repr(self.cfg), np.dtype(self.dtype).name, self.n_cells, tuple(self.sizes),
+                                   self.batch_size, self.seed, str(self.input_median), self.bernoulli_depth,
+                                   self.steps_per_round, self.theta_bar_sync, self.omega_update))
+
+
+def check_options(*, input_median, bernoulli_depth, omega_update, decoder_init, theta_bar_sync, steps_per_round,
+                  batch_size) -> None:
+    """Clear errors for the training options shared by ``train_serial`` and ``train``."""
+    if isinstance(input_median, (int, float)) and not isinstance(input_median, bool):
+        if not input_median > 0:
+            raise ValueError(f"input_median as a scale factor must be > 0, got {input_median}")
+    elif input_median not in ("dataset", "minibatch"):
+        raise ValueError(f"input_median {input_median!r}: use 'dataset', 'minibatch' or a positive scale factor")
+    if bernoulli_depth not in ("dataset", "minibatch"):
+        raise ValueError(f"bernoulli_depth {bernoulli_depth!r}: use 'dataset' or 'minibatch'")
+    if omega_update not in ("all", "minibatch"):
+        raise ValueError(f"omega_update {omega_update!r}: use 'all' (reference) or 'minibatch' (lazy)")
+    if decoder_init not in ("zeros", "kmeans"):
+        raise ValueError(f"decoder_init {decoder_init!r}: use 'zeros' (reference) or 'kmeans'")
+    if theta_bar_sync not in ("exact", "lagged"):
+        raise ValueError(f"theta_bar_sync {theta_bar_sync!r}: use 'exact' (two rounds per step) or 'lagged' (one round)")
+    if isinstance(steps_per_round, bool) or not isinstance(steps_per_round, (int, np.integer)) or steps_per_round < 1:
+        raise ValueError(f"steps_per_round must be an integer >= 1, got {steps_per_round!r}")
+    if batch_size < 2:
+        raise ValueError(f"batch_size must be >= 2 (BatchNorm and the topic variance need 2 cells), got {batch_size}")
+
+
+# --------------------------------------------------------------------------- k-means rows from the shards
+
+
+def _shard_rows(state, want: dict) -> list:
+    """Shard function: ``[(sample, positions, {m: CSR float64 rows})]`` of the requested training rows
+    (``want[sample]``: positions among the sample's training cells)."""
+    out = []
+    for s, off, _ in state["samples"]:
+        pos = want.get(s)
+        if pos is None or not len(pos):
+            continue
+        r = off + np.asarray(pos, dtype=np.int64)
+        out.append((s, np.asarray(pos), {m: sp.csr_matrix(X[r], dtype=np.float64) for m, X in state["x"].items()}))
+    return out
+
+
+def gather_rows(engine, locate, rows: np.ndarray, modalities) -> dict:
+    """The training rows ``rows`` (positions in the training set) as ``{m: CSR}`` in the order of
+    ``rows``, gathered from the shards; ``locate(rows) -> {sample: (positions within the sample's
+    training cells, positions in rows)}``. A small result (``len(rows)`` rows) whatever the data size."""
+    want = locate(np.asarray(rows))
+    got = {}
+    for part in engine.map(_shard_rows, {s: pos for s, (pos, _) in want.items()}):
+        for s, pos, X in part:
+            got[s] = (pos, X)
+    blocks = {m: [] for m in modalities}
+    targets = []
+    for s, (pos, target) in want.items():
+        if not len(pos):
+            continue
+        gpos, X = got[s]
+        if not np.array_equal(gpos, pos):
+            raise RuntimeError(f"k-means rows: sample {s!r} returned other rows than asked")
+        targets.append(np.asarray(target))
+        for m in modalities:
+            blocks[m].append(X[m])
+    order = np.argsort(np.concatenate(targets), kind="stable")
+    return {m: sp.vstack(b, format="csr")[order] for m, b in blocks.items()}
+
+
+def memory_locator(labels):
+    """``locate`` of :func:`gather_rows` for a training set whose cells carry the sample ``labels``
+    (any interleaving of samples)."""
+    lab = np.asarray(labels).astype(str)
+
+    def locate(rows):
+        rows = np.asarray(rows, dtype=np.int64)
+        sel = lab[rows]
+        out = {}
+        for s in dict.fromkeys(sel.tolist()):
+            idx = np.flatnonzero(sel == s)
+            out[s] = (np.searchsorted(np.flatnonzero(lab == s), rows[idx]), idx)
+        return out
+
+    return locate
+
+
+def contiguous_locator(names, n_train):
+    """``locate`` of :func:`gather_rows` for a training set made of the samples ``names`` one after the
+    other (``n_train``: their training cells), as in an atlas store."""
+    names = list(names)
+    offsets = np.concatenate([[0], np.cumsum(np.asarray(n_train, dtype=np.int64))])
+
+    def locate(rows):
+        rows = np.asarray(rows, dtype=np.int64)
+        which = np.searchsorted(offsets, rows, side="right") - 1
+        out = {}
+        for i in dict.fromkeys(which.tolist()):
+            idx = np.flatnonzero(which == i)
+            out[names[i]] = (rows[idx] - offsets[i], idx)
+        return out
+
+    return locate
+
+
+# --------------------------------------------------------------------------- init and one epoch
+
+
+def init_shared(engine, plan: FitPlan, *, params: dict | None = None, locate=None) -> dict:
+    """The driver's state before the first epoch (see the module docstring)."""
+    cfg, dtype, N = plan.cfg, plan.dtype, plan.n_cells
+    dstats = engine.map(shard_pop_stats)
+    fixed = isinstance(plan.input_median, (int, float)) and not isinstance(plan.input_median, bool)
+    lib_median, bern_depth, b0 = {}, {}, {}
+    for m in cfg.modalities:
+        lib_median[m] = float(plan.input_median) if fixed else _merge_median(dstats, m)
+        bern_depth[m] = sum(s[m]["lib_sum"] for s in dstats) / N
+        if cfg.has_background(m):
+            b0[m] = background_init(sum(s[m]["x_over_lib"] for s in dstats), N, cfg.bg_offset)
+    buffers = make_buffers(cfg, b0, dtype)
+    if params is None:
+        p = init_params(cfg, plan.seed, dtype)
+        mods = [m for m, lik in zip(cfg.modalities, cfg.likelihoods) if lik != "gaussian"]
+        if plan.decoder_init == "kmeans" and mods and not cfg.horseshoe:
+            rows, rng = kmeans_rows(N, plan.seed)
+            sub = gather_rows(engine, locate, rows, mods)
+            p.update(kmeans_from_rows(cfg, sub, buffers, rng, dtype=dtype))
+    else:
+        p = {k: np.asarray(v, dtype=dtype) for k, v in params.items()}
+    opt = adamw_init(p)
+    return {
+        "params": p, "opt_m": opt.m, "opt_v": opt.v, "opt_step": 0, "bn": init_bn_state(cfg, dtype),
+        "buffers": buffers, "lib_median": lib_median, "bern_depth": {m: float(v) for m, v in bern_depth.items()},
+        "theta_prev": None, "history": {"epoch": [], "beta": [], "loss": []}, "fingerprint": plan.fingerprint(),
+    }
+
+
+def epoch_step(engine, shared: dict, epoch: int, plan: FitPlan) -> dict:
+    """One epoch of minibatch AdamW on the shards (``epoch`` keys the KL weight, minibatches and noise)."""
+    cfg, dtype, N, seed, opt = plan.cfg, plan.dtype, plan.n_cells, plan.seed, plan.opt
+    n_steps = plan.n_steps
+    p, buffers = shared["params"], shared["buffers"]
+    bn = dict(shared["bn"])
+    opt_state = AdamWState(int(shared["opt_step"]), dict(shared["opt_m"]), dict(shared["opt_v"]))
+    theta_prev = shared["theta_prev"]
+    med_arg = None if plan.input_median == "minibatch" else shared["lib_median"]
+    depth_arg = shared["bern_depth"] if plan.bernoulli_depth == "dataset" else None
+    beta = kl_weight_schedule(epoch, plan.kl_schedule, **plan.kl_kwargs)
+    needs_theta_bar = bool(cfg.topic_variance_weight)
+    fwd_kw: dict = {}  # extra keyword arguments of _shard_forward, the same every step
+    losses: list = []
+    if plan.steps_per_round > 1:  # local steps with periodic averaging
+        for s0 in range(0, n_steps, plan.steps_per_round):
+            steps = list(range(s0, min(n_steps, s0 + plan.steps_per_round)))
+            res = engine.map(_shard_local_steps, p, opt_state.m, opt_state.v, opt_state.step, steps, seed, epoch,
+                             n_steps, buffers, med_arg, depth_arg, N, beta, opt, plan.omega_update, fwd_kw)
+            p = _average_round(res, p, opt_state, bn, cfg, N, beta, len(steps), losses)
+    else:
+        for step in range(n_steps):
+            B = _step_size(plan.sizes, step, n_steps)
+            if B == 0:
+                continue
+            gnoise = draw_global_noise(cfg, (seed, epoch, step), dtype)
+            t = opt_state.step + 1
+            fwd = (p, gnoise, buffers, seed, epoch, step, n_steps, med_arg, depth_arg)
+            if not needs_theta_bar or (plan.theta_bar_sync == "lagged" and theta_prev is not None):
+                out = engine.map(_shard_step, fwd, (N / B, beta, B, theta_prev, t, opt, plan.omega_update), fwd_kw)
+                fstats, shard_grads = [o[0] for o in out], [o[1] for o in out]
+                live = [s for s in fstats if s["n"] > 0]
+                tot = {k: sum(s[k] for s in live) for k in live[0]}
+            else:
+                fstats = engine.map(_shard_forward, *fwd, **fwd_kw)
+                live = [s for s in fstats if s["n"] > 0]
+                tot = {k: sum(s[k] for s in live) for k in live[0]}
+                shard_grads = engine.map(_shard_backward, N / B, beta, B, tot["theta_sum"] / B, t, opt,
+                                         plan.omega_update)
+            if tot["n"] != B:
+                raise RuntimeError(f"step {step}: shards used {tot['n']} cells, the plan has {B}")
+            theta_prev = tot["theta_sum"] / B
+            grads: dict = {}
+            for sg in shard_grads:  # shard order: deterministic
+                for k, v in sg.items():
+                    grads[k] = grads[k] + v if k in grads else v
+            grads, gval = _full_grads(p, gnoise, grads, beta, cfg, buffers)
+            losses.append(combine_loss(tot, cfg, cell_scale=N / B, beta=beta, global_value=gval))
+            p = adamw_step(p, grads, opt_state, **opt)
+            _update_bn(bn, tot, B, cfg)
+    hist = {k: list(v) for k, v in shared["history"].items()}
+    loss = float(np.mean(losses)) if losses else float("nan")
+    for k, v in (("epoch", int(epoch)), ("beta", float(beta)), ("loss", loss)):
+        hist.setdefault(k, []).append(v)
+    out = dict(shared)
+    out.update(params=p, opt_m=opt_state.m, opt_v=opt_state.v, opt_step=int(opt_state.step), bn=bn,
+               theta_prev=theta_prev, history=hist)
+    return out
+
+
+def fit_from_shared(cfg: TopicModelConfig, shared: dict, n_cells: int) -> TopicFit:
+    """The :class:`~atlasfit.models.topic.TopicFit` of a driver state."""
+    h = shared["history"]
+    fit = TopicFit(cfg, dict(shared["params"]), dict(shared["bn"]), dict(shared["buffers"]),
+                   dict(shared["lib_median"]), dict(shared["bern_depth"]), None,
+                   [{"epoch": e, "beta": b, "loss": v} for e, b, v in zip(h["epoch"], h["beta"], h["loss"])],
+                   int(n_cells), AdamWState(int(shared["opt_step"]), dict(shared["opt_m"]), dict(shared["opt_v"])))
+    return fit
+
+
+def check_resumed(shared: dict, plan: FitPlan, who: str) -> None:
+    """A checkpoint written by another model or other settings cannot be resumed (clear error)."""
+    if shared.get("fingerprint") != plan.fingerprint():
+        raise ValueError(f"{who}: the checkpoint was written by a fit with another configuration, data or training "
+                         "settings; resume with the same model and train() arguments, or start without "
+                         "resume_from_checkpoint (and another checkpoint_dir)")
