@@ -113,18 +113,19 @@ def test_worker_killed_mid_epoch_recovers_to_the_same_bits(store, tmp_path, monk
         c.wait_for_workers(2)
         ref = _model(store).train(max_epochs=4, client=c, checkpoint_dir=tmp_path / "ref", **TRAIN)
         flag = str(tmp_path / "killed")
-        real = fit_module._shard_forward
+        real = fit_module._shard_local_steps
 
-        def forward_then_die(state, *args, **kw):
-            # epoch 2, step 1 (of 5): the worker holding sample "c" kills itself in the middle of the round
-            epoch, step = args[4], args[5]
-            if epoch == 2 and step == 1 and any(s == "c" for s, _, _ in state["samples"]) \
-                    and not os.path.exists(flag):
+        def steps_then_die(state, *args, **kw):
+            # the round of epoch 2 (default: its 5 steps in one round of local steps): the worker holding
+            # sample "c" kills itself in the middle of the round, after its other shards have run
+            epoch = args[6]
+            out = real(state, *args, **kw)
+            if epoch == 2 and any(s == "c" for s, _, _ in state["samples"]) and not os.path.exists(flag):
                 open(flag, "w").close()
                 os.kill(os.getpid(), signal.SIGKILL)
-            return real(state, *args, **kw)
+            return out
 
-        monkeypatch.setattr(fit_module, "_shard_forward", forward_then_die)
+        monkeypatch.setattr(fit_module, "_shard_local_steps", steps_then_die)
         got = _model(store).train(max_epochs=4, client=c, checkpoint_dir=tmp_path / "ck", checkpoint_every=1,
                                   **TRAIN)
         assert os.path.exists(flag)  # the worker did die

@@ -67,7 +67,8 @@ def thread_clients():
         yield k1, k2
 
 
-TRAIN = dict(n_epochs=2, batch_size=16, seed=3, lr=0.01)
+# synchronous steps (steps_per_round=1, not the default 8): these tests look at the rounds of one step
+TRAIN = dict(n_epochs=2, batch_size=16, seed=3, lr=0.01, steps_per_round=1)
 
 
 @pytest.mark.parametrize(
@@ -78,14 +79,14 @@ TRAIN = dict(n_epochs=2, batch_size=16, seed=3, lr=0.01)
 def test_dask_engine_same_bits_as_serial_on_1_and_2_workers(thread_clients, opts):
     data, sample = _toy()
     cfg = _cfg()
-    ref = train_serial(data, cfg, sample=sample, **TRAIN, **opts)
+    ref = train_serial(data, cfg, sample=sample, **{**TRAIN, **opts})
     engines = []
     for client in thread_clients:
         def factory(shards, client=client):
             engines.append(_Recording(client, shards))
             return engines[-1]
 
-        fit = train_serial(data, cfg, sample=sample, engine_factory=factory, **TRAIN, **opts)
+        fit = train_serial(data, cfg, sample=sample, engine_factory=factory, **{**TRAIN, **opts})
         _same(ref, fit)
     # three shards on one worker, then spread over two workers
     assert [e.n_owners for e in engines] == [1, 2]
@@ -123,7 +124,7 @@ def test_rounds_per_step():
             eng.append(_Counting(shards))
             return eng[-1]
 
-        fit = train_serial(data, cfg, sample=sample, engine_factory=factory, **TRAIN, **opts)
+        fit = train_serial(data, cfg, sample=sample, engine_factory=factory, **{**TRAIN, **opts})
         return fit, eng[0].calls
 
     _, exact = run(_cfg())
@@ -156,13 +157,14 @@ def test_local_steps_on_one_shard_are_the_synchronous_steps():
     cfg = _cfg()
     ref = train_serial(data, cfg, **TRAIN)
     for S in (2, 4, 7):
-        _same(ref, train_serial(data, cfg, steps_per_round=S, **TRAIN))
+        _same(ref, train_serial(data, cfg, **{**TRAIN, "steps_per_round": S}))
 
 
 def test_local_steps_on_several_shards_differ_but_learn():
     data, sample = _toy()
     cfg = _cfg(weight_mode="universal")
-    sync = train_serial(data, cfg, sample=sample, n_epochs=6, batch_size=16, seed=3, lr=0.02, kl_schedule="constant")
+    sync = train_serial(data, cfg, sample=sample, n_epochs=6, batch_size=16, seed=3, lr=0.02, kl_schedule="constant",
+                        steps_per_round=1)
     loc = train_serial(data, cfg, sample=sample, n_epochs=6, batch_size=16, seed=3, lr=0.02, kl_schedule="constant",
                        steps_per_round=5)
     assert not np.array_equal(sync.params["dec/rna/Z_loc"], loc.params["dec/rna/Z_loc"])

@@ -264,7 +264,7 @@ def test_lazy_cell_weight_update_touches_only_minibatch_rows():
 
     # 60 cells, batch 32 -> 2 steps per epoch; stop after one epoch: every cell seen exactly once
     fit = train_serial(data, cfg, sample=sample, n_epochs=1, batch_size=32, omega_update="minibatch",
-                       engine_factory=Spy)
+                       engine_factory=Spy, steps_per_round=1)  # synchronous steps: the spy sees each step's rows
     assert len(seen) == 2 and np.array_equal(np.sort(np.concatenate(seen)), np.arange(60))
     # after 1 lazy step per row, every row moved by one AdamW step: |delta| <= lr (1e-3) + decay
     d = np.abs(fit.cell_omega - 1.0)

@@ -311,7 +311,7 @@ class MultimodalAmortizedLDA:
         n_eval_samples: int = 1,
         max_shards: int = 64,
         theta_bar_sync: str = "exact",
-        steps_per_round: int = 1,
+        steps_per_round: int = 8,
         device: str = "cpu",
         decoder_init: str = "kmeans",
         checkpoint_every: int | None = None,
@@ -359,8 +359,9 @@ class MultimodalAmortizedLDA:
         kl_schedule, kl_kwargs
             :func:`~atlasfit.models.topic.kl_weight_schedule` preset and arguments.
         omega_update, input_median, bernoulli_depth, max_shards, theta_bar_sync, steps_per_round
-            As in :func:`~atlasfit.models.topic.train_serial` (``steps_per_round > 1``: local steps with
-            periodic averaging, one engine round per that many steps; ``theta_bar_sync="lagged"``: one
+            As in :func:`~atlasfit.models.topic.train_serial` (``steps_per_round > 1``, default 8: local
+            steps with periodic averaging, one engine round per that many steps, the same bits in
+            process and on any number of workers; ``1``: synchronous steps; ``theta_bar_sync="lagged"``: one
             round per step with the topic-variance regulariser on).
         n_eval_samples
             Monte-Carlo draws for the per-epoch ``val_loss``.
