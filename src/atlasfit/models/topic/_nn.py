@@ -9,6 +9,7 @@ from __future__ import annotations
 from ..._xp import get_xp
 from ._config import CLAMP_EPS, CLAMP_MAX
 from ._params import sigmoid
+from ._sparse import csr_like, encoder_layout, input_matmul, input_tmatmul, is_sparse, row_ids, row_sums, xp_of
 
 #: Exponent cap for the variance head: exp(20) > CLAMP_MAX, so the clamp is active (zero gradient) anyway.
 _EXP_CAP = 20.0
@@ -74,15 +75,20 @@ def normalize_counts(x, median=None):
     ``median=None`` uses the lower median of :math:`\\max(\\ell_n,1)` over the rows of ``x`` (the
     reference's minibatch median); otherwise the given value (e.g. a fixed dataset median).
 
+    A CSR ``x`` gives a CSR result with the same stored entries (:math:`\\log(1+0)=0`, so
+    :math:`\\hat x` has the sparsity of :math:`x`; the same arithmetic, entry by entry).
+
     Examples
     --------
     >>> import numpy as np
     >>> normalize_counts(np.array([[1.0, 1.0], [0.0, 4.0]]), median=2.0).round(4).tolist()
     [[0.6931, 0.6931], [0.0, 1.0986]]
     """
-    xp = get_xp(x)
-    lib = xp.maximum(xp.maximum(x.sum(axis=1), 0.0), 1.0)
+    xp = xp_of(x)
+    lib = xp.maximum(xp.maximum(row_sums(x), 0.0), 1.0)
     med = lower_median(lib) if median is None else median
+    if is_sparse(x):
+        return csr_like(x, xp.log1p(x.data / lib[row_ids(x)] * med))
     return xp.log1p(x / lib[:, None] * med)
 
 
@@ -125,14 +131,16 @@ def _first_layer(p: dict, prefix: str, h, gcn):
               \\qquad \\alpha = \\sigma(a_\\alpha)
 
     where ``adj`` is the (B, S) block of the normalised adjacency and ``xs`` the (S, F) encoder
-    inputs of the neighbourhood. Returns ``(a, gcache)``.
+    inputs of the neighbourhood. ``h`` may be dense, CSR or :class:`~._sparse.SparseBlocks`
+    (:math:`[\\hat x, \\text{cov}]` with :math:`\\hat x` CSR: :math:`\\hat xW_{0,[:F]} + \\text{cov}\\,W_{0,[F:]}`,
+    :math:`O(\\mathrm{nnz}\\cdot H)`). Returns ``(a, gcache)``.
     """
     if gcn is None:
-        return h @ p[f"{prefix}W0"] + p[f"{prefix}b0"], None
+        return input_matmul(h, p[f"{prefix}W0"]) + p[f"{prefix}b0"], None
     adj, xs = gcn
-    xp = get_xp(h)
+    xp = xp_of(h)
     al = sigmoid(p[f"{prefix}alpha"], xp)
-    own = h @ p[f"{prefix}W0"]
+    own = input_matmul(h, p[f"{prefix}W0"])
     nei = xp.asarray(adj @ (xs @ p[f"{prefix}Wg"]))
     return al * own + (1.0 - al) * nei + p[f"{prefix}b0"], (adj, xs, own, nei, al)
 
@@ -150,13 +158,14 @@ def encoder_forward(p: dict, prefix: str, xh, masks, n_layers: int, bn_eps: floa
     (used on the driver to update running statistics). ``gcn = (adj, xs)`` adds the graph convolution
     to the first layer (:func:`_first_layer`, ``spatial_mode="gcn"``).
     """
-    xp = get_xp(xh)
+    xp = xp_of(xh)
     h = xh
     layers = []
     bn_sums = []
     gcache = None
     for l in range(n_layers):
         if l == 0:
+            h = encoder_layout(h)  # sparse input: read in the layout of the sparse products (kept for the backward)
             a, gcache = _first_layer(p, prefix, h, gcn)
         else:
             a = h @ p[f"{prefix}W{l}"] + p[f"{prefix}b{l}"]
@@ -203,11 +212,11 @@ def encoder_backward(p: dict, prefix: str, cache: dict, dmu, dv, n_layers: int) 
         g[f"{prefix}b{l}"] = da.sum(axis=0)
         gc = cache.get("gcn") if l == 0 else None
         if gc is None:
-            g[f"{prefix}W{l}"] = h_in.T @ da
+            g[f"{prefix}W{l}"] = input_tmatmul(h_in, da)  # sparse input: O(nnz H)
         else:
             adj, xs, own, nei, al = gc
             xp = get_xp(da)
-            g[f"{prefix}W0"] = h_in.T @ (al * da)
+            g[f"{prefix}W0"] = input_tmatmul(h_in, al * da)
             g[f"{prefix}Wg"] = xs.T @ xp.asarray(adj.T @ ((1.0 - al) * da))
             g[f"{prefix}alpha"] = (da * (own - nei)).sum(keepdims=True).reshape(1) * (al * (1.0 - al))
         if l > 0:
@@ -221,7 +230,7 @@ def encoder_eval(p: dict, prefix: str, xh, bn_state: dict, n_layers: int, bn_eps
     ``gcn = (adj, xs)`` as in :func:`encoder_forward` (the neighbourhood is exact, so inference is
     deterministic, unlike the reference's sampled subgraphs, §11 item 24).
     """
-    xp = get_xp(xh)
+    xp = xp_of(xh)
     h = xh
     for l in range(n_layers):
         a = _first_layer(p, prefix, h, gcn)[0] if l == 0 else h @ p[f"{prefix}W{l}"] + p[f"{prefix}b{l}"]

@@ -43,12 +43,24 @@ def adamw_update(p, g, m, v, step: int, lr: float, betas: tuple[float, float], e
     """
     xp = get_xp(p)
     b1, b2 = betas
-    p = p * (1.0 - lr * weight_decay)
-    m = b1 * m + (1.0 - b1) * g
-    v = b2 * v + (1.0 - b2) * (g * g)
     bc1 = 1.0 - b1**step
     bc2 = 1.0 - b2**step
-    p = p - (lr / bc1) * m / (xp.sqrt(v) / bc2**0.5 + eps)
+    # the same operations in the same order as the formula, with one scratch array instead of a
+    # temporary per operation (the inputs are not modified: they may be shared with other shards)
+    m = m * b1
+    t = g * (1.0 - b1)
+    m += t
+    v = v * b2
+    xp.multiply(g, g, out=t)
+    t *= 1.0 - b2
+    v += t
+    xp.sqrt(v, out=t)
+    t /= bc2**0.5
+    t += eps
+    u = m * (lr / bc1)
+    u /= t
+    p = p * (1.0 - lr * weight_decay)
+    p -= u
     return p, m, v
 
 

@@ -45,12 +45,14 @@ from ._loss import (
     masked_softmax,
     moment_match,
     softmax,
+    sparse_kernel_ok,
     topic_feature_logits,
 )
 from ._nn import encoder_eval
 from ._optim import AdamWState, adamw_step, adamw_update
 from ._params import draw_cell_noise, draw_global_noise, softplus
 from ._spatial import minibatch_extras
+from ._sparse import minibatch_rows, row_sums, xp_of
 
 
 @dataclass
@@ -165,12 +167,10 @@ def _shard_forward(state, params, gnoise, buffers, seed, epoch, step, n_steps, l
     if local.size == 0:
         state["_cache"] = None
         return {"n": 0}
-    x = {m: _rows_dense(state["x"][m], local, dtype) for m in cfg.modalities}
-    if state.get("array_module") == "cupy":
-        import cupy  # noqa: PLC0415 - optional GPU dependency, only on GPU workers
-
-        x = {m: cupy.asarray(v) for m, v in x.items()}
-    xp = get_xp(x[cfg.modalities[0]])
+    # CSR rows stay CSR for the modalities with sparse-exact kernels (densified rows otherwise)
+    x = {m: minibatch_rows(state["x"][m], local, dtype, sparse=sparse_kernel_ok(cfg, m),
+                           device=state.get("array_module")) for m in cfg.modalities}
+    xp = xp_of(x[cfg.modalities[0]])
     noises = [draw_cell_noise(cfg, len(c), (seed, epoch, step, sid), dtype) for sid, c in chunks if len(c)]
     cnoise = {k: xp.asarray(np.concatenate([nz[k] for nz in noises])) for k in noises[0]}
     p = _to_xp(params, xp)
@@ -509,7 +509,7 @@ def _update_bn(bn: dict, tot: dict, B: int, cfg: TopicModelConfig) -> None:
 
 
 def guide_eval(fit: TopicFit, x: Mapping, *, omega=None, **extra):
-    """Eval-mode guide (§5) on the dense rows ``x[m]``: encoders with BatchNorm running statistics and
+    """Eval-mode guide (§5) on the rows ``x[m]`` (dense or CSR): encoders with BatchNorm running statistics and
     no dropout on the inputs of :func:`~atlasfit.models.topic._loss.encoder_inputs` (``extra``: its
     ``batch``, ``cont_covariates``, ``enc_inputs``, ``graph``), then the trained aggregation: mixture
     weights ``w`` (n, M) (``omega``: these rows' per-cell weights for ``weight_mode="cell"``; without
@@ -517,14 +517,14 @@ def guide_eval(fit: TopicFit, x: Mapping, *, omega=None, **extra):
     Runs on the array module of ``x``. Returns ``(w, mbar, vbar, batch codes)``."""
     cfg = fit.cfg
     first = x[cfg.modalities[0]]
-    xp = get_xp(first)
+    xp = xp_of(first)
     dtype = first.dtype
     p = _to_xp(fit.params, xp)
     bn = _to_xp(fit.bn_state, xp)
     batch, inputs = encoder_inputs(cfg, x, lib_median=fit.lib_median, **extra)
     mus, vs, pres = [], [], []
     for m in cfg.modalities:
-        pres.append(x[m].sum(axis=1) > 0)
+        pres.append(row_sums(x[m]) > 0)
         xh, gcn = inputs[m]
         mu, v = encoder_eval(p, f"enc/{m}/", xh, bn, cfg.n_layers, cfg.bn_eps, cfg.var_eps, gcn=gcn)
         mus.append(mu)
@@ -590,8 +590,8 @@ def topic_proportions(
     rng = np.random.default_rng(np.random.SeedSequence([int(seed), 977]))
     for lo in range(0, N, batch_size):
         rows = np.arange(lo, min(N, lo + batch_size))
-        x = {m: _rows_dense(data[m], rows, dtype) for m in cfg.modalities}
-        xp = get_xp(x[cfg.modalities[0]])
+        x = {m: minibatch_rows(data[m], rows, dtype) for m in cfg.modalities}  # CSR stays CSR (encoders only)
+        xp = xp_of(x[cfg.modalities[0]])
         extra = {}
         if cfg.needs_batch:
             extra["batch"] = np.asarray(batch)[rows]
