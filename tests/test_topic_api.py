@@ -653,6 +653,31 @@ def test_store_bad_inputs(planted, tmp_path):
         MultimodalAmortizedLDA.from_data(store, modalities=["rna", "adt"], n_topics=K)
 
 
+def test_binary_default_likelihood_is_the_same_from_memory_and_from_a_store(planted, tmp_path):
+    _, _, _, rna, atac = planted
+    mdata = _mudata(rna[:40], atac[:40])
+    # the 0/1 peaks stored as kind "counts": the store's values are scanned (in chunks), as memory's are
+    store = atlasfit.io.convert(mdata, tmp_path / "a.zarr", sample_key="batch",
+                                modalities={"rna": "counts", "atac": "counts"})
+    mem = MultimodalAmortizedLDA.from_mudata(mdata, n_topics=K).config
+    st = MultimodalAmortizedLDA.from_mudata(store, n_topics=K).config  # from_mudata takes a store (README)
+    assert dict(zip(st.modalities, st.likelihoods)) == dict(zip(mem.modalities, mem.likelihoods)) == \
+        {"rna": "gamma_poisson", "atac": "bernoulli"}
+    with pytest.raises(TypeError, match="MuData or an atlas store path"):
+        MultimodalAmortizedLDA.from_mudata({"rna": mdata["rna"]}, n_topics=K)
+
+
+def test_store_blocks_are_checked_where_the_shards_read_them(planted, tmp_path):
+    _, _, _, rna, atac = planted
+    mdata = _mudata(rna[:40], atac[:40])
+    store = atlasfit.io.convert(mdata, tmp_path / "a.zarr", sample_key="batch",
+                                modalities={"rna": "counts", "atac": "counts"})
+    # a count modality forced to Bernoulli: the 0/1 check runs on the shard's load and names the sample
+    m = MultimodalAmortizedLDA.from_data(store, likelihoods={"rna": "bernoulli"}, n_topics=K, n_hidden=4)
+    with pytest.raises(ValueError, match="modality 'rna' is not binary \\(sample 's1', cell 0 of the sample"):
+        m.train(max_epochs=1, batch_size=10, progress=False, checkpoint_every=0)
+
+
 def test_top_level_export():
     assert atlasfit.MultimodalAmortizedLDA is MultimodalAmortizedLDA
 

@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from ._config import COUNT_LIKELIHOODS, LIKELIHOODS, TopicModelConfig
 from ._fit import contiguous_locator, memory_locator
 from ._shard import Layout, MemoryBlocks, StoreBlocks, split_positions, train_positions
 
@@ -408,6 +409,46 @@ def _register_store(atlas, modalities, layers, sample_key, spatial_key, batch_ke
         _covariates(reg, column, batch_key, continuous_covariate_keys)
     return reg
 
+
+
+def register_config(data, modalities, likelihoods, sample_key, n_topics, layers, spatial_key, batch_key,
+                    continuous_covariate_keys, cfg: dict):
+    """Register ``data`` and build the model configuration from it (``from_data``): covariate sizes,
+    default and checked likelihoods, checked values (in-memory data). Returns ``(registered, config)``."""
+    if cfg.get("spatial_mode") is not None and spatial_key is None:
+        raise ValueError(f"spatial_mode={cfg['spatial_mode']!r} needs a graph: pass spatial_key=<.obsp key> "
+                         "(a within-sample spatial neighbour graph)")
+    if cfg.get("n_batches") and batch_key is None:
+        raise ValueError(f"n_batches={cfg['n_batches']} needs per-cell batch labels: pass batch_key=<obs column>")
+    reg = _register(data, modalities, layers, sample_key, spatial_key, batch_key, continuous_covariate_keys)
+    if reg.batch is not None:
+        nb = len(reg.batch_categories)
+        if cfg.setdefault("n_batches", nb) != nb:
+            raise ValueError(f"n_batches={cfg['n_batches']} but batch_key {batch_key!r} has {nb} categories "
+                             f"{reg.batch_categories[:5]}; leave n_batches out (it is set from the data)")
+    if reg.cont is not None:
+        cfg.setdefault("n_continuous_covariates", reg.cont.shape[1])
+        cfg.setdefault("encode_covariates", True)
+    names = reg.modalities
+    liks = _as_list(likelihoods, names, "likelihoods")
+    for m in names:
+        if liks[m] is None:
+            liks[m] = _default_likelihood(m, reg.kinds[m], lambda m=m: _is_binary(reg, m))
+        if liks[m] not in LIKELIHOODS:
+            raise ValueError(f"modality {m!r}: unknown likelihood {liks[m]!r}; use one of {LIKELIHOODS}")
+        if reg.kinds[m] == "continuous" and liks[m] in COUNT_LIKELIHOODS:
+            raise ValueError(f"modality {m!r} is stored as kind 'continuous' (non-count data) but likelihood "
+                             f"{liks[m]!r} needs counts; use likelihoods={{{m!r}: 'gaussian'}}")
+        if not reg.is_store:  # a store's blocks are checked where the shards read them
+            _check_modality_values(m, reg.X[m], liks[m], reg.obs_names, reg.var_names[m])
+    config = TopicModelConfig(
+        modalities=tuple(names),
+        n_features=tuple(reg.n_features(m) for m in names),
+        likelihoods=tuple(liks[m] for m in names),
+        n_topics=int(n_topics),
+        **cfg,
+    )
+    return reg, config
 
 
 # --------------------------------------------------------------------------- training layout

@@ -34,7 +34,16 @@ from ._params import (
     kmeans_rows,
     make_buffers,
 )
-from ._shard import shard_pop_stats
+from ._shard import OMEGA_KEYS, shard_pop_stats, split_positions, train_positions
+from ._summaries import (
+    EVAL_BLOCK,
+    elbo_draws,
+    plugin_draws,
+    reduce_scores,
+    score_rows,
+    shard_validation,
+    token_phis,
+)
 from ._train import (
     TopicFit,
     _average_round,
@@ -285,3 +294,117 @@ def check_resumed(shared: dict, plan: FitPlan, who: str) -> None:
         raise ValueError(f"{who}: the checkpoint was written by a fit with another configuration, data or training "
                          "settings; resume with the same model and train() arguments, or start without "
                          "resume_from_checkpoint (and another checkpoint_dir)")
+
+
+class _TrainingMixin:
+    """What :meth:`~atlasfit.MultimodalAmortizedLDA.train` keeps between calls: the validation round,
+    the history records, the driver state of a continued fit, the split and the per-cell :math:`\Omega`."""
+
+    def _validate(self, engine, fit: TopicFit, seed: int, n_eval_samples: int) -> dict:
+        """``val_loss`` and the per-token scores of the validation cells: an engine round over the shards'
+        validation rows (spatial encoders: on the driver, which holds the in-memory graph)."""
+        if self.config.spatial_mode is None:
+            parts = [item for res in engine.map(shard_validation, fit, seed, n_eval_samples) for item in res]
+        else:
+            saved, self._fit = self._fit, fit
+            try:
+                parts = self._score(self._resolve(cells=self.validation_indices_), seed, n_eval_samples)
+            finally:
+                self._fit = saved
+        _, gmean = elbo_draws(fit, n_eval_samples, seed)
+        return reduce_scores(parts, fit, gmean, token_phis(fit))
+
+    def _score(self, ev, seed: int, n_samples: int) -> list:
+        """Driver-side :func:`~atlasfit.models.topic._summaries.score_rows` per sample of ``ev``."""
+        fit = self._fit
+        draws, _ = elbo_draws(fit, n_samples, seed)
+        phis = token_phis(fit)
+        tdraws = plugin_draws(fit) if self.config.batch_offsets else None
+        out = []
+        for idx, pos in ev.groups:
+            blocks = (((idx, int(np.searchsorted(pos, p[0]))), x, om, extra) for p, x, om, extra in
+                      self._blocks(ev, EVAL_BLOCK, positions=pos))
+            out.append((idx, score_rows(fit, blocks, draws, seed, phis, tdraws)))
+        return out
+
+    def _records(self, shared: dict, N: int) -> list:
+        h = shared["history"]
+        out = []
+        for i in range(len(h["epoch"])):
+            rec = {"epoch": h["epoch"][i], "beta": h["beta"][i], "train_loss": h["loss"][i],
+                   "train_loss_per_cell": h["loss"][i] / N}
+            for k, v in h.items():
+                if k.startswith("val_") and i < len(v):
+                    rec[k] = v[i]
+            out.append(rec)
+        return out
+
+    def _shared_state(self, plan: FitPlan) -> dict:
+        """The driver state of the fit so far (continued training)."""
+        fit, opt = self._fit, self._opt
+        h = {"epoch": [], "beta": [], "loss": []}
+        for rec in self._history:
+            h["epoch"].append(rec["epoch"])
+            h["beta"].append(rec["beta"])
+            h["loss"].append(rec["train_loss"])
+            for k, v in rec.items():
+                if k.startswith("val_"):
+                    h.setdefault(k, []).append(v)
+        return {"params": dict(fit.params), "opt_m": dict(opt.m), "opt_v": dict(opt.v), "opt_step": int(opt.step),
+                "bn": dict(fit.bn_state), "buffers": dict(fit.buffers), "lib_median": dict(fit.lib_median),
+                "bern_depth": dict(fit.bern_depth), "theta_prev": self._theta_prev, "history": h,
+                "fingerprint": plan.fingerprint()}
+
+    @property
+    def train_indices_(self) -> np.ndarray | None:
+        """Row positions of the training cells in the registered data (sorted; None before training)."""
+        return None if not self._train_settings else self._split_arrays()[0]
+
+    @property
+    def validation_indices_(self) -> np.ndarray | None:
+        """Row positions of the validation cells in the registered data (sorted; None before training)."""
+        return None if not self._train_settings else self._split_arrays()[1]
+
+    def _split_arrays(self):
+        key = (self._train_settings["validation_fraction"], self._train_settings["seed"])
+        if self._split_cache is None or self._split_cache[0] != key:
+            from ._data import split_indices  # noqa: PLC0415 - _data imports this module
+
+            arrays = split_indices(self._data, *key) if self._data is not None else self._saved_split
+            self._split_cache = (key, arrays)
+        return self._split_cache[1]
+
+    @property
+    def _omega(self):
+        """``(omega, omega_m, omega_v, omega_t)`` over every registered cell (``weight_mode="cell"``;
+        validation cells keep the start value 1), assembled from the samples' local state."""
+        if not self._local:
+            return None
+        if self._omega_cache is None:
+            n, M = self._data.n_obs, self.config.n_modalities
+            out = (np.ones((n, M), dtype=self.dtype), np.zeros((n, M), dtype=self.dtype),
+                   np.zeros((n, M), dtype=self.dtype), np.zeros(n, dtype=np.int64))
+            counts = self._data.sample_counts()
+            names = list(counts)
+            rows = self._data.sample_rows()
+            fr, seed = self._train_settings["validation_fraction"], self._train_settings["seed"]
+            for s, d in self._local.items():
+                i = names.index(s)
+                tr = rows[s][train_positions(counts[s], split_positions(counts[s], fr, seed, i))]
+                for a, k in zip(out, OMEGA_KEYS):
+                    a[tr] = d[k]
+            self._omega_cache = out
+        return self._omega_cache
+
+    def _local_from_rows(self, arrays) -> dict | None:
+        """Per-sample local state from ``(omega, omega_m, omega_v, omega_t)`` over every registered cell."""
+        if self._data is None:
+            return None
+        counts, rows = self._data.sample_counts(), self._data.sample_rows()
+        fr, seed = self._train_settings["validation_fraction"], self._train_settings["seed"]
+        out = {}
+        for i, s in enumerate(counts):
+            tr = rows[s][train_positions(counts[s], split_positions(counts[s], fr, seed, i))]
+            if tr.size:
+                out[s] = {k: np.array(a[tr]) for k, a in zip(OMEGA_KEYS, arrays)}
+        return out

@@ -313,16 +313,22 @@ def kmeans_from_rows(cfg: TopicModelConfig, sub: dict, buffers: dict, rng, *, mi
         return {}
     K = cfg.n_topics
     n_rows = sub[mods[0]].shape[0]
-    prof, blocks = {}, []
+    prof = {}
     for m in mods:
         X = sub[m]
         X = sp.csr_matrix(X, dtype=np.float64) if not sp.issparse(X) else X.tocsr().astype(np.float64)
         lib = np.asarray(X.sum(axis=1)).ravel()
         P = sp.diags(1.0 / np.where(lib > 0, lib, 1.0)) @ X  # normalised profiles (0 rows stay 0)
-        prof[m] = (P, lib > 0)
-        H = P.sqrt().toarray()
-        blocks.append(H)  # Hellinger: sqrt of a profile has unit norm, so every present modality weighs the same
-    feats = np.hstack(blocks)
+        prof[m] = (P.tocsr(), lib > 0)
+    # Hellinger: sqrt of a profile has unit norm, so every present modality weighs the same; the dense
+    # (cells x all features) input of k-means is filled in row blocks (one dense copy, not two)
+    feats = np.empty((n_rows, sum(prof[m][0].shape[1] for m in mods)))
+    off = 0
+    for m in mods:
+        P = prof[m][0]
+        for lo in range(0, n_rows, 256):
+            feats[lo:lo + 256, off:off + P.shape[1]] = P[lo:lo + 256].sqrt().toarray()
+        off += P.shape[1]
     if n_rows < K:
         raise ValueError(f"kmeans_decoder_init: {n_rows} cells for {K} topics; need at least K cells")
     _, label = kmeans2(feats, K, iter=20, minit="++", seed=rng)
