@@ -241,3 +241,22 @@ def encoder_eval(p: dict, prefix: str, xh, bn_state: dict, n_layers: int, bn_eps
     mu, _ = clampsym(h @ p[f"{prefix}W_mu"] + p[f"{prefix}b_mu"])
     v, _ = clamppos(xp.exp(xp.minimum(h @ p[f"{prefix}W_v"] + p[f"{prefix}b_v"], _EXP_CAP)) + var_eps)
     return mu, v
+
+
+def softmax(t, axis=-1):
+    """Softmax along ``axis`` (max-shifted).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> softmax(np.array([0.0, np.log(3.0)])).tolist()
+    [0.25, 0.75]
+    """
+    xp = get_xp(t)
+    e = xp.exp(t - t.max(axis=axis, keepdims=True))
+    return e / e.sum(axis=axis, keepdims=True)
+
+
+def softmax_backward(y, dy, axis=-1):
+    """Vector-Jacobian product of the softmax: :math:`\\partial t = y\\odot(\\partial y - \\sum y\\,\\partial y)`."""
+    return y * (dy - (y * dy).sum(axis=axis, keepdims=True))
