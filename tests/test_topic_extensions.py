@@ -405,7 +405,7 @@ def test_mc_terms_match_scipy_densities():
     """The one-sample KL terms are log q - log p of the reparameterised draw (scipy densities)."""
     import scipy.stats as st
 
-    from atlasfit.models.topic._loss import (
+    from atlasfit.models.topic._globals import (
         _logitnormal_beta_mc,
         _lognormal_halfcauchy_mc,
         _lognormal_invgamma_mc,
