@@ -158,8 +158,18 @@ def test_first_layer_products_match_dense(n_cov):
     _close(input_tmatmul(h, D), dense.T @ D)
 
 
+@pytest.fixture(params=["sparse-layout", "dense-layout"])
+def input_layout(request, monkeypatch):
+    """Both ways the first encoder layer may read a sparse input (``encoder_layout``): the sparse
+    products (threshold above any density) and the densified BLAS product (threshold 0)."""
+    from atlasfit.models.topic import _sparse
+
+    monkeypatch.setattr(_sparse, "DENSE_INPUT_FRACTION", 2.0 if request.param == "sparse-layout" else 0.0)
+    return request.param
+
+
 @pytest.mark.parametrize("n_cov", [0, 2])
-def test_encoder_forward_backward_sparse_matches_dense(n_cov):
+def test_encoder_forward_backward_sparse_matches_dense(n_cov, input_layout):
     cfg = TopicModelConfig(("rna",), (14,), ("multinomial",), n_topics=3, n_hidden=6, n_layers=2,
                            n_continuous_covariates=n_cov, encode_covariates=bool(n_cov))
     rng = np.random.default_rng(5)
@@ -229,7 +239,7 @@ CASES = [
 
 @pytest.mark.parametrize("rho_path", ["dense-product", "sampled"])
 @pytest.mark.parametrize("extra", CASES)
-def test_loss_and_grad_sparse_matches_dense(extra, rho_path, monkeypatch):
+def test_loss_and_grad_sparse_matches_dense(extra, rho_path, monkeypatch, input_layout):
     # rho at the entries: from the dense theta phi product (dense enough rows) or the sampled product
     monkeypatch.setattr(_loss, "DENSE_RHO_FRACTION", 0.0 if rho_path == "dense-product" else 2.0)
     cfg = TopicModelConfig(("rna", "atac"), (9, 13), ("multinomial", "bernoulli"), n_topics=3, n_hidden=6, **extra)
