@@ -152,8 +152,10 @@ def test_latent_representation_is_topic_proportions(planted):
     d = {"rna": rna[:300], "atac": atac[:300]}
     m = MultimodalAmortizedLDA.from_data(d, n_topics=K, n_hidden=8, weight_mode="cell")
     m.train(max_epochs=2, batch_size=50, lr=0.05, progress=False)
-    # same definition and noise stream as the core's topic_proportions (given each cell's Omega row)
-    want = topic_proportions(m._fit, d, n_samples=7, seed=3, cell_omega=m._omega[0], batch_size=64)
+    # same definition and noise keys (seed, sample, block) as the core's topic_proportions, given each
+    # cell's Omega row and the CSR rows the shards hold
+    csr = {k: sp.csr_matrix(v) for k, v in d.items()}
+    want = topic_proportions(m._fit, csr, n_samples=7, seed=3, cell_omega=m._omega[0], batch_size=64)
     np.testing.assert_array_equal(m.get_latent_representation(n_samples=7, seed=3, batch_size=64), want)
 
 

@@ -1,18 +1,25 @@
 """Cells to evaluate and the evaluation core of :class:`~atlasfit.MultimodalAmortizedLDA`: the registered
 cells (or a subset) or new data registered like the training data, read in blocks with their
-:math:`\Omega` rows, covariates and spatial inputs; :math:`\hat\theta`, the ELBO and per-token sums.
+:math:`\\Omega` rows, covariates and spatial inputs; :math:`\\hat\theta`, the ELBO and per-token sums.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 
-from ._data import _check_modality_values, _dense_rows, _register, _Registered
-from ._loss import softmax
+from ...engine import ShardLostError, make_engine, plan_shards
+from ._data import (
+    _check_modality_values,
+    _dense_rows,
+    _register,
+    _Registered,
+    training_layout,
+)
+from ._rounds import FullRows, evaluate_sample, light_fit, round_context, shard_summary
+from ._shard import load_shard, restore_local
 from ._spatial import check_adjacency, neighbourhood, normalized_adjacency, sgc_features
-from ._summaries import EVAL_BLOCK, elbo_block, elbo_draws, loglik, plugin_draws, rho
-from ._train import guide_eval
 
 
 class _EvalSet:
@@ -63,42 +70,60 @@ class _EvalMixin:
                            "positions or a boolean mask")
         return pos
 
-    def _resolve(self, data=None, cells=None) -> _EvalSet:
-        """The cells to evaluate: registered cells (``data=None``) or new data, optionally a subset."""
-        self._check_trained()
+    def _register_new(self, data) -> _Registered:
+        """New data registered like the training data, checked against the model's features,
+        likelihoods and batch categories (batch codes of the training categories). Its samples are
+        the model's ``sample_key`` column when the data have it (noise keys per sample), else one sample."""
         cfg = self.config
-        if data is None:
-            if self._data is None:
-                raise ValueError("this model has no data attached; pass data= (or load(path, data=...))")
-            reg, omega = self._data, None if self._omega is None else self._omega[0]
-        else:
-            reg = _register(data, cfg.modalities, {m: self.layers_.get(m) for m in cfg.modalities} or None, None,
-                            self.spatial_key_ if cfg.spatial_mode is not None else None,
-                            self.batch_key_ if cfg.needs_batch else None,
-                            self.continuous_covariate_keys_ if cfg.n_cont_encoded else None)
-            omega = None
-            for m in cfg.modalities:
-                F = cfg.n_feat(m)
-                if reg.X[m].shape[1] != F:
-                    raise ValueError(f"modality {m!r}: new data has {reg.X[m].shape[1]} features, the model {F}; "
-                                     "subset the data to the model's features (feature_names_)")
-                if reg.named and m in self.feature_names_:
-                    new, own = pd.Index(reg.var_names[m]).astype(str), pd.Index(self.feature_names_[m]).astype(str)
-                    if not new.equals(own):
-                        j = int(np.flatnonzero(new.to_numpy() != own.to_numpy())[0])
-                        raise ValueError(f"modality {m!r}: new data's features differ from the model's (position "
-                                         f"{j}: {new[j]!r} vs {own[j]!r}); reorder/subset them, e.g. "
-                                         f"adata[:, model.feature_names_[{m!r}]]")
+        args = (self.spatial_key_ if cfg.spatial_mode is not None else None,
+                self.batch_key_ if cfg.needs_batch else None,
+                self.continuous_covariate_keys_ if cfg.n_cont_encoded else None)
+        layers = {m: self.layers_.get(m) for m in cfg.modalities} or None
+        try:
+            reg = _register(data, cfg.modalities, layers, self.sample_key_, *args)
+        except ValueError as e:
+            if self.sample_key_ is None or "unknown sample_key" not in str(e):
+                raise
+            reg = _register(data, cfg.modalities, layers, None, *args)
+        for m in cfg.modalities:
+            F = cfg.n_feat(m)
+            if reg.n_features(m) != F:
+                raise ValueError(f"modality {m!r}: new data has {reg.n_features(m)} features, the model {F}; "
+                                 "subset the data to the model's features (feature_names_)")
+            if reg.named and m in self.feature_names_:
+                new, own = pd.Index(reg.var_names[m]).astype(str), pd.Index(self.feature_names_[m]).astype(str)
+                if not new.equals(own):
+                    j = int(np.flatnonzero(new.to_numpy() != own.to_numpy())[0])
+                    raise ValueError(f"modality {m!r}: new data's features differ from the model's (position "
+                                     f"{j}: {new[j]!r} vs {own[j]!r}); reorder/subset them, e.g. "
+                                     f"adata[:, model.feature_names_[{m!r}]]")
+            if not reg.is_store:
                 _check_modality_values(m, reg.X[m], cfg.likelihood(m), reg.obs_names, reg.var_names[m])
-            if cfg.needs_batch:  # codes of the training categories
-                lab = np.asarray(reg.batch_categories, dtype=object)[reg.batch]
-                codes = pd.Index(self.batch_categories_).get_indexer(lab)
-                if (codes < 0).any():
-                    k = int(np.flatnonzero(codes < 0)[0])
-                    raise ValueError(f"batch_key {self.batch_key_!r}: cell {str(reg.obs_names[k])!r} has category "
-                                     f"{lab[k]!r}, unseen in training ({self.batch_categories_[:5]}); the decoder "
-                                     "offsets exist only for the training categories")
-                reg.batch = codes.astype(np.int64)
+        if cfg.needs_batch:  # codes of the training categories
+            lab = np.asarray(reg.batch_categories, dtype=object)[reg.batch]
+            codes = pd.Index(self.batch_categories_).get_indexer(lab)
+            if (codes < 0).any():
+                k = int(np.flatnonzero(codes < 0)[0])
+                raise ValueError(f"batch_key {self.batch_key_!r}: cell {str(reg.obs_names[k])!r} has category "
+                                 f"{lab[k]!r}, unseen in training ({self.batch_categories_[:5]}); the decoder "
+                                 "offsets exist only for the training categories")
+            reg.batch = codes.astype(np.int64)
+        return reg
+
+    def _registered(self) -> _Registered:
+        if self._data is None:
+            raise ValueError("this model has no data attached; pass data= (or load(path, data=...))")
+        return self._data
+
+    def _resolve(self, data=None, cells=None) -> _EvalSet:
+        """The cells to evaluate on the driver (spatial encoders, which need the in-memory graph of
+        all evaluated cells): registered cells (``data=None``) or new data, optionally a subset."""
+        self._check_trained()
+        if data is None:
+            reg = self._registered()
+            omega = None if self._omega is None else self._omega[0]
+        else:
+            reg, omega = self._register_new(data), None
         idx = None if cells is None else self._cell_index(cells, reg.n_obs, reg.obs_names)
         sel = slice(None) if idx is None else idx
         return _EvalSet(
@@ -150,69 +175,139 @@ class _EvalMixin:
                 extra["graph"] = {"adj": adj, "x_nbr": xn}
             yield pos, x, None if ev.omega is None else ev.omega[pos], extra
 
-    def _rho(self, m: str, theta, draws, batch, phi=None):
-        return rho(self._fit, m, theta, draws, batch, phi)
+    # ------------------------------------------------------------------ summaries as engine rounds
 
-    def _loglik(self, x: dict, theta, draws, batch) -> dict:
-        return loglik(self._fit, x, theta, draws, batch)
+    def _summary_engine(self):
+        """The engine holding the registered cells' shards: the one kept by :meth:`train`, or shards
+        re-created from the registered data (store reader or in-memory rows) through the same loader."""
+        eng = self._engine
+        client = getattr(eng, "client", None)
+        if eng is not None and client is not None and getattr(client, "status", "running") != "running":
+            self._engine = eng = None  # the client of the training engine is gone
+        if eng is not None:
+            return eng
+        cfg, reg, st = self.config, self._registered(), self._train_settings
+        layout, names, sizes, _, reader = training_layout(reg, dict(zip(cfg.modalities, cfg.likelihoods)),
+                                                          st["validation_fraction"], st["seed"])
+        if not names:
+            return None
+        eng, _ = make_engine(plan_shards(names, sizes), client=None, store=reg.is_store, device="cpu",
+                             who=type(self).__name__, name="topic-summaries")
+        eng.setup(load_shard, reader, layout, cfg, self.dtype, None)
+        if self._local:
+            eng.map(restore_local, self._local)
+        self._engine = eng
+        return eng
 
-    def _plugin_draws(self) -> dict:
-        return plugin_draws(self._fit)
+    def close(self) -> None:
+        """Release the shards kept for the summaries (the workers' or this process's copy of the rows);
+        the next summary re-creates them from the registered data."""
+        if self._engine is not None:
+            self._engine.close()
+            self._engine = None
 
-    def _theta(self, ev: _EvalSet, n_samples: int, seed: int, batch_size: int) -> np.ndarray:
-        """:math:`\\hat\\theta` (§5), with :func:`~atlasfit.models.topic.topic_proportions`' noise stream
-        (so the same values where that function applies)."""
-        rng = np.random.default_rng(np.random.SeedSequence([int(seed), 977]))
-        out = np.empty((ev.n, self.config.n_topics))
-        for pos, x, om, extra in self._blocks(ev, batch_size):
-            _, mbar, vbar, _ = guide_eval(self._fit, x, omega=om, **extra)
-            if n_samples <= 0:
-                th = softmax(mbar, axis=1)
-            else:
-                sd = np.sqrt(vbar)
-                th = np.zeros_like(mbar)
-                for _ in range(n_samples):
-                    th = th + softmax(mbar + sd * np.asarray(rng.standard_normal(mbar.shape), dtype=mbar.dtype), axis=1)
-                th = th / n_samples
-            out[pos] = th
-        return out
+    def _cell_map(self):
+        """Per registered cell: its sample's position and its position within the sample (cached)."""
+        if self._cell_map_cache is None:
+            reg = self._registered()
+            sidx = np.empty(reg.n_obs, dtype=np.int64)
+            within = np.empty(reg.n_obs, dtype=np.int64)
+            for i, rows in enumerate(reg.sample_rows().values()):
+                sidx[rows] = i
+                within[rows] = np.arange(rows.size)
+            self._cell_map_cache = (sidx, within)
+        return self._cell_map_cache
 
-    def _elbo(self, ev: _EvalSet, n_samples: int, seed: int) -> float:
-        """ELBO per evaluated cell: per-sample sums over blocks of :data:`EVAL_BLOCK` cells (noise keyed by
-        (sample, block), so a row's noise does not depend on memory settings or on the other samples),
-        summed in sample order (the per-epoch ``val_loss`` of the shards gives the same value)."""
-        if ev.n == 0:
-            raise ValueError("no cells to evaluate")
-        fit = self._fit
-        draws, gmean = elbo_draws(fit, n_samples, seed)
-        acc = 0.0
-        for idx, pos in ev.groups:
-            a = 0.0
-            for p, x, om, extra in self._blocks(ev, EVAL_BLOCK, positions=pos):
-                a += elbo_block(fit, x, om, extra, draws, seed, (idx, int(np.searchsorted(pos, p[0]))))
-            acc += a
-        return acc / ev.n - gmean / fit.n_cells
-
-    def _per_token(self, ev: _EvalSet, theta, batch_size: int = 4096) -> dict:
-        cfg = self.config
-        draws = self._plugin_draws() if cfg.batch_offsets else None
-        phis = {m: self._phi(m, True) for m, lik in zip(cfg.modalities, cfg.likelihoods) if lik != "gaussian"}
-        ll = {m: 0.0 for m in phis}
-        T = {m: 0.0 for m in phis}
-        for lo in range(0, ev.n, batch_size):
-            pos = np.arange(lo, min(ev.n, lo + batch_size))
-            rows = pos if ev.idx is None else ev.idx[pos]
-            for m, phi in phis.items():
-                x = _dense_rows(ev.X[m], rows)
-                if draws is None:
-                    rho = theta[pos] @ phi
+    def _evaluate(self, what: str, data, cells, opts: dict):
+        """Run one summary per sample of the evaluated cells: ``(names, results)`` with ``results`` the
+        per-cell rows in the requested order (``"theta"``, ``"weights"``) or the per-sample sums in
+        sample order (``"elbo"``, ``"tokens"``, ``"loglik"``)."""
+        self._check_trained()
+        fit = light_fit(self._fit)
+        spatial = self.config.spatial_mode is not None
+        reg = self._registered() if data is None else self._register_new(data)
+        n = reg.n_obs
+        if cells is None:
+            uniq, inv = np.arange(n), None
+        else:
+            uniq, inv = np.unique(self._cell_index(cells, n, reg.obs_names), return_inverse=True)
+        names = reg.obs_names[uniq if inv is None else uniq[inv]]
+        sample_names = reg.sample_names()
+        srows = reg.sample_rows()
+        if data is None:
+            sidx, within = self._cell_map()
+        else:
+            sidx = np.empty(n, dtype=np.int64)
+            within = np.empty(n, dtype=np.int64)
+            for i, s in enumerate(sample_names):
+                sidx[srows[s]] = i
+                within[srows[s]] = np.arange(srows[s].size)
+        order = np.argsort(sidx[uniq], kind="stable")
+        su = sidx[uniq][order]
+        bounds = np.flatnonzero(np.diff(su)) + 1
+        groups = []  # (sample, position, sorted positions within the sample, positions in uniq)
+        for part in np.split(order, bounds) if uniq.size else []:
+            i = int(sidx[uniq[part[0]]])
+            groups.append((sample_names[i], i, within[uniq[part]], part))
+        results: dict = {}
+        driver_groups = groups
+        if data is None and not spatial:
+            eng = self._summary_engine()
+            held = set() if eng is None else {s for spec in eng.shards for s in spec.samples}
+            request = None if inv is None and cells is None else {s: P for s, _, P, _ in groups if s in held}
+            if eng is not None and (request is None or request):
+                for part in self._map_summary(eng, shard_summary, fit, request, what, opts):
+                    for s, res in part:
+                        results[s] = res
+            driver_groups = [g for g in groups if g[0] not in held]
+        if driver_groups:
+            ctx = round_context(fit, what, opts)
+            if spatial:
+                ev = self._resolve(data, uniq)
+            for s, i, P, part in driver_groups:
+                if spatial:
+                    src = _EvalSource(self, ev, part)
+                    P = np.arange(part.size)
                 else:
-                    rho = self._rho(m, theta[pos], draws, ev.batch[pos])
-                ll[m] += float((x * np.log(np.clip(rho, 1e-300, None))).sum())
-                T[m] += float(x.sum())
-        tot_T = sum(T.values())
-        if tot_T <= 0:
-            raise ValueError("the evaluated cells have no counts in any count modality; perplexity is undefined")
-        out = {m: ll[m] / T[m] if T[m] > 0 else float("nan") for m in phis}
-        out["total"] = sum(ll.values()) / tot_T
-        return out
+                    src = self._driver_source(reg, s, srows[s], data is None)
+                results[s] = evaluate_sample(fit, src, i, P, what, opts, ctx)
+        if what in ("theta", "weights"):
+            width = self.config.n_topics if what == "theta" else self.config.n_modalities
+            out = np.empty((uniq.size, width))
+            for s, _, _, part in groups:
+                out[part] = results[s]
+            return names, (out if inv is None else out[inv])
+        return names, [results[s] for s, _, _, _ in groups]
+
+    def _map_summary(self, eng, fn, *args):
+        """One summary round; a lost worker's shards are re-created (with their Omega rows) and the
+        round is run again (the results depend only on the data and the parameters)."""
+        try:
+            return eng.map(fn, *args)
+        except ShardLostError:
+            eng.recover()
+            if self._local:
+                eng.map(restore_local, self._local)
+            return eng.map(fn, *args)
+
+    def _driver_source(self, reg: _Registered, sample: str, rows: np.ndarray, registered: bool):
+        """The rows of one sample read on the driver: new data (in memory), or a registered sample
+        that no shard holds (it has no training cells: a few cells), read through the shards' reader."""
+        if reg.is_store:
+            x = {m: reg.atlas.read_block(m, sample, reg.layers.get(m)) for m in self.config.modalities}
+            return FullRows(x, None, None if reg.batch is None else reg.batch[rows],
+                            None if reg.cont is None else reg.cont[rows])
+        om = self._omega[0] if registered and self._omega is not None else None
+        return FullRows({m: reg.X[m] for m in self.config.modalities}, om, reg.batch, reg.cont, rows=rows)
+
+
+class _EvalSource:
+    """Rows of one sample of an :class:`_EvalSet` (``pos``: its cells' positions in the set), through
+    the driver's block reader with the spatial inputs (SGC features, GCN neighbourhoods)."""
+
+    def __init__(self, model, ev: _EvalSet, pos: np.ndarray):
+        self.model, self.ev, self.pos = model, ev, np.asarray(pos)
+
+    def take(self, P: np.ndarray, dtype):
+        _, x, om, extra = next(self.model._blocks(self.ev, max(1, P.size), positions=self.pos[P]))
+        return {m: sp.csr_matrix(v) for m, v in x.items()}, om, extra

@@ -4,6 +4,8 @@ atlas store."""
 from __future__ import annotations
 
 import json
+import shutil
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -12,10 +14,18 @@ import pandas as pd
 from ._config import TopicModelConfig
 from ._data import _register
 from ._optim import AdamWState
+from ._rounds import (
+    evaluate_sample,
+    light_fit,
+    shard_write_theta,
+    theta_array_name,
+    write_theta,
+)
 from ._shard import OMEGA_KEYS
 from ._train import TopicFit
 
-_FORMAT = "atlasfit.MultimodalAmortizedLDA/1"
+_FORMAT = "atlasfit.MultimodalAmortizedLDA/1"  # JSON + npz (read-only)
+_FORMAT2 = "atlasfit.MultimodalAmortizedLDA/2"  # xarray Dataset in Zarr
 
 
 class _PersistenceMixin:
@@ -40,44 +50,19 @@ class _PersistenceMixin:
         a["split|validation"] = self.validation_indices_
         return a
 
-    def save(self, path: str | Path, overwrite: bool = False) -> None:
-        """Save the trained model to the directory ``path``: ``model.json`` (configuration, names,
-        history, settings) and ``arrays.npz`` (parameters, BatchNorm statistics, buffers, AdamW
-        moments, per-cell :math:`\\Omega` rows, the split). The data are not saved (a store path is
-        recorded and reopened by :meth:`load`).
-
-        Examples
-        --------
-        >>> import numpy as np, tempfile, os
-        >>> X = np.random.default_rng(0).poisson(2, (40, 6))
-        >>> m = MultimodalAmortizedLDA.from_data({"rna": X}, n_topics=3, n_hidden=4).train(1, 20, progress=False)
-        >>> p = os.path.join(tempfile.mkdtemp(), "lda")
-        >>> m.save(p)
-        >>> m2 = MultimodalAmortizedLDA.load(p, data={"rna": X})
-        >>> bool(np.array_equal(m.get_latent_representation(), m2.get_latent_representation()))
-        True
-        """
+    def _meta(self) -> dict:
+        """Configuration, registration metadata, settings and history (JSON-able)."""
         import dataclasses
 
-        self._check_trained()
-        path = Path(path)
-        if path.exists() and any(path.iterdir()) and not overwrite:
-            raise FileExistsError(f"{str(path)!r} exists and is not empty; pass overwrite=True")
-        path.mkdir(parents=True, exist_ok=True)
-        arrays = self._state_arrays()
-        keys = {f"a{i}": k for i, k in enumerate(arrays)}
-        np.savez(path / "arrays.npz", **{n: arrays[k] for n, k in keys.items()})
         cfg = dataclasses.asdict(self.config)
         if cfg["cell_topic_prior"] is not None and not np.isscalar(cfg["cell_topic_prior"]):
             cfg["cell_topic_prior"] = [float(v) for v in cfg["cell_topic_prior"]]
         fit = self._fit
-        meta = {
-            "format": _FORMAT,
+        return {
+            "format": _FORMAT2,
             "config": cfg,
             "dtype": np.dtype(self.dtype).name,
-            "keys": keys,
             "feature_names": {m: [str(v) for v in idx] for m, idx in self.feature_names_.items()},
-            "obs_names": None if self._data is None else [str(v) for v in self._data.obs_names],
             "source": None if self._data is None else self._data.source,
             "layers": self.layers_,
             "sample_key": self.sample_key_,
@@ -94,7 +79,112 @@ class _PersistenceMixin:
             "n_cells": int(fit.n_cells),
             "best_epoch": getattr(self, "best_epoch_", None),
         }
-        (path / "model.json").write_text(json.dumps(meta, indent=1, default=float))
+
+    def to_xarray(self):
+        """The trained model as one :class:`xarray.Dataset` (what :meth:`save` writes, in Zarr).
+
+        One variable per array, named ``<group>:<name>`` (``/`` in names becomes ``.``; the exact key
+        is in the variable's ``key`` attribute): parameters (``params``), BatchNorm statistics (``bn``),
+        buffers, AdamW moments (``opt_m``, ``opt_v``), the lagged mean :math:`\\bar\\theta` (``lag``), the
+        split (``split:train``, ``split:validation``: row positions), per-cell :math:`\\Omega` rows and
+        their moments (``cell:*``, dims ``cell`` x ``modality``, ``weight_mode="cell"``) and the
+        registered cell names (``obs_names``, dim ``cell``). The configuration, registration metadata,
+        settings and history are the JSON attribute ``meta``.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> X = np.random.default_rng(0).poisson(2, (40, 6))
+        >>> m = MultimodalAmortizedLDA.from_data({"rna": X}, n_topics=3, n_hidden=4).train(1, 20, progress=False)
+        >>> ds = m.to_xarray()
+        >>> ds.attrs["atlasfit_model"], ds["params:dec.rna.Z_loc"].shape
+        ('MultimodalAmortizedLDA', (3, 6))
+        """
+        import xarray as xr
+
+        self._check_trained()
+        data_vars, used = {}, set()
+        for i, (k, v) in enumerate(self._state_arrays().items()):
+            name = k.replace("|", ":").replace("/", ".")
+            if name in used:
+                name = f"{name}#{i}"
+            used.add(name)
+            v = np.asarray(v)
+            if k.startswith("cell|"):
+                dims = ("cell", "modality")[: v.ndim]
+            elif k.startswith("split|"):
+                dims = (f"{k.split('|')[1]}_cell",)
+            else:
+                dims = tuple(f"{name}_dim{j}" for j in range(v.ndim))
+            data_vars[name] = xr.Variable(dims, v, attrs={"key": k})
+        if self._data is not None:
+            data_vars["obs_names"] = xr.Variable(("cell",), np.asarray(self._data.obs_names.astype(str), dtype=str))
+        ds = xr.Dataset(data_vars, coords={"modality": list(self.config.modalities)})
+        ds.attrs["atlasfit_model"] = "MultimodalAmortizedLDA"
+        ds.attrs["meta"] = json.dumps(self._meta(), default=float)
+        return ds
+
+    def save(self, path: str | Path, overwrite: bool = False) -> None:
+        """Save the trained model as an xarray Dataset in Zarr at ``path`` (:meth:`to_xarray`: parameters,
+        BatchNorm statistics, buffers, AdamW moments and step, per-cell :math:`\\Omega` rows, the split,
+        configuration, registration metadata, settings and history). Written to a sibling directory and
+        renamed into place. The data are not saved (a store path is recorded and reopened by :meth:`load`).
+
+        Examples
+        --------
+        >>> import numpy as np, tempfile, os
+        >>> X = np.random.default_rng(0).poisson(2, (40, 6))
+        >>> m = MultimodalAmortizedLDA.from_data({"rna": X}, n_topics=3, n_hidden=4).train(1, 20, progress=False)
+        >>> p = os.path.join(tempfile.mkdtemp(), "lda.zarr")
+        >>> m.save(p)
+        >>> m2 = MultimodalAmortizedLDA.load(p, data={"rna": X})
+        >>> bool(np.array_equal(m.get_latent_representation(), m2.get_latent_representation()))
+        True
+        """
+        self._check_trained()
+        path = Path(path)
+        if path.exists() and (not path.is_dir() or any(path.iterdir())) and not overwrite:
+            raise FileExistsError(f"{str(path)!r} exists and is not empty; pass overwrite=True")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.parent / f".{path.name}.saving-{uuid.uuid4().hex[:10]}"
+        old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:10]}"
+        try:
+            self.to_xarray().to_zarr(str(tmp), mode="w", zarr_format=2, consolidated=True)
+            if path.exists():
+                path.rename(old)
+            tmp.rename(path)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(old, ignore_errors=True)
+
+    @staticmethod
+    def _read_saved(path: Path) -> tuple[dict, dict, list | None]:
+        """``(meta, {key: array}, obs names)`` of a saved model: the Zarr Dataset, or the deprecated
+        ``model.json`` + ``arrays.npz`` directory of earlier versions (read-only)."""
+        if (path / "model.json").exists():
+            import warnings
+
+            warnings.warn(f"{str(path)!r} is a model saved in the old JSON + npz format; it is read, but save() now "
+                          "writes an xarray Dataset in Zarr: load it and save it again to convert it",
+                          DeprecationWarning, stacklevel=3)
+            meta = json.loads((path / "model.json").read_text())
+            if meta.get("format") != _FORMAT:
+                raise ValueError(f"{str(path)!r} is not a saved MultimodalAmortizedLDA (format {meta.get('format')!r})")
+            with np.load(path / "arrays.npz") as z:
+                arrays = {k: z[n] for n, k in meta["keys"].items()}
+            return meta, arrays, meta["obs_names"]
+        if not (path / ".zgroup").exists() and not (path / "zarr.json").exists():
+            raise FileNotFoundError(f"{str(path)!r} holds no saved model; give a path written by save()")
+        import xarray as xr
+
+        with xr.open_zarr(str(path), consolidated=None) as ds:
+            if ds.attrs.get("atlasfit_model") != "MultimodalAmortizedLDA":
+                raise ValueError(f"{str(path)!r} is not a saved MultimodalAmortizedLDA "
+                                 f"(atlasfit_model={ds.attrs.get('atlasfit_model')!r})")
+            meta = json.loads(ds.attrs["meta"])
+            arrays = {v.attrs["key"]: np.asarray(v.values) for name, v in ds.data_vars.items() if "key" in v.attrs}
+            obs = [str(v) for v in ds["obs_names"].values] if "obs_names" in ds.data_vars else None
+        return meta, arrays, obs
 
     @classmethod
     def load(cls, path: str | Path, data=None) -> _PersistenceMixin:
@@ -103,27 +193,24 @@ class _PersistenceMixin:
         Parameters
         ----------
         path
-            The directory written by :meth:`save`.
+            The path written by :meth:`save` (a model saved in the older JSON + npz directory format is
+            read too, with a deprecation warning).
         data
-            The data the model was trained on (same cells and features), to evaluate the registered
-            cells or continue training. ``None``: a model trained on an atlas store reopens it;
-            otherwise the getters need ``data=``.
+            The data the model was trained on (same cells and features: an atlas store path or
+            in-memory data), to evaluate the registered cells or continue training. ``None``: a model
+            trained on an atlas store reopens it; otherwise the getters need ``data=``.
 
         Examples
         --------
         See :meth:`save`.
         """
         path = Path(path)
-        meta_file = path / "model.json"
-        if not meta_file.exists():
-            raise FileNotFoundError(f"{str(path)!r} holds no model.json; give a directory written by save()")
-        meta = json.loads(meta_file.read_text())
-        if meta.get("format") != _FORMAT:
-            raise ValueError(f"{str(path)!r} is not a saved MultimodalAmortizedLDA (format {meta.get('format')!r})")
+        if not path.exists():
+            raise FileNotFoundError(f"{str(path)!r} does not exist; give a path written by save()")
+        meta, arrays, obs = cls._read_saved(path)
         cfg_d = meta["config"]
         config = TopicModelConfig(**cfg_d)
         reg = None
-        obs = meta["obs_names"]
         if data is None and meta["source"] is not None and Path(meta["source"]).exists():
             data = meta["source"]
         if data is not None:
@@ -136,7 +223,7 @@ class _PersistenceMixin:
                 if reg.n_features(m) != config.n_feat(m):
                     raise ValueError(f"modality {m!r}: data has {reg.n_features(m)} features, the saved model "
                                      f"{config.n_feat(m)}; pass the data the model was trained on")
-            if obs is not None and [str(v) for v in reg.obs_names] != obs:
+            if obs is not None and (reg.n_obs != len(obs) or [str(v) for v in reg.obs_names] != obs):
                 raise ValueError(f"the data's cells differ from the saved model's ({reg.n_obs} vs {len(obs)} "
                                  "cells, or another order); pass the data the model was trained on, or "
                                  "evaluate new cells with get_*(data=...)")
@@ -153,8 +240,6 @@ class _PersistenceMixin:
         model._train_settings = dict(meta["train_settings"])
         if meta.get("best_epoch") is not None:
             model.best_epoch_ = meta["best_epoch"]
-        with np.load(path / "arrays.npz") as z:
-            arrays = {k: z[n] for n, k in meta["keys"].items()}
         groups: dict = {}
         for k, v in arrays.items():
             g, name = k.split("|", 1)
@@ -179,9 +264,13 @@ class _PersistenceMixin:
     def write(self, store=None, key: str = "topic", *, include_background: bool = False, n_samples: int = 100,
               seed: int = 0) -> None:
         """Write results into the atlas store the model was trained on (never touching X), via
-        :func:`atlasfit.io.write_results`: per modality ``obsm["X_{key}"]`` (cells x K topic
-        proportions, :meth:`get_latent_representation`, store row order) and
-        ``varm["{key}_loadings"]`` (features x K, :meth:`get_feature_topic_dist`).
+        :func:`atlasfit.io.write_results` (atomic): per modality ``obsm["X_{key}"]`` (cells x K topic
+        proportions, :meth:`get_latent_representation` with ``n_samples``/``seed``, store row order)
+        and ``varm["{key}_loadings"]`` (features x K, :meth:`get_feature_topic_dist`).
+
+        For the store the model was trained on, each sample's rows are computed on the shard that
+        holds the sample and written there to a temporary per-sample Zarr array, then copied into the
+        store chunk by chunk: the driver never holds the cells' data (as :meth:`atlasfit.MultiGEDI.write`).
 
         Examples
         --------
@@ -213,7 +302,33 @@ class _PersistenceMixin:
             if not obs.equals(self._data.obs_names):
                 raise ValueError(f"write(): the store's cells of modality {m!r} are not the model's cells (in store "
                                  "order); write into the store the model was trained on")
-        theta = self.get_latent_representation(n_samples=n_samples, seed=seed)
-        obsm = {m: {f"X_{key}": theta} for m in self.config.modalities}
         varm = {m: {f"{key}_loadings": self._phi(m, include_background).T} for m in self.config.modalities}
-        write_results(atlas, obsm=obsm, varm=varm)
+        opts = {"n_samples": int(n_samples), "seed": int(seed), "block": 4096}
+        reg = self._data
+        if not reg.is_store or Path(atlas.path).resolve() != Path(reg.source).resolve() or \
+                self.config.spatial_mode is not None:
+            theta = self.get_latent_representation(n_samples=n_samples, seed=seed)  # cells x K, store order
+            write_results(atlas, obsm={m: {f"X_{key}": theta} for m in self.config.modalities}, varm=varm)
+            return
+        # the store the model was trained on: each sample's rows are computed and written where they live
+        import dask.array as da
+
+        tmp = Path(atlas.path).parent / f".{Path(atlas.path).name}.topic-{uuid.uuid4().hex[:10]}"
+        tmp.mkdir()
+        try:
+            fit = light_fit(self._fit)
+            eng = self._summary_engine()
+            held = set()
+            if eng is not None:
+                for part in self._map_summary(eng, shard_write_theta, fit, str(tmp), opts):
+                    held.update(part)
+            names = reg.sample_names()
+            for i, s in enumerate(names):  # samples without training cells (no shard holds them): a few cells
+                if s not in held:
+                    src = self._driver_source(reg, s, reg.sample_rows()[s], True)
+                    n = reg.sample_counts()[s]
+                    write_theta(str(tmp), i, evaluate_sample(fit, src, i, np.arange(n), "theta", opts, {}))
+            theta = da.concatenate([da.from_zarr(str(tmp / theta_array_name(i))) for i in range(len(names))], axis=0)
+            write_results(atlas, obsm={m: {f"X_{key}": theta} for m in self.config.modalities}, varm=varm)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)

@@ -91,6 +91,8 @@ class MultimodalAmortizedLDA(_TrainingMixin, _EvalMixin, _SummariesMixin, _Persi
         self.stopped_early_ = False
         self._train_settings: dict = {}
         self._theta_prev = None  # global mean theta of the last step (theta_bar_sync="lagged")
+        self._engine = None  # the shards kept after train() for the summaries (close() releases them)
+        self._cell_map_cache = None
         self.best_epoch_: int | None = None
 
     @classmethod
@@ -347,6 +349,7 @@ class MultimodalAmortizedLDA(_TrainingMixin, _EvalMixin, _SummariesMixin, _Persi
             max_epochs = max(1, min(int(round(2e7 / reg.n_obs)), 1000))
         shards = plan_shards(names, sizes, max_shards=max_shards)
         who = type(self).__name__
+        self.close()  # a fresh engine for this call; it is kept afterwards for the summaries
         engine, gpu = make_engine(shards, client=client, store=reg.is_store, device=device, who=who, name="topic")
         self.device_ = "gpu" if gpu else "cpu"
         start = self.n_epochs_
@@ -398,6 +401,7 @@ class MultimodalAmortizedLDA(_TrainingMixin, _EvalMixin, _SummariesMixin, _Persi
             return stop or shared["es"]["stop"]
 
         engine.setup(load_shard, reader, layout, cfg, self.dtype, "cupy" if gpu else None)
+        ok = False
         try:
             cell = cfg.weight_mode == "cell"
             shared = run_fit(engine, init=init, step=step, start=start, stop=start + int(max_epochs), policy=policy,
@@ -418,8 +422,11 @@ class MultimodalAmortizedLDA(_TrainingMixin, _EvalMixin, _SummariesMixin, _Persi
             self._local = local
             self._omega_cache = None
             self.checkpoint_info_ = policy.checkpoint.last_info if policy.checkpoint is not None else None
+            self._engine = engine  # kept for the summaries (engine rounds on the same shards)
+            ok = True
         finally:
-            engine.close()
+            if not ok:
+                engine.close()
         return self
 
     @property

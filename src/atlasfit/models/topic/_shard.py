@@ -221,6 +221,8 @@ def load_shard(spec, reader, layout: Layout, cfg: TopicModelConfig, dtype, array
     * ``x[m]``: training rows (CSR, model dtype) and ``parts``: ``[(sid, offset, cells)]`` per sample;
     * ``val``: the validation rows (``x``, ``parts``: ``[(sample position, offset, cells)]``, covariates);
     * ``samples``: ``[(name, offset, cells)]`` of the training rows (local state per sample);
+    * ``cells``: ``[(name, sample position, cells, training offset, validation positions, validation
+      offset)]``: every cell of each sample, for the summaries (:mod:`._rounds`);
     * the encoder extensions (batch codes, covariates, the training cells' spatial graph) and the
       per-cell :math:`\\Omega` rows (``weight_mode="cell"``);
     * ``_dstats``: the data statistics of the training rows (:func:`shard_data_stats`).
@@ -228,7 +230,7 @@ def load_shard(spec, reader, layout: Layout, cfg: TopicModelConfig, dtype, array
     names = list(spec.samples)
     tr_blocks = {m: [] for m in cfg.modalities}
     va_blocks = {m: [] for m in cfg.modalities}
-    parts, vparts, samples = [], [], []
+    parts, vparts, samples, cells = [], [], [], []
     tr_cov, va_cov, graph_rows = [], [], []
     off = voff = 0
     for s in names:
@@ -254,6 +256,7 @@ def load_shard(spec, reader, layout: Layout, cfg: TopicModelConfig, dtype, array
         parts.append((int(layout.sid[s]), off, int(tr.size)))
         samples.append((s, off, int(tr.size)))
         vparts.append((int(layout.index[s]), voff, int(val.size)))
+        cells.append((s, int(layout.index[s]), n, off, val, voff))
         off += tr.size
         voff += val.size
     x64 = {m: _vstack(tr_blocks[m], cfg.n_feat(m)) for m in cfg.modalities}
@@ -261,6 +264,7 @@ def load_shard(spec, reader, layout: Layout, cfg: TopicModelConfig, dtype, array
         "x": {m: x64[m].astype(dtype) for m in cfg.modalities},
         "parts": parts,
         "samples": samples,
+        "cells": cells,
         "cfg": cfg,
         "dtype": dtype,
         "array_module": array_module,

@@ -229,10 +229,10 @@ class _SummariesMixin:
         >>> m.get_latent_representation(cells=[0, 1]).sum(axis=1).round(6).tolist()
         [1.0, 1.0]
         """
-        ev = self._resolve(data, cells)
-        th = self._theta(ev, n_samples, seed, batch_size)
+        names, th = self._evaluate("theta", data, cells, {"n_samples": int(n_samples), "seed": int(seed),
+                                                          "block": int(batch_size)})
         if return_dataframe:
-            return pd.DataFrame(th, index=ev.names, columns=[f"topic_{k}" for k in range(self.config.n_topics)])
+            return pd.DataFrame(th, index=names, columns=[f"topic_{k}" for k in range(self.config.n_topics)])
         return th
 
     def get_cell_topic_dist(self, data=None, cells=None, *, n_samples: int = 100, seed: int = 0,
@@ -317,11 +317,38 @@ class _SummariesMixin:
         >>> bool(m.get_elbo() < 0)
         True
         """
-        return self._elbo(self._resolve(data, cells), n_samples, seed)
+        _, parts = self._evaluate("elbo", data, cells, {"n_samples": int(n_samples), "seed": int(seed)})
+        n = sum(d["n"] for d in parts)
+        if n == 0:
+            raise ValueError("no cells to evaluate")
+        acc = 0.0
+        for d in parts:  # sample order
+            acc += d["elbo"]
+        _, gmean = elbo_draws(self._fit, n_samples, seed)
+        return acc / n - gmean / self._fit.n_cells
+
+    def _sums(self, what, data, cells, n_samples, seed, batch_size, mods) -> tuple[dict, dict]:
+        """``({m: sum ll}, {m: sum T})`` over the samples' sums, added in sample order."""
+        _, parts = self._evaluate(what, data, cells, {"n_samples": int(n_samples), "seed": int(seed),
+                                                     "block": int(batch_size)})
+        ll = {m: 0.0 for m in mods}
+        T = {m: 0.0 for m in mods}
+        for d in parts:
+            for m in mods:
+                ll[m] += d.get(f"ll/{m}", 0.0)
+                T[m] += d.get(f"T/{m}", 0.0)
+        return ll, T
 
     def _tokens(self, data, cells, n_samples, seed, batch_size):
-        ev = self._resolve(data, cells)
-        return self._per_token(ev, self._theta(ev, n_samples, seed, batch_size), batch_size)
+        cfg = self.config
+        mods = [m for m, lik in zip(cfg.modalities, cfg.likelihoods) if lik != "gaussian"]
+        ll, T = self._sums("tokens", data, cells, n_samples, seed, batch_size, mods)
+        tot_T = sum(T.values())
+        if tot_T <= 0:
+            raise ValueError("the evaluated cells have no counts in any count modality; perplexity is undefined")
+        out = {m: ll[m] / T[m] if T[m] > 0 else float("nan") for m in mods}
+        out["total"] = sum(ll.values()) / tot_T
+        return out
 
     def get_perplexity(self, data=None, cells=None, *, n_samples: int = 100, seed: int = 0,
                        batch_size: int = 4096) -> float:
@@ -380,19 +407,8 @@ class _SummariesMixin:
         >>> bool(m.get_likelihood_per_modality()["rna"] < 0)
         True
         """
-        ev = self._resolve(data, cells)
-        th = self._theta(ev, n_samples, seed, batch_size)
         cfg = self.config
-        draws = self._plugin_draws()
-        ll = {m: 0.0 for m in cfg.modalities}
-        T = {m: 0.0 for m in cfg.modalities}
-        for pos, x, _, extra in self._blocks(ev, batch_size):
-            batch = extra.get("batch")
-            x = {m: v.astype(np.float64) for m, v in x.items()}
-            lp = self._loglik(x, th[pos], draws, None if batch is None else np.asarray(batch))
-            for m, lik in zip(cfg.modalities, cfg.likelihoods):
-                ll[m] += float(lp[m].sum())
-                T[m] += float(x[m].size if lik == "gaussian" else np.round(np.clip(x[m], 0, None)).sum())
+        ll, T = self._sums("loglik", data, cells, n_samples, seed, batch_size, list(cfg.modalities))
         if not per_token:
             return ll
         return {m: ll[m] / T[m] if T[m] > 0 else float("nan") for m in cfg.modalities}
@@ -418,16 +434,13 @@ class _SummariesMixin:
         """
         if return_format not in ("dataframe", "dict", "array"):
             raise ValueError(f"return_format {return_format!r}: use 'dataframe', 'dict' or 'array'")
-        ev = self._resolve(data, cells)
         cfg = self.config
-        out = np.empty((ev.n, cfg.n_modalities))
-        for pos, x, om, extra in self._blocks(ev, 4096):
-            out[pos] = guide_eval(self._fit, x, omega=om, **extra)[0]
+        names, out = self._evaluate("weights", data, cells, {"block": 4096})
         if return_format == "array":
             return out
         if return_format == "dict":
             return {m: out[:, i] for i, m in enumerate(cfg.modalities)}
-        return pd.DataFrame(out, index=ev.names, columns=list(cfg.modalities))
+        return pd.DataFrame(out, index=names, columns=list(cfg.modalities))
 
     def get_top_features_per_topic(self, modality: str, n_features: int = 10, *, include_background: bool = False,
                                    return_scores: bool = False) -> pd.DataFrame:

@@ -554,6 +554,7 @@ def topic_proportions(
     batch=None,
     cont_covariates=None,
     batch_size: int = 4096,
+    sample=None,
 ) -> np.ndarray:
     """Posterior mean topic proportions :math:`\\hat\\theta_n = \\frac1S\\sum_s\\mathrm{softmax}(\\bar\\mu_n + \\sqrt{\\bar v_n}\\epsilon_s)` (§5).
 
@@ -565,6 +566,11 @@ def topic_proportions(
     ``batch`` (per-cell integer codes) and ``cont_covariates`` (N, C), aligned with ``data``, as
     :func:`~atlasfit.models.topic._loss.encoder_inputs` needs them. Spatial encoders need the graph
     of the evaluated cells: use :meth:`atlasfit.MultimodalAmortizedLDA.get_latent_representation`.
+
+    Cells are evaluated per sample (``sample``: a label per cell; default one sample) in blocks of
+    ``batch_size`` cells, and the noise of a block is keyed by (seed, 977, sample position in order of
+    first appearance, first cell of the block within the sample): the key of
+    :meth:`~atlasfit.MultimodalAmortizedLDA.get_latent_representation`, so the same values on the same rows.
 
     Examples
     --------
@@ -587,9 +593,17 @@ def topic_proportions(
         raise ValueError("topic_proportions: this model encodes continuous covariates; pass cont_covariates=(N, C)")
     dtype = fit.params[next(iter(fit.params))].dtype
     out = np.empty((N, cfg.n_topics))
-    rng = np.random.default_rng(np.random.SeedSequence([int(seed), 977]))
-    for lo in range(0, N, batch_size):
-        rows = np.arange(lo, min(N, lo + batch_size))
+    if sample is None:
+        groups = [np.arange(N)]
+    else:
+        lab = np.asarray(sample).astype(str)
+        if lab.shape != (N,):
+            raise ValueError(f"topic_proportions: sample has {lab.shape[0]} labels for {N} cells; give one per cell")
+        _, first, inv = np.unique(lab, return_index=True, return_inverse=True)
+        groups = [np.flatnonzero(inv == j) for j in np.argsort(first, kind="stable")]
+    blocks = [(i, lo, g[lo:lo + batch_size]) for i, g in enumerate(groups) for lo in range(0, g.size, batch_size)]
+    for i, lo, rows in blocks:
+        rng = np.random.default_rng(np.random.SeedSequence([int(seed), 977, i, lo]))
         x = {m: minibatch_rows(data[m], rows, dtype) for m in cfg.modalities}  # CSR stays CSR (encoders only)
         xp = xp_of(x[cfg.modalities[0]])
         extra = {}
