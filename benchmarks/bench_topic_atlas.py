@@ -311,8 +311,9 @@ def worker_atlasfit(a) -> None:
 
     rec["rss_driver_start_mib"] = rss.set_phase("load") / MIB
     t0 = time.perf_counter()
+    dkw = {} if a.dtype is None else {"dtype": a.dtype}  # None: the model's default dtype
     model = atlasfit.MultimodalAmortizedLDA.from_data(
-        a.store, n_topics=a.n_topics, likelihoods={"rna": "multinomial", "atac": "bernoulli"}, dtype=a.dtype)
+        a.store, n_topics=a.n_topics, likelihoods={"rna": "multinomial", "atac": "bernoulli"}, **dkw)
     rec["load_s"] = time.perf_counter() - t0
     client = cluster = None
     if a.workers > 0:
@@ -331,7 +332,7 @@ def worker_atlasfit(a) -> None:
         return False
 
     kw = {} if a.lr is None else {"lr": a.lr}
-    if a.steps_per_round > 1:
+    if a.steps_per_round > 0:
         kw["steps_per_round"] = a.steps_per_round
     rec["rss_driver_before_train_mib"] = rss.set_phase("train") / MIB
     rec["t_train_start"] = rss.now()
@@ -375,7 +376,8 @@ def worker_atlasfit(a) -> None:
         peak_rss_tree_train_mib=pk["train"][1] / MIB,
         peak_rss_driver_eval_mib=pk.get("eval", [0, 0])[0] / MIB,
         rss_driver_growth_train_mib=pk["train"][0] / MIB - rec["rss_driver_before_train_mib"],
-        timeline=rss.timeline, load_after=loadavg(), dtype=a.dtype, workers=a.workers,
+        timeline=rss.timeline, load_after=loadavg(), dtype=str(np.dtype(getattr(model, "dtype", a.dtype))),
+        workers=a.workers,
         batch_size=a.batch_size, epochs=a.epochs, lr=a.lr, steps_per_round=a.steps_per_round,
         version=getattr(atlasfit, "__version__", ""),
     )
@@ -410,8 +412,10 @@ def run_fit(label, cmd, env, out_json, a) -> dict:
 def atlasfit_cmd(a, store, export_dir, out, workers, epochs, batch_size):
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", "atlasfit", "--store", store, "--out", out,
            "--workers", str(workers), "--epochs", str(epochs), "--batch-size", str(batch_size),
-           "--dtype", a.dtype, "--eval-samples", str(a.eval_samples), "--seed", str(a.seed),
+           "--eval-samples", str(a.eval_samples), "--seed", str(a.seed),
            "--n-topics", str(a.n_topics), "--steps-per-round", str(a.steps_per_round)]
+    if a.dtype is not None:
+        cmd += ["--dtype", a.dtype]
     if export_dir:
         cmd += ["--export", export_dir]
     if a.lr is not None:
@@ -512,6 +516,18 @@ def run_side_by_side(a) -> None:
             cmd, env, meta = (atlasfit_cmd(a, store, exp, out, 2, a.epochs, a.batch_size_atlasfit),
                               thread_env(1), dict(tool="atlasfit", engine="dask-2w", threads="2x1",
                                                   batch_size=a.batch_size_atlasfit))
+        elif label == "atlasfit-dff5f1b":  # the code before issue 10, serial, its own defaults (float64)
+            if not a.baseline_src or not os.path.isdir(os.path.join(a.baseline_src, "atlasfit")):
+                raise SystemExit("run atlasfit-dff5f1b needs --baseline-src DIR/src of a checkout of dff5f1b "
+                                 "(git worktree add /tmp/atlasfit_dff5f1b dff5f1b)")
+            import copy
+
+            b = copy.copy(a)
+            b.dtype = "float64"
+            cmd = atlasfit_cmd(b, store, exp, out, 0, a.epochs, a.batch_size_atlasfit)
+            env = thread_env(a.threads)
+            env["PYTHONPATH"] = a.baseline_src + os.pathsep + env["PYTHONPATH"]
+            meta = dict(tool="atlasfit@dff5f1b", engine="serial", threads=a.threads, batch_size=a.batch_size_atlasfit)
         elif label == "topomics":
             cmd = [a.py_topomics, os.path.join(_HERE, "peers", "topomics_lda_runner.py"), "--data", exp, "--out", out,
                    "--n-topics", str(a.n_topics), "--epochs", str(a.epochs), "--batch-size", str(a.batch_size_peers),
@@ -534,7 +550,8 @@ def run_side_by_side(a) -> None:
         res.setdefault("tool", meta["tool"])
         res["tool"] = meta["tool"]
         res["_npz"] = os.path.splitext(out)[0] + ".npz"
-        res.update(n_heldout=n_ho, epochs=a.epochs, lr=a.lr, dtype=a.dtype if label.startswith("atlasfit") else "float32",
+        res.update(n_heldout=n_ho, epochs=a.epochs, lr=a.lr,
+                   dtype=res.get("dtype") or (a.dtype if label.startswith("atlasfit") else "float32"),
                    **orc, **{k: v for k, v in gen.items() if k != "store"})
         res = summarise(res, side, exp, multimodal=label != "scvi")
         runs.append(res)
@@ -558,6 +575,9 @@ def run_side_by_side(a) -> None:
             return float("nan")
 
     print("\nratios:")
+    if "atlasfit-dff5f1b" in by:
+        print(f"  atlasfit-serial / atlasfit@dff5f1b serial: throughput "
+              f"{_fmt(ratio('atlasfit-serial', 'atlasfit-dff5f1b', 'cells_per_s'), '{:.2f}')}x")
     for x in ("atlasfit-serial", "atlasfit-2w"):
         print(f"  {x} / topomics: throughput {_fmt(ratio(x, 'topomics', 'cells_per_s'), '{:.2f}')}x, "
               f"peak RSS {_fmt(ratio(x, 'topomics', 'peak_rss_tree_mib'), '{:.2f}')}x; "
@@ -613,7 +633,7 @@ def run_atlas(a, driver_mode: bool = False) -> None:
                   atlasfit_cmd(a, store, exp, out, a.workers, a.epochs, a.batch_size_atlasfit), env, out, a)
     res.update(tool="atlasfit", engine=f"dask-{a.workers}w" if a.workers else "serial",
                threads="2x1" if a.workers else a.threads, n_heldout=int(side.theta_test.shape[0]), epochs=a.epochs,
-               lr=a.lr, dtype=a.dtype, batch_size=a.batch_size_atlasfit, _npz=os.path.splitext(out)[0] + ".npz",
+               lr=a.lr, batch_size=a.batch_size_atlasfit, _npz=os.path.splitext(out)[0] + ".npz",
                **{k: v for k, v in gen.items() if k != "store"})
     if exp is not None:
         res.update(oracle(side, exp))
@@ -692,9 +712,9 @@ def main(argv=None) -> None:
     p.add_argument("--batch-size-atlasfit", type=int, default=1024)
     p.add_argument("--batch-size-peers", type=int, default=256)
     p.add_argument("--workers", type=int, default=2, help="--atlas / --driver-rss: LocalCluster workers (0: serial)")
-    p.add_argument("--steps-per-round", type=int, default=1, help="atlasfit on Dask: local steps per round")
+    p.add_argument("--steps-per-round", type=int, default=0, help="atlasfit: local steps per round (0: the model's default)")
     p.add_argument("--threads", type=int, default=2, help="BLAS threads of serial atlasfit, torch threads of peers")
-    p.add_argument("--dtype", default="float32")
+    p.add_argument("--dtype", default=None, help="atlasfit's dtype (default: the model's default)")
     p.add_argument("--eval-samples", type=int, default=1000, help="Monte-Carlo draws of theta / phi, every tool")
     p.add_argument("--runs", default="atlasfit-serial,atlasfit-2w,topomics,scvi")
     p.add_argument("--data-dir", default=os.environ.get("ATLASFIT_BENCH_DATA", "/tmp/atlasfit_bench"))
@@ -704,6 +724,8 @@ def main(argv=None) -> None:
     p.add_argument("--timeout", type=float, default=3 * 3600, help="seconds per fit before its tree is killed")
     p.add_argument("--py-topomics", default=PY_TOPOMICS)
     p.add_argument("--py-scvi", default=PY_SCVI)
+    p.add_argument("--baseline-src", default=os.environ.get("ATLASFIT_BASELINE_SRC"),
+                   help="src/ of a checkout of dff5f1b for the run atlasfit-dff5f1b (the code before issue 10)")
     # worker-only
     p.add_argument("--store", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)

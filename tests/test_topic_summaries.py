@@ -22,8 +22,24 @@ import atlasfit
 from atlasfit.models.topic import MultimodalAmortizedLDA
 from atlasfit.models.topic._data import _Registered
 
+
+@pytest.fixture(scope="module", autouse=True)
+def _float64_default():
+    """These tests check the API against float64 closed forms (to 1e-9 and tighter): they run with a
+    float64 default (module scope: the module's fitted-model fixtures see it too); the float32 default
+    is tested in tests/test_topic_defaults.py."""
+    from atlasfit.models.topic import _model
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(_model, "DEFAULT_DTYPE", "float64")
+        yield
+
+
 N, K = 240, 3
-TRAIN = {"max_epochs": 2, "batch_size": 40, "lr": 0.05, "progress": False, "validation_fraction": 0.2, "seed": 2}
+# steps_per_round pinned: its "auto" default is 1 in process and 16 on a cluster (the in-memory and store fits
+# below must train alike)
+TRAIN = {"max_epochs": 2, "batch_size": 40, "lr": 0.05, "progress": False, "validation_fraction": 0.2, "seed": 2,
+         "steps_per_round": 4}
 MODEL = {"likelihoods": {"rna": "multinomial", "atac": "bernoulli"}, "n_topics": K, "n_hidden": 8, "weight_mode": "cell"}
 
 

@@ -327,7 +327,7 @@ def train_serial(
     engine_factory: Callable | None = None,
     callback: Callable | None = None,
     theta_bar_sync: str = "exact",
-    steps_per_round: int = 8,
+    steps_per_round: int | str = "auto",
     device: str = "cpu",
     decoder_init: str = "kmeans",
 ) -> TopicFit:
@@ -386,10 +386,10 @@ def train_serial(
         parts of ``S`` consecutive minibatches with its own copy of the parameters and Adam moments
         (its gradient scaled by :math:`N/B_s`, its own :math:`\\bar\\theta`), then parameters and
         moments are averaged weighted by the cells each shard used, in shard order. One engine round
-        per ``S`` steps; rounds do not cross epochs. Default 8: a fixed number, independent of the
-        number of workers (shards are fixed by the data), so a fit gives the same bits in process and on
-        any number of Dask workers, with 8x fewer rounds than synchronous steps; with a single shard
-        (one sample) local steps are the synchronous steps.
+        per ``S`` steps; rounds do not cross epochs. ``"auto"`` (default): 1 in process and 16 with an
+        ``engine_factory`` (:func:`~atlasfit.models.topic._fit.resolve_steps_per_round`: it depends on the
+        kind of engine, never on the number of workers, so a fit on Dask gives the same bits on any
+        number of workers); with a single shard (one sample) local steps are the synchronous steps.
     decoder_init
         ``"kmeans"`` (default, :func:`~atlasfit.models.topic.kmeans_decoder_init`) or ``"zeros"``
         (the reference); ignored when ``params`` is given.
@@ -413,7 +413,15 @@ def train_serial(
     (2, (3, 12))
     """
     from ...engine import make_engine
-    from ._fit import FitPlan, check_options, epoch_step, fit_from_shared, init_shared, memory_locator
+    from ._fit import (
+        FitPlan,
+        check_options,
+        epoch_step,
+        fit_from_shared,
+        init_shared,
+        memory_locator,
+        resolve_steps_per_round,
+    )
     from ._shard import Layout, MemoryBlocks, dump_local, load_shard
 
     check_options(input_median=input_median, bernoulli_depth=bernoulli_depth, omega_update=omega_update,
@@ -442,7 +450,8 @@ def train_serial(
     kw.setdefault("max_epochs", n_epochs)
     plan = FitPlan(cfg, dtype, N, sizes, batch_size, seed, {"lr": lr, "betas": betas, "eps": eps,
                    "weight_decay": weight_decay}, kl_schedule, kw, input_median, bernoulli_depth,
-                   int(steps_per_round), theta_bar_sync, omega_update, decoder_init)
+                   resolve_steps_per_round(steps_per_round, engine_factory is not None), theta_bar_sync,
+                   omega_update, decoder_init)
 
     def each_epoch(it, shared):
         if callback is not None:
