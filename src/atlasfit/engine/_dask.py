@@ -90,6 +90,58 @@ def tune_allocator(mmap_threshold: int = 16 * 2**20, trim_threshold: int = 64 * 
     return ok
 
 
+_LIBC = None
+_DRIVER_TUNED = False
+
+
+def _libc():
+    global _LIBC
+    if _LIBC is None:
+        try:
+            import ctypes
+
+            _LIBC = ctypes.CDLL("libc.so.6")
+            _LIBC.mallopt  # noqa: B018 - glibc only
+            _LIBC.malloc_trim  # noqa: B018
+        except (OSError, AttributeError):
+            _LIBC = False
+    return _LIBC
+
+
+def tune_driver_allocator(mmap_threshold: int = 256 * 2**10, trim_threshold: int = 16 * 2**20) -> bool:
+    """Let the driver give round results' memory back to the system (glibc ``mallopt``).
+
+    Every round brings the shards' results to the driver (for the topic model's local steps: each
+    shard's parameters and Adam moments, ~12 MiB per shard in float32), and the next round frees
+    them. glibc's default mmap threshold is dynamic: once a large buffer is freed, buffers up to that
+    size come from the heap arenas (Dask deserialises on its communication thread, which has an arena
+    of its own), where freed space stays mapped and fragments. Measured on a 60k-cell store
+    (2 workers, 2 epochs, float32, 16 local steps per round): the driver's peak RSS grew by
+    400-435 MiB during ``train()`` with glibc's defaults and by 270-340 MiB with a fixed 256 KiB mmap
+    threshold (every buffer of a quarter MiB or more in its own mapping, returned when freed) and a
+    ``malloc_trim`` after each round (:func:`trim_driver_heap`); the rest is fragmentation of the
+    small objects of each round. Called once when a :class:`DaskEngine` is created; ``ATLASFIT_MALLOC_TUNE=0`` turns it
+    off. Returns False where glibc is unavailable.
+    """
+    global _DRIVER_TUNED
+    if _DRIVER_TUNED:
+        return True
+    if os.environ.get("ATLASFIT_MALLOC_TUNE", "1") == "0" or not _libc():
+        return False
+    ok = bool(_LIBC.mallopt(-3, int(mmap_threshold))) and bool(_LIBC.mallopt(-1, int(trim_threshold)))
+    _DRIVER_TUNED = ok
+    return ok
+
+
+def trim_driver_heap() -> bool:
+    """Return the driver's freed heap memory to the system (glibc ``malloc_trim(0)``; about a
+    millisecond). :class:`DaskEngine` calls it after rounds that brought at least 1 MiB of results."""
+    if os.environ.get("ATLASFIT_MALLOC_TUNE", "1") == "0" or not _libc():
+        return False
+    _LIBC.malloc_trim(0)
+    return True
+
+
 def _w_setup(eid: str, specs: Sequence[ShardSpec], load_fn, args, kwargs) -> list[int]:
     tune_allocator()
     try:
@@ -252,6 +304,8 @@ class DaskEngine:
         # the engine's overhead (scheduling, transfer, (de)serialisation)
         self.round_times: list[tuple[float, float]] = []
         self._round = 0
+        self._received = 0  # bytes of round results since the driver's heap was last trimmed
+        tune_driver_allocator()
 
     # ------------------------------------------------------------------ helpers
 
@@ -365,6 +419,10 @@ class DaskEngine:
         for (_, idx), res in zip(groups, parts):
             for i, r in zip(idx, res):
                 out[i] = r
+        self._received += sizeof(parts)
+        if self._received >= 2**20:  # previous rounds' results are garbage by now: return their memory
+            trim_driver_heap()
+            self._received = 0
         return out
 
     # ------------------------------------------------------------------ protocol
