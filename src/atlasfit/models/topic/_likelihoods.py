@@ -24,6 +24,13 @@ _LOG_2PI = math.log(2.0 * math.pi)
 _MU_FLOOR = 1e-8
 
 
+def _expm1_cap(dtype) -> float:
+    """Largest argument of ``expm1`` used for :math:`1/(e^q-1)` in the cloglog gradient: 90% of the log
+    of the dtype's largest number (79.9 in float32, 638.9 in float64), so float32 does not overflow;
+    beyond it the factor is below 2e-35 (float32) and adds nothing next to the 1 it is summed with."""
+    return 0.9 * math.log(float(np.finfo(dtype).max))
+
+
 def loglik_multinomial(x, rho):
     """Multinomial without coefficient (§1.7): :math:`\\sum_f\\tilde x_f\\log\\mathrm{clip}(\\rho_f,\\varepsilon_{32},1-\\varepsilon_{32})`.
 
@@ -118,7 +125,8 @@ def loglik_bernoulli(x, rho, scale, link: str = "clip"):
         ok = (q > EPS32).astype(rho.dtype)
         qc = xp.maximum(q, EPS32)
         lp = (xt * xp.log(-xp.expm1(-qc)) - (1.0 - xt) * qc).sum(axis=1)
-        return lp, (xt / xp.expm1(qc) - (1.0 - xt)) * ok * scale[:, None]
+        em = xp.expm1(xp.minimum(qc, _expm1_cap(qc.dtype)))  # no overflow in float32 (q > 88)
+        return lp, (xt / em - (1.0 - xt)) * ok * scale[:, None]
     if link != "clip":
         raise ValueError(f"bernoulli link {link!r}: use 'clip' or 'cloglog'")
     pm = xp.minimum(q, 1.0)
@@ -207,7 +215,7 @@ def loglik_bernoulli_sparse(X, rho, scale, rho_rowsum, rows=None):
     q = rho * se
     ok = (q > EPS32).astype(rho.dtype)
     qc = xp.maximum(q, EPS32)
-    em = xp.expm1(qc)
+    em = xp.expm1(xp.minimum(qc, _expm1_cap(qc.dtype)))  # 1/em: 0 to the dtype's precision beyond the cap
     lp = entry_row_sums(X, xt * (xp.log(-xp.expm1(-qc)) + q)) - scale * rho_rowsum
     return lp, xt * se * (ok / em + 1.0), -scale
 
