@@ -316,6 +316,10 @@ def worker_atlasfit(a) -> None:
         a.store, n_topics=a.n_topics, likelihoods={"rna": "multinomial", "atac": "bernoulli"}, **dkw)
     rec["load_s"] = time.perf_counter() - t0
     client = cluster = None
+    import atlasfit.engine
+
+    if a.workers == 0 and hasattr(atlasfit.engine, "make_engine"):
+        client = False  # in this process (a store's default is the embedded cluster); dff5f1b: None is serial
     if a.workers > 0:
         import distributed
 
@@ -348,7 +352,7 @@ def worker_atlasfit(a) -> None:
         error = f"{type(e).__name__}: {e}"
     rec["train_s"] = time.perf_counter() - t_train
     rss.set_phase("eval")
-    if client is not None:
+    if cluster is not None:
         client.close()
         cluster.close()
     ep = [b - a_ for a_, b in zip([t_train] + stamps[:-1], stamps)]

@@ -1,5 +1,5 @@
 """The topic model's defaults (issue 10 item 4): float32 parameters and minibatches, and
-``steps_per_round="auto"`` (synchronous steps in process, 16 local steps per round on a cluster).
+``steps_per_round="auto"`` (synchronous steps in process, 32 local steps per round on a cluster).
 
 Data: the planted RNA + peaks atlas of :func:`atlasfit.datasets.planted_topic_atlas` at 1,200
 training cells, 3 samples (seed 0), K = 4 topics; the assertions are identities (same bits) except
@@ -57,7 +57,7 @@ def test_float32_and_float64_fits_agree(mdata):
 
 def test_steps_per_round_auto():
     assert resolve_steps_per_round("auto", distributed=False) == 1
-    assert resolve_steps_per_round("auto", distributed=True) == DISTRIBUTED_STEPS_PER_ROUND == 16
+    assert resolve_steps_per_round("auto", distributed=True) == DISTRIBUTED_STEPS_PER_ROUND == 32
     assert resolve_steps_per_round(3, distributed=True) == 3
     with pytest.raises(ValueError, match="steps_per_round"):
         MultimodalAmortizedLDA.from_data({"rna": np.ones((4, 3))}, n_topics=2).train(max_epochs=1, batch_size=2,
@@ -82,3 +82,21 @@ def test_auto_on_a_cluster_same_bits_on_one_and_two_workers(mdata):
     for k, v in ref._fit.params.items():
         np.testing.assert_array_equal(fits[0]._fit.params[k], v, err_msg=k)
         np.testing.assert_array_equal(fits[1]._fit.params[k], v, err_msg=k)
+
+
+def test_max_shards_auto_follows_the_batch_size():
+    from atlasfit.models.topic._fit import CELLS_PER_SHARD_STEP, resolve_max_shards
+
+    assert CELLS_PER_SHARD_STEP == 512
+    assert resolve_max_shards("auto", 1024) == 2  # at least 2: two workers busy at small batches
+    assert resolve_max_shards("auto", 64) == 2
+    assert resolve_max_shards("auto", 8192) == 16
+    assert resolve_max_shards(5, 1024) == 5
+    with pytest.raises(ValueError, match="max_shards"):
+        resolve_max_shards(0, 1024)
+
+
+def test_default_engine_holds_at_most_auto_shards(mdata):
+    m = _model(mdata).train(**TRAIN)  # 3 samples, batch 128: max(2, 128 // 512) = 2 shards of whole samples
+    assert len(m._engine.shards) == 2
+    assert sorted(s for sh in m._engine.shards for s in sh.samples) == ["s0", "s1", "s2"]

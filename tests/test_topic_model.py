@@ -121,10 +121,11 @@ def test_train_is_deterministic_and_cell_weights_stay_in_shards():
         created.append(SerialEngine(shards))
         return created[-1]
 
-    # steps_per_round pinned: its "auto" default differs between an engine_factory (16) and in process (1)
+    # steps_per_round pinned: its "auto" default differs between an engine_factory (32) and in process (1)
+    # max_shards pinned: "auto" would pack the three samples into max(2, 16 // 512) = 2 shards
     a = train_serial(data, cfg, sample=sample, n_epochs=2, batch_size=16, seed=3, engine_factory=factory,
-                     steps_per_round=8)
-    b = train_serial(data, cfg, sample=sample, n_epochs=2, batch_size=16, seed=3, steps_per_round=8)
+                     steps_per_round=8, max_shards=64)
+    b = train_serial(data, cfg, sample=sample, n_epochs=2, batch_size=16, seed=3, steps_per_round=8, max_shards=64)
     for k in a.params:
         assert np.array_equal(a.params[k], b.params[k]), k
     assert np.array_equal(a.cell_omega, b.cell_omega)

@@ -36,7 +36,7 @@ def _float64_default():
 
 
 N, K = 240, 3
-# steps_per_round pinned: its "auto" default is 1 in process and 16 on a cluster (the in-memory and store fits
+# steps_per_round pinned: its "auto" default is 1 in process and 32 on a cluster (the in-memory and store fits
 # below must train alike)
 TRAIN = {"max_epochs": 2, "batch_size": 40, "lr": 0.05, "progress": False, "validation_fraction": 0.2, "seed": 2,
          "steps_per_round": 4}

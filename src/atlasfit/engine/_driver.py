@@ -46,7 +46,8 @@ def make_engine(
     client
         A ``distributed.Client``: shards live on its workers. ``None``: the embedded cluster
         (:func:`atlasfit.cluster.get_client`, which reuses an active client) for a store fit,
-        in process (:class:`SerialEngine`) for in-memory data.
+        in process (:class:`SerialEngine`) for in-memory data. ``False``: in process for any data
+        (a store's samples are then read by this process).
     store
         Whether the fit reads an atlas store (so the workers can read their own samples).
     device
@@ -66,8 +67,10 @@ def make_engine(
     >>> eng, gpu = make_engine(plan_shards(["a"], [3]))
     >>> type(eng).__name__, gpu
     ('SerialEngine', False)
+    >>> type(make_engine(plan_shards(["a"], [3]), client=False, store=True)[0]).__name__
+    'SerialEngine'
     """
-    if client is None and not store:
+    if client is False or (client is None and not store):
         engine = SerialEngine(shards)
     else:
         from ..cluster import get_client  # noqa: PLC0415 - only when a cluster is needed

@@ -25,7 +25,16 @@ from ...engine import checkpoint_policy, is_distributed, make_engine, plan_shard
 from ._config import TopicModelConfig
 from ._data import _as_list, _Registered, register_config, training_layout
 from ._evaluate import _EvalMixin
-from ._fit import FitPlan, _TrainingMixin, check_options, epoch_step, fit_from_shared, init_shared, resolve_steps_per_round
+from ._fit import (
+    FitPlan,
+    _TrainingMixin,
+    check_options,
+    epoch_step,
+    fit_from_shared,
+    init_shared,
+    resolve_max_shards,
+    resolve_steps_per_round,
+)
 from ._io import _PersistenceMixin
 from ._optim import AdamWState
 from ._shard import dump_local, load_shard, restore_local
@@ -238,7 +247,7 @@ class MultimodalAmortizedLDA(_TrainingMixin, _EvalMixin, _SummariesMixin, _Persi
         input_median: str | float = "dataset",
         bernoulli_depth: str = "dataset",
         n_eval_samples: int = 1,
-        max_shards: int = 64,
+        max_shards: int | str = "auto",
         theta_bar_sync: str = "exact",
         steps_per_round: int | str = "auto",
         device: str = "cpu",
@@ -277,7 +286,10 @@ class MultimodalAmortizedLDA(_TrainingMixin, _EvalMixin, _SummariesMixin, _Persi
             parameters are kept (``best_epoch_`` records the best one).
         client
             A ``distributed.Client``: shards run on its workers through
-            :class:`~atlasfit.engine.DaskEngine` (same bits as serial: reductions in shard order).
+            :class:`~atlasfit.engine.DaskEngine` (the same bits on any number of workers: reductions in
+            shard order). ``None`` (default): a store trains on the active client or an embedded
+            LocalCluster (its samples are read by the workers, as MultiGEDI's), in-memory data in this
+            process; ``False``: in this process for any data.
         seed
             Keys initialisation, the split, minibatches and noise.
         progress
@@ -287,10 +299,16 @@ class MultimodalAmortizedLDA(_TrainingMixin, _EvalMixin, _SummariesMixin, _Persi
             dict); returning True stops training.
         kl_schedule, kl_kwargs
             :func:`~atlasfit.models.topic.kl_weight_schedule` preset and arguments.
-        omega_update, input_median, bernoulli_depth, max_shards, theta_bar_sync, steps_per_round
+        max_shards
+            At most this many shards (groups of whole samples; each lives on one worker). ``"auto"``
+            (default): ``max(2, batch_size // 512)``, so that each shard's part of a step has about 512
+            cells or more (per-shard fixed costs, :data:`~atlasfit.models.topic._fit.CELLS_PER_SHARD_STEP`);
+            with batch 1,024 that is 2 shards, enough for 2 workers: give a larger ``batch_size`` or
+            ``max_shards`` to use more workers. It depends on the batch size, never on the workers.
+        omega_update, input_median, bernoulli_depth, theta_bar_sync, steps_per_round
             As in :func:`~atlasfit.models.topic.train_serial`. ``steps_per_round="auto"`` (default):
-            synchronous steps in process (no client: a round costs nothing there) and 16 local steps
-            with periodic averaging per engine round on a Dask cluster (one round per 16 steps; the
+            synchronous steps in process (no client: a round costs nothing there) and 32 local steps
+            with periodic averaging per engine round on a Dask cluster (one round per 32 steps; the
             same bits on any number of workers, since shards are fixed by the data). An integer sets
             it everywhere (``1``: synchronous steps); ``theta_bar_sync="lagged"``: one round per step
             with the topic-variance regulariser on.
@@ -358,7 +376,7 @@ class MultimodalAmortizedLDA(_TrainingMixin, _EvalMixin, _SummariesMixin, _Persi
         self._train_settings = settings
         if max_epochs is None:
             max_epochs = max(1, min(int(round(2e7 / reg.n_obs)), 1000))
-        shards = plan_shards(names, sizes, max_shards=max_shards)
+        shards = plan_shards(names, sizes, max_shards=resolve_max_shards(max_shards, batch_size))
         who = type(self).__name__
         self.close()  # a fresh engine for this call; it is kept afterwards for the summaries
         engine, gpu = make_engine(shards, client=client, store=reg.is_store, device=device, who=who, name="topic")

@@ -320,7 +320,7 @@ def train_serial(
     seed: int = 0,
     input_median: str | float = "dataset",
     bernoulli_depth: str = "dataset",
-    max_shards: int = 64,
+    max_shards: int | str = "auto",
     dtype=np.float64,
     params: dict | None = None,
     omega_update: str = "all",
@@ -365,7 +365,8 @@ def train_serial(
         :math:`\\Omega` at every step, :math:`O(N)` work per step) or ``"minibatch"`` (lazy AdamW: only
         the rows in the minibatch are updated, each with its own step count in the bias correction).
     max_shards, engine_factory
-        Shard plan limit; ``engine_factory(shards)`` builds the engine (default
+        Shard plan limit (``"auto"``: ``max(2, batch_size // 512)``, :func:`~atlasfit.models.topic._fit.resolve_max_shards`);
+        ``engine_factory(shards)`` builds the engine (default
         :class:`~atlasfit.engine.SerialEngine`; e.g. ``lambda sh: DaskEngine(client, sh)``). The
         result is the same bits on any engine and any number of workers.
     dtype
@@ -386,7 +387,7 @@ def train_serial(
         parts of ``S`` consecutive minibatches with its own copy of the parameters and Adam moments
         (its gradient scaled by :math:`N/B_s`, its own :math:`\\bar\\theta`), then parameters and
         moments are averaged weighted by the cells each shard used, in shard order. One engine round
-        per ``S`` steps; rounds do not cross epochs. ``"auto"`` (default): 1 in process and 16 with an
+        per ``S`` steps; rounds do not cross epochs. ``"auto"`` (default): 1 in process and 32 with an
         ``engine_factory`` (:func:`~atlasfit.models.topic._fit.resolve_steps_per_round`: it depends on the
         kind of engine, never on the number of workers, so a fit on Dask gives the same bits on any
         number of workers); with a single shard (one sample) local steps are the synchronous steps.
@@ -420,6 +421,7 @@ def train_serial(
         fit_from_shared,
         init_shared,
         memory_locator,
+        resolve_max_shards,
         resolve_steps_per_round,
     )
     from ._shard import Layout, MemoryBlocks, dump_local, load_shard
@@ -438,7 +440,7 @@ def train_serial(
     sizes = [len(rows[s]) for s in names]
     order = {s: i for i, s in enumerate(names)}
     layout = Layout(n=dict(zip(names, sizes)), index=order, sid=order)
-    shards = plan_shards(names, sizes, max_shards=max_shards)
+    shards = plan_shards(names, sizes, max_shards=resolve_max_shards(max_shards, batch_size))
     if engine_factory is None:
         engine, gpu = make_engine(shards, device=device, who="train_serial", name="topic")
     else:
