@@ -208,10 +208,28 @@ def _csr(X) -> sp.csr_matrix:
     return X.tocsr().astype(np.float64) if sp.issparse(X) else sp.csr_matrix(np.asarray(X, dtype=np.float64))
 
 
-def _vstack(blocks, F: int) -> sp.csr_matrix:
+def _vstack(blocks, F: int, dtype=np.float64) -> sp.csr_matrix:
     if not blocks:
-        return sp.csr_matrix((0, F), dtype=np.float64)
+        return sp.csr_matrix((0, F), dtype=dtype)
     return blocks[0] if len(blocks) == 1 else sp.vstack(blocks, format="csr")
+
+
+def _merge_stats(parts: list, cfg: TopicModelConfig) -> dict:
+    """The shard's data statistics from its samples' (:func:`shard_data_stats` of each block, in
+    sample order): library values and counts side by side (the driver's lower median sorts them),
+    sums added in sample order."""
+    out = {}
+    for m in cfg.modalities:
+        ds = [d[m] for d in parts]
+        out[m] = {"lib_vals": np.concatenate([d["lib_vals"] for d in ds]) if ds else np.zeros(0),
+                  "lib_counts": np.concatenate([d["lib_counts"] for d in ds]) if ds else np.zeros(0, dtype=np.int64),
+                  "lib_sum": float(sum(d["lib_sum"] for d in ds)), "n": int(sum(d["n"] for d in ds))}
+        if cfg.has_background(m):
+            acc = np.zeros(cfg.n_feat(m))
+            for d in ds:
+                acc = acc + d["x_over_lib"]
+            out[m]["x_over_lib"] = acc
+    return out
 
 
 def load_shard(spec, reader, layout: Layout, cfg: TopicModelConfig, dtype, array_module=None) -> dict:
@@ -230,8 +248,9 @@ def load_shard(spec, reader, layout: Layout, cfg: TopicModelConfig, dtype, array
     names = list(spec.samples)
     tr_blocks = {m: [] for m in cfg.modalities}
     va_blocks = {m: [] for m in cfg.modalities}
-    parts, vparts, samples, cells = [], [], [], []
+    parts, vparts, samples, cells, stats = [], [], [], [], []
     tr_cov, va_cov, graph_rows = [], [], []
+    block_stats: dict = {}
     off = voff = 0
     for s in names:
         n = int(layout.n[s])
@@ -245,9 +264,15 @@ def load_shard(spec, reader, layout: Layout, cfg: TopicModelConfig, dtype, array
                                  "register the data again")
             if m in layout.checks:
                 check_block(m, s, B, layout.checks[m])
-            B = _csr(B)
-            tr_blocks[m].append(B[tr])
-            va_blocks[m].append(B[val])
+            B = _csr(B)  # float64: the data statistics are summed in float64
+            Btr = B if val.size == 0 else B[tr]
+            block_stats[m] = shard_data_stats({m: Btr}, cfg, (m,))[m]
+            # kept in the model dtype: a shard's sample blocks are converted one by one (memory:
+            # at 10^6 cells a float64 copy of a 2-worker shard is ~4 GB)
+            tr_blocks[m].append(Btr.astype(dtype))
+            va_blocks[m].append(B[val].astype(dtype))
+            del B, Btr
+        stats.append(dict(block_stats))
         cov = reader.covariates(s)
         tr_cov.append({k: v[tr] for k, v in cov.items()})
         va_cov.append({k: v[val] for k, v in cov.items()})
@@ -259,19 +284,21 @@ def load_shard(spec, reader, layout: Layout, cfg: TopicModelConfig, dtype, array
         cells.append((s, int(layout.index[s]), n, off, val, voff))
         off += tr.size
         voff += val.size
-    x64 = {m: _vstack(tr_blocks[m], cfg.n_feat(m)) for m in cfg.modalities}
+    x = {}
+    for m in cfg.modalities:
+        x[m] = _vstack(tr_blocks[m], cfg.n_feat(m), dtype)
+        tr_blocks[m] = None  # the stacked copy replaces the blocks
     state = {
-        "x": {m: x64[m].astype(dtype) for m in cfg.modalities},
+        "x": x,
         "parts": parts,
         "samples": samples,
         "cells": cells,
         "cfg": cfg,
         "dtype": dtype,
         "array_module": array_module,
-        "_dstats": shard_data_stats(x64, cfg),
+        "_dstats": _merge_stats(stats, cfg),
     }
-    del x64
-    val = {"x": {m: _vstack(va_blocks[m], cfg.n_feat(m)).astype(dtype) for m in cfg.modalities}, "parts": vparts}
+    val = {"x": {m: _vstack(va_blocks[m], cfg.n_feat(m), dtype) for m in cfg.modalities}, "parts": vparts}
     for key in ("batch", "cont"):
         if va_cov and key in va_cov[0]:
             val[key] = np.concatenate([c[key] for c in va_cov])
@@ -308,18 +335,18 @@ load_shard.select_args = _select_samples
 # --------------------------------------------------------------------------- shard functions
 
 
-def shard_data_stats(x: dict, cfg: TopicModelConfig) -> dict:
+def shard_data_stats(x: dict, cfg: TopicModelConfig, modalities=None) -> dict:
     """Library sizes (unique values and counts, for the lower median), their sum, and the summed
     depth-normalised rows per background modality, over the float64 training rows ``x``."""
     out = {}
-    for m in cfg.modalities:
+    for m in (cfg.modalities if modalities is None else modalities):
         X = x[m]
         lib = np.maximum(np.asarray(X.sum(axis=1)).ravel().astype(np.float64), 0.0)
         vals, counts = np.unique(np.maximum(lib, 1.0), return_counts=True)
         out[m] = {"lib_vals": vals, "lib_counts": counts, "lib_sum": float(lib.sum()), "n": int(lib.size)}
         if cfg.has_background(m):
             lt = np.where(lib != 0, lib, 1.0)
-            out[m]["x_over_lib"] = np.asarray(X.multiply(1.0 / lt[:, None]).sum(axis=0)).ravel()
+            out[m]["x_over_lib"] = np.asarray((X.T @ (1.0 / lt))).ravel()  # sum_n x_n / l_n, no copy of X
     return out
 
 
