@@ -19,18 +19,7 @@ import atlasfit
 from atlasfit.models.topic import MultimodalAmortizedLDA, topic_proportions, train_serial
 from atlasfit.models.topic._loss import softmax
 from atlasfit.models.topic._params import softplus
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _float64_default():
-    """These tests check the API against float64 closed forms (to 1e-9 and tighter): they run with a
-    float64 default (module scope: the module's fitted-model fixtures see it too); the float32 default
-    is tested in tests/test_topic_defaults.py."""
-    from atlasfit.models.topic import _model
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(_model, "DEFAULT_DTYPE", "float64")
-        yield
+from _topic_dtype import float64_topic_default  # noqa: F401 - float64 default for this module
 
 
 K = 3
