@@ -53,3 +53,37 @@ def test_synth(tmp_path):
     atlas = open_atlas(store)
     assert set(atlas.modalities) == {"rna", "splicing", "atac"}
     assert int(atlas.samples["rna"].sum()) == 600
+
+
+def test_convert_binary_flag_keeps_every_modality(tmp_path, capsys):
+    """Issue 11 item 1: `--binary atac` declared atac's kind but dropped every other modality (the CLI
+    passed {'atac': 'binary'} as the modalities to keep). A multiome file now converts whole; without
+    the flag the NaN error speaks in CLI flags."""
+    import anndata as ad
+    import mudata as md
+    import pandas as pd
+
+    rng = np.random.default_rng(0)
+    obs = pd.DataFrame({"sample": np.repeat(["a", "b"], 10)}, index=[f"c{i}" for i in range(20)])
+    atac = (rng.random((20, 6)) < 0.3).astype(np.float32)
+    atac[3, 2] = np.nan  # a missing value: only kind 'binary' allows it
+    mdata = md.MuData({"rna": ad.AnnData(rng.poisson(2.0, (20, 5)).astype(np.float32), obs=obs.copy()),
+                       "atac": ad.AnnData(atac, obs=obs.copy())})
+    src = tmp_path / "multiome.h5mu"
+    mdata.write(src)
+    store = tmp_path / "m.zarr"
+    assert main(["convert", str(src), str(store), "--sample-key", "sample"]) == 2
+    err = capsys.readouterr().err
+    assert "--binary atac" in err and "kinds=" not in err
+    assert main(["convert", str(src), str(store), "--sample-key", "sample", "--binary", "atac"]) == 0
+    from atlasfit.io import open_atlas
+
+    atlas = open_atlas(store)
+    assert list(atlas.modalities) == ["rna", "atac"]
+    assert atlas.kind("atac") == "binary" and atlas.kind("rna") == "counts"
+    # an existing store: the advice is the flag, not the keyword argument
+    assert main(["convert", str(src), str(store), "--sample-key", "sample", "--binary", "atac"]) == 2
+    err = capsys.readouterr().err
+    assert "--overwrite" in err and "overwrite=True" not in err
+    assert main(["synth", str(store), "--n-cells", "60", "--n-samples", "2", "--features", "rna=5"]) == 2
+    assert "--overwrite" in capsys.readouterr().err

@@ -348,3 +348,17 @@ def test_on_local_cluster(src, store, client, tmp_path):
     write_results(copy, obsm={"rna": {"X_emb": emb}})
     got = ad.read_zarr(f"{copy}/mod/rna").obsm["X_emb"]
     np.testing.assert_array_equal(got, ref[:, :3] * 2.0)
+
+
+def test_convert_kinds_declares_without_selecting(tmp_path):
+    """`kinds=` declares some modalities' kinds and keeps every modality (the mapping form of
+    `modalities=` selects); a kind for a modality that `modalities=` drops is an error naming both."""
+    rng = np.random.default_rng(1)
+    obs = pd.DataFrame({"s": np.repeat(["a", "b"], 6)}, index=[f"c{i}" for i in range(12)])
+    mdata = md.MuData({"rna": ad.AnnData(rng.poisson(1.0, (12, 4)).astype(np.float32), obs=obs.copy()),
+                       "atac": ad.AnnData((rng.random((12, 5)) < 0.5).astype(np.float32), obs=obs.copy())})
+    atlas = open_atlas(convert(mdata, tmp_path / "k.zarr", sample_key="s", kinds={"atac": "binary"}))
+    assert list(atlas.modalities) == ["rna", "atac"] and atlas.kind("atac") == "binary"
+    with pytest.raises(ValueError, match="kinds names modality 'atac'"):
+        convert(mdata, tmp_path / "k2.zarr", sample_key="s", modalities=["rna"], kinds={"atac": "binary"})
+    assert not (tmp_path / "k2.zarr").exists()

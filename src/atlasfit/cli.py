@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -37,6 +38,24 @@ def _modality_arg(text: str) -> tuple[str, dict]:
     return parts[0], cfg
 
 
+def _cli_advice(msg: str) -> str:
+    """A convert error's advice in command-line flags (the library speaks in keyword arguments).
+
+    Examples
+    --------
+    >>> _cli_advice("modality 'atac': NaN; replace NaN/inf values (or declare the modality kind 'binary' if NaN marks missing values)")
+    "modality 'atac': NaN; replace NaN/inf values (or declare the modality binary with --binary atac if NaN marks missing values)"
+    """
+    import re
+
+    m = re.search(r"modality '([^']+)'", msg)
+    name = m.group(1) if m else "MODALITY"
+    msg = msg.replace("declare the modality kind 'binary'", f"declare the modality binary with --binary {name}")
+    return re.sub(r"pass kinds=\{'([^']+)': 'continuous'\}",
+                  r"convert it from Python with atlasfit.io.convert(..., kinds={'\1': 'continuous'}) (the command line "
+                  "has no flag for continuous data)", msg)
+
+
 def _cmd_convert(args) -> int:
     from atlasfit.io import convert
 
@@ -44,9 +63,12 @@ def _cmd_convert(args) -> int:
     if args.binary:
         kinds = {m: "binary" for m in args.binary}
     t0 = time.perf_counter()
-    path = convert(
-        args.source, args.store, sample_key=args.sample_key, modalities=kinds, overwrite=args.overwrite
-    )
+    try:
+        path = convert(args.source, args.store, sample_key=args.sample_key, kinds=kinds, overwrite=args.overwrite)
+    except FileExistsError as err:
+        raise FileExistsError(f"{args.store!r} exists; pass --overwrite to replace it") from err
+    except ValueError as err:  # the library's advice, in command-line terms
+        raise ValueError(_cli_advice(str(err))) from err
     print(f"atlasfit: wrote atlas store {path} in {time.perf_counter() - t0:.1f} s")
     return _cmd_info(argparse.Namespace(store=str(path), json=False))
 
@@ -59,6 +81,8 @@ def _cmd_synth(args) -> int:
         name, _, n = spec.partition("=")
         features[name] = int(n)
     t0 = time.perf_counter()
+    if os.path.exists(args.store) and not args.overwrite:
+        raise FileExistsError(f"{args.store!r} exists; pass --overwrite to replace it")
     path = synthetic_atlas(
         args.store,
         n_cells=args.n_cells,

@@ -263,7 +263,8 @@ def _source_stream(source, *, sample_key: str, modalities=None, layers=None):
     return list(mods), gen()
 
 
-def convert(source, store, *, sample_key: str, modalities=None, layers=None, overwrite: bool = False) -> Path:
+def convert(source, store, *, sample_key: str, modalities=None, layers=None, kinds=None,
+            overwrite: bool = False) -> Path:
     """Convert an AnnData / MuData source into an atlas store, streaming sample by sample.
 
     Parameters
@@ -281,6 +282,10 @@ def convert(source, store, *, sample_key: str, modalities=None, layers=None, ove
         ``"binary"``, ``"continuous"``; default ``"counts"``).
     layers
         ``{modality: [layer, ...]}``: layers to keep (X is always kept when present); default all.
+    kinds
+        ``{modality: kind}`` for some of the kept modalities (``"counts"``, ``"binary"``,
+        ``"continuous"``); the others are ``"counts"``. Unlike the mapping form of ``modalities`` it
+        does not select modalities: ``kinds={"atac": "binary"}`` keeps every modality.
     overwrite
         Replace an existing store.
 
@@ -303,9 +308,17 @@ def convert(source, store, *, sample_key: str, modalities=None, layers=None, ove
     >>> open_atlas(p).samples["rna"].to_dict()
     {'B': 2, 'A': 1}
     """
+    if kinds is not None and not isinstance(kinds, Mapping):
+        raise TypeError(f"convert: kinds must be a dict {{modality: kind}}, got {type(kinds).__name__}")
+    given = dict(kinds or {})
     kinds = {}
     if isinstance(modalities, Mapping):
         kinds = {str(m): check_kind(str(m), k) for m, k in modalities.items()}
+    for m, k in given.items():
+        if modalities is not None and str(m) not in [str(x) for x in modalities]:
+            raise ValueError(f"convert: kinds names modality {m!r}, which modalities={list(modalities)} does not "
+                             "keep; add it to modalities or drop it from kinds")
+        kinds[str(m)] = check_kind(str(m), k)
     store = Path(store).absolute()
     if store.exists() and not overwrite:
         raise FileExistsError(f"convert: '{store}' exists; pass overwrite=True to replace it")
