@@ -240,3 +240,28 @@ def test_device_gpu_without_gpu_is_a_clear_error(monkeypatch):
     model.device = "gpu"
     with pytest.raises(RuntimeError, match="gpu-cu12"):
         model.fit(mdata, max_iterations=1, progress=False)
+
+
+def test_long_sample_names_fit_checkpoint_and_write(client, tmp_path):
+    """Issue 11 item 5: a sample name whose percent-encoding passed 255 bytes (300 ASCII characters, or
+    29+ CJK characters) made every store fit fail with `OSError: File name too long` from the
+    per-sample checkpoint directory. Such names now fit, checkpoint, resume and write."""
+    d, cfg, mdata, conf = fixture_mudata()
+    labels = pd.unique(np.concatenate([mdata[m].obs["sample"].astype(str).to_numpy() for m in mdata.mod]))
+    long_names = {s: ("样本" * 20 + str(i)) if i % 2 else (f"donor{i}_" + "x" * 300) for i, s in enumerate(labels)}
+    for m in mdata.mod:
+        mdata[m].obs["sample"] = mdata[m].obs["sample"].astype(str).map(long_names).values
+    store = tmp_path / "long.zarr"
+    convert(mdata, store, sample_key="sample", modalities={"rna": "counts", "splicing": "counts", "chromatin": "binary"})
+    ck = tmp_path / "ck"
+    model = model_for(cfg, conf).fit(store, max_iterations=2, client=client, progress=False, checkpoint_dir=ck,
+                                      checkpoint_every=1)
+    names = [p.name for p in ck.rglob("*")]
+    assert names and max(len(n.encode()) for n in names) <= 255
+    again = model_for(cfg, conf).fit(store, max_iterations=3, client=client, progress=False, checkpoint_dir=ck,
+                                      resume_from_checkpoint=True)
+    assert again.n_iter_ == 3
+    model.write()
+    assert md.read_zarr(str(store))["rna"].obsm["X_multigedi_pca"].shape[0] == open_atlas(store).n_obs("rna")
+    model.close()
+    again.close()

@@ -1,6 +1,6 @@
 """Shards of whole samples, map rounds over them, reduction on the driver."""
 
-from ._checkpoint import Checkpoint, CheckpointInfo
+from ._checkpoint import Checkpoint, CheckpointInfo, sample_dir_name
 from ._dask import DaskEngine, place_shards
 from ._device import gpu_available, resolve_device
 from ._driver import (
@@ -31,6 +31,7 @@ __all__ = [
     "ordered_sum",
     "resolve_device",
     "run_fit",
+    "sample_dir_name",
     "sum_dicts",
     "CheckpointInfo",
     "DaskEngine",

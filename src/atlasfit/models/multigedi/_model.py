@@ -27,6 +27,7 @@ from ...engine import (
     plan_shards,
     resolve_device,
     run_fit,
+    sample_dir_name,
 )
 from . import _shard as sh
 from ._config import FitConfig, InMemoryReader, ModalityConfig, make_plan
@@ -70,7 +71,8 @@ def _restore_local(state, data: dict) -> None:
 
 
 def _safe(sample: str) -> str:
-    return "s_" + "".join(c if c.isalnum() or c in "-_." else f"%{ord(c):02x}" for c in str(sample))
+    # a file-system-safe array name of bounded length, whatever the sample name (issue 11 item 5)
+    return sample_dir_name(sample)
 
 
 def _as_mudata_like(data, sample_key: str | None, names: list[str]):
