@@ -474,3 +474,24 @@ def test_run_fit_resume_equals_uninterrupted(tmp_path):
     with pytest.raises(ValueError, match="past the requested stop"):
         run_fit(eng2, init=lambda e: {}, step=_drv_step, stop=2, policy=pol2,
                 dump_local=_drv_dump, restore_local=_drv_restore, progress=False)
+
+
+def test_negative_iteration_counts_are_clear_errors():
+    """Issue 11 item 8: `max_iterations=-3` said `run_iterations: stop (-3) < start (0)`, and a topic
+    `train(max_epochs=-1)` returned an untrained model; both name the argument now (0 = initialise only)."""
+    import atlasfit
+
+    rng = np.random.default_rng(0)
+    X = rng.poisson(2.0, (30, 6)).astype(float)
+    with pytest.raises(ValueError, match=r"MultiGEDI.fit: max_iterations must be an integer >= 0"):
+        import anndata as ad
+        import pandas as pd
+
+        a = ad.AnnData(X, obs=pd.DataFrame({"s": np.repeat(["a", "b"], 15)}, index=[f"c{i}" for i in range(30)]))
+        atlasfit.MultiGEDI({"rna": {"obs_type": "M"}}, sample_key="s", K=2).fit(a, max_iterations=-3)
+    with pytest.raises(ValueError, match=r"GEDI.fit: max_iterations must be an integer >= 0"):
+        atlasfit.GEDI(K=2, sample_key="s").fit(a, max_iterations=-1)
+    m = atlasfit.MultimodalAmortizedLDA.from_data({"rna": X}, n_topics=2, n_hidden=4)
+    for bad in (-1, 2.5, True):
+        with pytest.raises(ValueError, match=r"MultimodalAmortizedLDA.train: max_epochs must be an integer >= 0"):
+            m.train(max_epochs=bad, batch_size=8, progress=False)

@@ -5,6 +5,7 @@ from ._dask import DaskEngine, place_shards
 from ._device import gpu_available, resolve_device
 from ._driver import (
     CheckpointPolicy,
+    check_count,
     checkpoint_policy,
     config_fingerprint,
     default_checkpoint_dir,
@@ -21,6 +22,7 @@ from ._serial import SerialEngine
 __all__ = [
     "Checkpoint",
     "CheckpointPolicy",
+    "check_count",
     "checkpoint_policy",
     "config_fingerprint",
     "default_checkpoint_dir",

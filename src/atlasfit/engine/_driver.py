@@ -218,6 +218,26 @@ def run_fit(
     )
 
 
+def check_count(value: Any, name: str, who: str) -> int:
+    """An iteration / epoch count given by a user: an integer >= 0 (0: initialise only), else a clear
+    error naming the argument.
+
+    Examples
+    --------
+    >>> check_count(3, "max_iterations", "MultiGEDI.fit")
+    3
+    >>> check_count(-3, "max_iterations", "MultiGEDI.fit")
+    Traceback (most recent call last):
+    ...
+    ValueError: MultiGEDI.fit: max_iterations must be an integer >= 0 (0: initialise only), got -3
+    """
+    import numbers
+
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+        raise ValueError(f"{who}: {name} must be an integer >= 0 (0: initialise only), got {value!r}")
+    return int(value)
+
+
 def config_fingerprint(obj: Any) -> str:
     """A short stable hash of a model's configuration (``repr`` of plain data), to tell whether a
     checkpoint belongs to this model.

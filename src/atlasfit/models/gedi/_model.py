@@ -17,7 +17,16 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ...engine import checkpoint_policy, gather_by_sample, is_distributed, ordered_sum, plan_shards, resolve_device, run_fit
+from ...engine import (
+    check_count,
+    checkpoint_policy,
+    gather_by_sample,
+    is_distributed,
+    ordered_sum,
+    plan_shards,
+    resolve_device,
+    run_fit,
+)
 from .._factor import MultiGEDI, dump_local, msh, restore_local
 from . import _shard as sh
 from ._fit import GediContext, initialize_gedi, iterate_gedi
@@ -295,6 +304,7 @@ class GEDI:
         GEDI
             ``self``.
         """
+        max_iterations = check_count(max_iterations, "max_iterations", "GEDI.fit")
         from ...io import Atlas
 
         name = _modality_name(data, self.modality)

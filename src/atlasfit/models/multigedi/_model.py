@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from ...engine import (
+    check_count,
     checkpoint_policy,
     default_checkpoint_dir,
     is_distributed,
@@ -355,6 +356,7 @@ class MultiGEDI:
         """
         from ...io import Atlas
 
+        max_iterations = check_count(max_iterations, "max_iterations", "MultiGEDI.fit")
         is_store = isinstance(data, (str, Path, Atlas))
         if is_store:
             reader = self._register_store(data).block_reader()  # small, picklable, no pandas on workers

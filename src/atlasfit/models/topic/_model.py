@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ...engine import checkpoint_policy, is_distributed, make_engine, plan_shards, run_fit
+from ...engine import check_count, checkpoint_policy, is_distributed, make_engine, plan_shards, run_fit
 from ._config import TopicModelConfig
 from ._data import _as_list, _Registered, register_config, training_layout
 from ._evaluate import _EvalMixin
@@ -273,6 +273,7 @@ class MultimodalAmortizedLDA(_TrainingMixin, _EvalMixin, _SummariesMixin, _Persi
         ----------
         max_epochs
             Epochs of this call; default :math:`\\max(1, \\min(\\mathrm{round}(2\\cdot10^7/N_{\\rm all}), 1000))` (§6).
+            ``0``: initialise only (data statistics and the k-means start, no step).
         batch_size
             Global minibatch size (>= 2).
         lr, weight_decay, betas, eps
@@ -376,6 +377,7 @@ class MultimodalAmortizedLDA(_TrainingMixin, _EvalMixin, _SummariesMixin, _Persi
         self._train_settings = settings
         if max_epochs is None:
             max_epochs = max(1, min(int(round(2e7 / reg.n_obs)), 1000))
+        max_epochs = check_count(max_epochs, "max_epochs", f"{type(self).__name__}.train")
         shards = plan_shards(names, sizes, max_shards=resolve_max_shards(max_shards, batch_size))
         who = type(self).__name__
         self.close()  # a fresh engine for this call; it is kept afterwards for the summaries
