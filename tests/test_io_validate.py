@@ -200,3 +200,26 @@ def test_unknown_kind(tmp_path):
     with pytest.raises(AtlasValidationError, match=r"modality 'rna' has unknown kind 'count'"):
         convert(rna(), tmp_path / "a.zarr", sample_key="sample", modalities={"rna": "count"})
     assert not any(tmp_path.iterdir())
+
+
+def test_obscure_inputs_get_clear_errors_or_a_documented_conversion(tmp_path):
+    """Issue 11 item 8: an empty-string sample label became a sample named ""; a 0-feature modality
+    converted and failed later with ZeroDivisionError; float16 input failed with a SciPy dtype error.
+    Now: clear errors naming the cell / modality and the fix, and float16 stored as float32 (exact)."""
+    import anndata as ad
+    import pandas as pd
+
+    from atlasfit.io import AtlasValidationError, convert, open_atlas
+
+    obs = pd.DataFrame({"s": ["a", "a", "", "b"]}, index=[f"c{i}" for i in range(4)])
+    with pytest.raises(AtlasValidationError, match=r"empty sample label .* at cell 'c2'"):
+        convert(ad.AnnData(np.ones((4, 3), np.float32), obs=obs), tmp_path / "e.zarr", sample_key="s")
+    assert not (tmp_path / "e.zarr").exists()
+    ok = obs.assign(s=["a", "a", "b", "b"])
+    with pytest.raises(AtlasValidationError, match=r"modality 'rna' has no features"):
+        convert(ad.AnnData(np.ones((4, 0), np.float32), obs=ok), tmp_path / "z.zarr", sample_key="s")
+    x16 = np.array([[0, 1, 2], [3, 0, 5], [1, 1, 0], [0, 0, 7]], dtype=np.float16)
+    atlas = open_atlas(convert(ad.AnnData(x16, obs=ok), tmp_path / "h.zarr", sample_key="s"))
+    got = np.concatenate([atlas.read_block("rna", s).toarray() for s in ("a", "b")])
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got, x16.astype(np.float32))

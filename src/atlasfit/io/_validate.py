@@ -138,7 +138,15 @@ def check_labels(labels, obs_names, *, mod: str, sample_key: str) -> np.ndarray:
             f"modality '{mod}' has a missing sample label (obs['{sample_key}'] is NaN/None) at cell "
             f"'{obs_names[i]}' ({int(miss.sum())} cells in all); give every cell a sample or drop those cells"
         )
-    return s.astype(str).to_numpy(dtype=object)
+    out = s.astype(str).to_numpy(dtype=object)
+    empty = np.array([not str(v).strip() for v in out], dtype=bool)
+    if empty.any():
+        i = int(np.flatnonzero(empty)[0])
+        raise AtlasValidationError(
+            f"modality '{mod}' has an empty sample label (obs['{sample_key}'] is {out[i]!r}) at cell "
+            f"'{obs_names[i]}' ({int(empty.sum())} cells in all); give every cell a sample name or drop those cells"
+        )
+    return out
 
 
 def validate(store_or_source, *, sample_key: str | None = None, kinds=None) -> None:

@@ -45,6 +45,12 @@ def _is_categorical_like(s: pd.Series) -> bool:
     return isinstance(s.dtype, pd.CategoricalDtype) or s.dtype == object or pd.api.types.is_string_dtype(s.dtype)
 
 
+def _storable(dt: np.dtype) -> np.dtype:
+    """The stored dtype of an element: float16 becomes float32 (exact), everything else is kept."""
+    dt = np.dtype(dt)
+    return np.dtype(np.float32) if dt == np.float16 else dt
+
+
 class _ModalityWriter:
     """Appends the samples of one modality to ``mod/<name>`` (or only checks them when dry)."""
 
@@ -54,6 +60,11 @@ class _ModalityWriter:
         self.var_names = pd.Index(first.var_names)
         check_unique(self.var_names, what="feature", mod=name)
         self.n_vars = first.n_vars
+        if self.n_vars == 0:
+            raise AtlasValidationError(
+                f"modality '{name}' has no features (0 columns); drop it (modalities=[...] without "
+                f"'{name}') or give it its features"
+            )
         self.samples: list[str] = []
         self.counts: list[int] = []
         self.n = 0
@@ -69,8 +80,10 @@ class _ModalityWriter:
             arr = first.X if el is None else first.layers[el]
             dense = kind == "binary" or (kind == "continuous" and not sp.issparse(arr))
             self.storage["X" if el is None else f"layers/{el}"] = "dense" if dense else "csr"
+        # float16 is widened to float32 (documented conversion: SciPy's sparse matrices and most
+        # BLAS kernels have no float16); the values are unchanged
         self.dtypes = {
-            ("X" if el is None else f"layers/{el}"): np.dtype((first.X if el is None else first.layers[el]).dtype)
+            ("X" if el is None else f"layers/{el}"): _storable((first.X if el is None else first.layers[el]).dtype)
             for el in self.elements
         }
         if self.dry:
@@ -174,6 +187,8 @@ class _ModalityWriter:
         for el in self.elements:
             key = "X" if el is None else f"layers/{el}"
             block = a.X if el is None else a.layers[el]
+            if np.dtype(block.dtype) == np.float16:
+                block = block.astype(np.float32)
             if self.storage[key] == "csr":
                 block = sp.csr_matrix(block)
             else:
