@@ -265,3 +265,19 @@ def test_long_sample_names_fit_checkpoint_and_write(client, tmp_path):
     assert md.read_zarr(str(store))["rna"].obsm["X_multigedi_pca"].shape[0] == open_atlas(store).n_obs("rna")
     model.close()
     again.close()
+
+
+def test_in_memory_non_integer_counts_are_refused():
+    """Issue 11 item 8: non-integer counts for an in-memory obs_type='M' modality fitted silently; the
+    error now names the modality, the cell, the feature and the fix (a store's counts are checked when
+    it is written)."""
+    rng = np.random.default_rng(0)
+    X = rng.poisson(2.0, (40, 8)).astype(np.float64)
+    X[5, 3] = 1.5  # e.g. normalised data
+    obs = pd.DataFrame({"s": np.repeat(["a", "b"], 20)}, index=[f"c{i}" for i in range(40)])
+    a = ad.AnnData(X, obs=obs)
+    with pytest.raises(ValueError, match=r"modality 'rna' \(X\).*1\.5 at cell 'c5', feature '3'.*raw counts"):
+        atlasfit.MultiGEDI({"rna": {"obs_type": "M"}}, sample_key="s", K=2).fit(a, max_iterations=1)
+    a.X = sp.csr_matrix(X)
+    with pytest.raises(ValueError, match=r"at cell 'c5', feature '3'"):
+        atlasfit.MultiGEDI({"rna": {"obs_type": "M"}}, sample_key="s", K=2).fit(a, max_iterations=1)

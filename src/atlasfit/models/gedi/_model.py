@@ -319,7 +319,8 @@ class GEDI:
         if not is_store and self.sample_key is None:
             raise ValueError("GEDI: give sample_key, the obs column with the sample labels, for in-memory "
                              "data (e.g. GEDI(K=10, sample_key='sample'))")
-        reader = reg._register_store(data) if is_store else reg._register_memory(data)
+        # in-memory counts are checked by CheckedReader below (its errors name the sample)
+        reader = reg._register_store(data) if is_store else reg._register_memory(data, check_counts=False)
         plan, config = reg.plan_, reg.config
         genes = np.asarray(reg._feature_names[name]).astype(str)
         samples = tuple(plan.mod_samples[name])

@@ -71,6 +71,35 @@ def _restore_local(state, data: dict) -> None:
     restore_local(state, data)
 
 
+def _check_counts(M, m: str, layer, obs_names, var_names) -> None:
+    """Counts of an in-memory ``M`` / ``M_list`` modality: finite integers >= 0 (a store's counts were
+    checked when it was written); the error names the modality, layer, first cell and feature, and
+    the fix. Issue 11 item 8: non-integer counts used to fit silently."""
+    from scipy import sparse
+
+    if sparse.issparse(M):
+        C = M.tocoo()
+        vals, rows, cols = C.data, C.row, C.col
+    else:
+        vals = np.asarray(M)
+        rows = cols = None
+    with np.errstate(invalid="ignore"):
+        bad = ~np.isfinite(vals) | (vals < 0) | (vals != np.round(vals))
+    if not bad.any():
+        return
+    k = int(np.flatnonzero(bad.ravel())[0])
+    if rows is None:
+        r, c = np.unravel_index(k, vals.shape)
+    else:
+        r, c = rows[k], cols[k]
+    where = "X" if layer is None else f"layer {layer!r}"
+    raise ValueError(
+        f"MultiGEDI: modality {m!r} ({where}) has obs_type 'M'/'M_list' but holds a value that is not a "
+        f"count ({float(vals.ravel()[k])!r} at cell {str(obs_names[r])!r}, feature {str(var_names[c])!r}); pass "
+        "the raw counts (e.g. a 'counts' layer: {\"layer\": \"counts\"}), not normalised data"
+    )
+
+
 def _safe(sample: str) -> str:
     # a file-system-safe array name of bounded length, whatever the sample name (issue 11 item 5)
     return sample_dir_name(sample)
@@ -244,7 +273,7 @@ class MultiGEDI:
         self._atlas = atlas
         return atlas
 
-    def _register_memory(self, data):
+    def _register_memory(self, data, check_counts: bool = True):
         from scipy import sparse
 
         names = list(self.config.names)
@@ -294,6 +323,9 @@ class MultiGEDI:
                 if mc.obs_type == "X" and sparse.issparse(X):
                     X = X.toarray()
                 mats[m] = {mc.layer: X}
+            if check_counts and mc.obs_type in ("M", "M_list"):
+                for lay, M in mats[m].items():
+                    _check_counts(M, m, lay, a.obs_names, a.var_names)
             ids = union.get_indexer(a.obs_names)
             cells[m] = ids
             self._row_index[m] = ids
