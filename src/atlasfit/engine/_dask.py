@@ -331,7 +331,9 @@ class DaskEngine:
         groups: dict[str, list[int]] = {}
         for i in idx:
             groups.setdefault(self.owners[i], []).append(i)
-        return sorted(groups.items())
+        # in order of each group's first shard: a round's futures (and the error it reports when
+        # several shards fail, see _collect) follow the shard order, not the workers' addresses
+        return sorted(groups.items(), key=lambda g: (min(g[1]), g[0]))
 
     def _collect(self, futs: list, owners: list[str]) -> list:
         """Wait for ``futs`` (one per owner); raise ShardLostError if an owner goes away."""
@@ -342,6 +344,12 @@ class DaskEngine:
                 break
             except TimeoutError:
                 self._raise_if_owner_died(futs, owners, "during a round")
+        for f in futs:  # several shards failed (e.g. bad data): report the first in shard order, every run
+            if f.status == "error":
+                exc = f.exception()
+                if not isinstance(exc, _LOSS_ERRORS):
+                    raise exc
+                break
         try:
             return self._gather(futs, owners)
         except _LOSS_ERRORS as e:
