@@ -39,6 +39,7 @@ from atlasfit.models.topic._spatial import (
 )
 from atlasfit.models.topic._shard import Layout, MemoryBlocks, load_shard
 from atlasfit.models.topic._train import _shard_backward, _shard_forward
+from _fd import fd
 
 RTOL = 1e-6
 H = 1e-4  # 5-point stencil: truncation O(H^4), round-off ~ 1e-16 |L| / H
@@ -62,13 +63,7 @@ def _random_graph(n, rng, p=0.35):
     return sps.csr_matrix(A + A.T)
 
 
-def _fd(f, arr, idx):
-    def at(d):
-        a = arr.copy()
-        a[idx] += d
-        return f(a)
-
-    return (8 * (at(H) - at(-H)) - (at(2 * H) - at(-2 * H))) / (12 * H)
+_fd = fd  # tests/_fd.py
 
 
 def _check_all(cfg, B=6, seed=0, n_total=40, beta=0.7, per_array=3, n_graph=11, graph_per_modality=False):

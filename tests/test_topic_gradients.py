@@ -30,6 +30,7 @@ from atlasfit.models.topic import (
     make_buffers,
 )
 from atlasfit.models.topic._loss import backward_cells, combine_loss, topic_variance
+from _fd import fd
 
 RTOL = 1e-6
 H = 1e-4  # 5-point stencil: truncation O(H^4) ~ 1e-16, round-off ~ 1e-16 |L| / H
@@ -61,13 +62,7 @@ def _setup(cfg, B=6, seed=0):
     return p, x, buf, cn, gn, om, rng
 
 
-def _fd(f, arr, idx):
-    def at(d):
-        a = arr.copy()
-        a[idx] += d
-        return f(a)
-
-    return (8 * (at(H) - at(-H)) - (at(2 * H) - at(-2 * H))) / (12 * H)
+_fd = fd  # tests/_fd.py
 
 
 def _check_all(cfg, B=6, seed=0, n_total=None, beta=0.7, per_array=3, **kw):

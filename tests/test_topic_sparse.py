@@ -44,6 +44,7 @@ from atlasfit.models.topic._sparse import (
     row_ids,
     sddmm,
 )
+from _fd import fd
 
 RTOL = 1e-10
 
@@ -276,13 +277,7 @@ def test_dense_fallback_modalities_give_the_dense_numbers(lik, extra):
 H = 1e-4
 
 
-def _fd(f, arr, idx):
-    def at(d):
-        a = arr.copy()
-        a[idx] += d
-        return f(a)
-
-    return (8 * (at(H) - at(-H)) - (at(2 * H) - at(-2 * H))) / (12 * H)
+_fd = fd  # tests/_fd.py
 
 
 @pytest.mark.parametrize("extra", [dict(), dict(n_batches=3, weight_mode="cell"), dict(bernoulli_scaling="reference")])
