@@ -92,7 +92,7 @@ class TimedEngine(DaskEngine):
 
     def map(self, fn, *args, **kwargs):
         out = super().map(fn, *args, **kwargs)
-        if fn.__name__ == "_shard_data_stats":
+        if fn.__name__ in ("_shard_data_stats", "shard_pop_stats"):  # the data-statistics round (old / new name)
             self.t_ready = time.perf_counter()
         return out
 

@@ -207,7 +207,7 @@ def _local_graph(G, rows, parts, n_cells: int, name: str) -> sps.csr_matrix:
 
 
 def load_shard_extras(extras, rows, parts, cfg: TopicModelConfig, n_cells: int) -> dict:
-    """Shard-local covariates and graph for ``_shard_load`` (``rows``: the shard's global cell indices,
+    """Shard-local covariates and graph for :func:`~atlasfit.models.topic._shard.load_shard` (``rows``: the shard's global cell indices,
     ``parts``: ``[(sample name, n_cells), ...]`` in row order; ``n_cells``: all cells).
 
     ``extras`` (or ``None``) may hold, aligned with all cells: ``"batch"`` integer codes in

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..._xp import get_xp, to_numpy
+from ..._xp import to_numpy
 from ...engine import plan_shards, run_fit
 from ._config import TopicModelConfig
 from ._loss import (
@@ -116,14 +116,6 @@ def _check_data(data: Mapping, cfg: TopicModelConfig) -> int:
     if not n:
         raise ValueError("data has no cells")
     return int(n)
-
-
-def _rows_dense(X, rows, dtype):
-    sub = X[rows]
-    if hasattr(sub, "toarray"):
-        sub = sub.toarray()
-    xp = get_xp(sub)
-    return xp.asarray(sub, dtype=dtype)
 
 
 def _to_xp(d: dict, xp) -> dict:
