@@ -30,7 +30,7 @@ from atlasfit.models.topic import (
     make_buffers,
 )
 from atlasfit.models.topic._loss import backward_cells, combine_loss, topic_variance
-from _fd import fd
+from _fd import check_sampled_gradients, fd
 
 RTOL = 1e-6
 H = 1e-4  # 5-point stencil: truncation O(H^4) ~ 1e-16, round-off ~ 1e-16 |L| / H
@@ -75,20 +75,8 @@ def _check_all(cfg, B=6, seed=0, n_total=None, beta=0.7, per_array=3, **kw):
     L, g = loss(p)
     assert set(g) == set(p) | ({"omega_cell"} if om is not None else set())
     atol = 1e-11 * (1.0 + abs(L))
-    checked = 0
-    for k in sorted(g):
-        arr = om if k == "omega_cell" else p[k]
-        assert g[k].shape == arr.shape, k
-        idxs = list(np.ndindex(arr.shape))
-        for s in rng.choice(len(idxs), size=min(per_array, len(idxs)), replace=False):
-            i = idxs[s]
-            if k == "omega_cell":
-                fd = _fd(lambda a: loss(p, a)[0], arr, i)
-            else:
-                fd = _fd(lambda a, k=k: loss({**p, k: a})[0], arr, i)
-            an = float(g[k][i])
-            assert abs(fd - an) <= RTOL * max(abs(fd), abs(an)) + atol, (k, i, fd, an)
-            checked += 1
+    checked = check_sampled_gradients(loss, p, om, g, rng, per_array=per_array, rtol=RTOL, atol=atol,
+                                      check_shapes=True)
     return checked
 
 

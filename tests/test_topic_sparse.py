@@ -44,7 +44,7 @@ from atlasfit.models.topic._sparse import (
     row_ids,
     sddmm,
 )
-from _fd import fd
+from _fd import check_sampled_gradients, fd
 
 RTOL = 1e-10
 
@@ -292,18 +292,7 @@ def test_sparse_path_gradients_match_finite_differences(extra):
 
     L, g = loss(p)
     atol = 1e-11 * (1.0 + abs(L))
-    rng = np.random.default_rng(0)
-    for k in sorted(g):
-        arr = om if k == "omega_cell" else p[k]
-        idxs = list(np.ndindex(arr.shape))
-        for s in rng.choice(len(idxs), size=min(3, len(idxs)), replace=False):
-            i = idxs[s]
-            if k == "omega_cell":
-                fd = _fd(lambda a: loss(p, a)[0], arr, i)
-            else:
-                fd = _fd(lambda a, k=k: loss({**p, k: a})[0], arr, i)
-            an = float(g[k][i])
-            assert abs(fd - an) <= 1e-6 * max(abs(fd), abs(an)) + atol, (k, i, fd, an)
+    check_sampled_gradients(loss, p, om, g, np.random.default_rng(0), per_array=3, rtol=1e-6, atol=atol)
 
 
 # --------------------------------------------------------------------------- rows, threads, eval

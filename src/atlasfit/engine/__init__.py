@@ -16,7 +16,7 @@ from ._driver import (
 from ._errors import ShardLostError, StateMissingError
 from ._loop import resume, run_iterations
 from ._protocol import Engine, ShardSpec, plan_shards
-from ._reduce import gather_by_sample, ordered_sum, sum_dicts
+from ._reduce import gather_by_sample, ordered_sum
 from ._serial import SerialEngine
 
 __all__ = [
@@ -34,7 +34,6 @@ __all__ = [
     "resolve_device",
     "run_fit",
     "sample_dir_name",
-    "sum_dicts",
     "CheckpointInfo",
     "DaskEngine",
     "Engine",

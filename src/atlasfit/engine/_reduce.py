@@ -39,20 +39,3 @@ def ordered_sum(arrays):
         acc = np.array(a, dtype=np.float64, copy=True) if acc is None else acc + a
     return acc
 
-
-def sum_dicts(dicts) -> dict:
-    """Key-wise sum of dicts of arrays / scalars in the given order (``None`` entries skipped); the
-    first dict's keys fix the result's keys.
-
-    Examples
-    --------
-    >>> sum_dicts([{"n": 2, "s": np.ones(2)}, None, {"n": 3, "s": np.ones(2)}])["n"]
-    5
-    """
-    out: dict = {}
-    for d in dicts:
-        if d is None:
-            continue
-        for k, v in d.items():
-            out[k] = out[k] + v if k in out else v
-    return out
