@@ -77,6 +77,26 @@ def test_adamw_matches_torch_update_rule():
     assert np.allclose(p2["w"], p1["w"] * (1 - 1e-3) - 0.1 * mh / (np.sqrt(vh) + 1e-8), rtol=1e-12)
 
 
+def test_adamw_blocked_update_same_bits(monkeypatch):
+    # the CPU update runs block by block over large arrays; it must give the bits of the one-pass
+    # formula (monkeypatched block larger than the array) for any layout and mixed dtypes
+    from atlasfit.models.topic import _optim
+
+    rng = np.random.default_rng(3)
+    cases = [((300, 257), np.float32, np.float32, "C"), ((300, 257), np.float32, np.float32, "F"),
+             ((1000,), np.float64, np.float64, "C"), ((40, 50), np.float32, np.float64, "C")]
+    for shape, dt, gdt, order in cases:
+        p, m = (np.asarray(rng.standard_normal(shape), dtype=dt, order=order) for _ in range(2))
+        v = np.abs(np.asarray(rng.standard_normal(shape), dtype=dt, order=order))
+        g = rng.standard_normal(shape).astype(gdt)
+        monkeypatch.setattr(_optim, "UPDATE_BLOCK", 64)
+        blocked = _optim.adamw_update(p, g, m, v, 5, 1e-2, (0.9, 0.999), 1e-8, 0.01)
+        monkeypatch.setattr(_optim, "UPDATE_BLOCK", 10**9)
+        whole = _optim.adamw_update(p, g, m, v, 5, 1e-2, (0.9, 0.999), 1e-8, 0.01)
+        for a, b in zip(blocked, whole):
+            assert a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a, b)
+
+
 def test_config_errors_name_the_input():
     with pytest.raises(ValueError, match="modality 'atac': unknown likelihood 'poisson'"):
         TopicModelConfig(("rna", "atac"), (5, 5), ("nb", "poisson"), n_topics=3)
