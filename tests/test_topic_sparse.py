@@ -330,3 +330,30 @@ def test_topic_proportions_csr_equals_dense():
     d = topic_proportions(fit, x, n_samples=3, batch_size=16)  # reference: dense rows
     s = topic_proportions(fit, {m: sp.csr_matrix(v) for m, v in x.items()}, n_samples=3, batch_size=16)
     _close(s, d)
+
+
+@pytest.mark.parametrize("extra", [dict(), dict(bernoulli_scaling="reference"), dict(weight_mode="universal")])
+def test_scores_of_csr_rows_match_dense(extra):
+    # validation ELBO, per-token sums and log-likelihoods score CSR rows with the sparse-exact kernels;
+    # reference: the same functions on the dense rows (float64; no Bernoulli q near EPS32 here)
+    from atlasfit.models.topic import train_serial
+    from atlasfit.models.topic._summaries import elbo_block, elbo_draws, eval_rows, loglik, token_phis, token_sums
+
+    rng = np.random.default_rng(11)
+    x = {"rna": rng.poisson(1.0, (40, 12)).astype(float), "atac": (rng.random((40, 15)) < 0.3).astype(float)}
+    x["atac"][:, 0] = 1.0
+    cfg = TopicModelConfig(("rna", "atac"), (12, 15), ("multinomial", "bernoulli"), n_topics=3, n_hidden=6, **extra)
+    fit = train_serial(x, cfg, n_epochs=1, batch_size=10, decoder_init="zeros")
+    xs = eval_rows(cfg, {m: sp.csr_matrix(v) for m, v in x.items()}, np.float64)
+    assert all(sp.issparse(v) for v in xs.values())
+    draws, _ = elbo_draws(fit, 2, 0)
+    _close(elbo_block(fit, xs, None, {}, draws, 0, (0, 0)), elbo_block(fit, x, None, {}, draws, 0, (0, 0)))
+    theta = rng.dirichlet(np.ones(3), 40)
+    for m, v in loglik(fit, xs, theta, draws[0], None).items():
+        _close(v, loglik(fit, x, theta, draws[0], None)[m])
+    phis = token_phis(fit)
+    for d in (None, draws[0]):
+        for m, (a, t) in token_sums(fit, xs, theta, None, phis, d).items():
+            a0, t0 = token_sums(fit, x, theta, None, phis, d)[m]
+            _close(a, a0)
+            assert t == t0

@@ -21,15 +21,15 @@ import scipy.sparse as sp
 from ..._xp import to_numpy
 from ._loss import softmax
 from ._shard import train_positions
-from ._sparse import row_ids, sddmm
 from ._summaries import (
     EVAL_BLOCK,
     elbo_block,
     elbo_draws,
+    eval_rows,
     loglik,
     plugin_draws,
-    rho,
     token_phis,
+    token_sums,
 )
 from ._train import TopicFit, guide_eval
 
@@ -136,26 +136,6 @@ def theta_block(fit: TopicFit, x, om, extra, n_samples: int, seed: int, key) -> 
     return np.asarray(to_numpy(th), dtype=np.float64)
 
 
-def token_sums_sparse(fit: TopicFit, x: dict, theta, batch, phis: dict, draws) -> dict:
-    """``{m: (sum x log rho, sum x)}`` over the CSR rows ``x``: :math:`\\rho` only at the stored entries
-    (:math:`O(\\mathrm{nnz}\\,K)`); with decoder batch offsets the block's :math:`\\rho` is dense."""
-    out = {}
-    for m, phi in phis.items():
-        X = x[m].astype(np.float64)
-        X.sum_duplicates()
-        if draws is None:
-            r = sddmm(theta, np.ascontiguousarray(np.asarray(phi, dtype=np.float64).T), row_ids(X), X.indices)
-        else:
-            dense = rho(fit, m, theta, draws, batch)
-            r = dense[row_ids(X), X.indices]
-        out[m] = (float((X.data * np.log(np.clip(r, 1e-300, None))).sum()), float(X.data.sum()))
-    return out
-
-
-def _dense(x: dict) -> dict:
-    return {m: v.toarray() for m, v in x.items()}
-
-
 def evaluate_sample(fit: TopicFit, src, index: int, P: np.ndarray, what: str, opts: dict, ctx: dict):
     """One summary of the cells ``P`` (sorted positions in the sample) of the sample at ``index``.
 
@@ -172,7 +152,7 @@ def evaluate_sample(fit: TopicFit, src, index: int, P: np.ndarray, what: str, op
         acc = 0.0  # blocks added in order (deterministic)
         for lo in range(0, P.size, EVAL_BLOCK):
             x, om, extra = src.take(P[lo:lo + EVAL_BLOCK], dtype)
-            acc += elbo_block(fit, _dense(x), om, extra, ctx["draws"], seed, (index, lo))
+            acc += elbo_block(fit, eval_rows(cfg, x, dtype), om, extra, ctx["draws"], seed, (index, lo))
         return {"n": int(P.size), "elbo": float(acc)}
     block = int(opts.get("block", 4096))
     rows, sums = [], {}
@@ -185,16 +165,17 @@ def evaluate_sample(fit: TopicFit, src, index: int, P: np.ndarray, what: str, op
         if what == "theta":
             rows.append(th)
         elif what == "tokens":
-            for m, (a, t) in token_sums_sparse(fit, x, th, extra.get("batch"), ctx["phis"], ctx["tdraws"]).items():
+            for m, (a, t) in token_sums(fit, x, th, extra.get("batch"), ctx["phis"], ctx["tdraws"]).items():
                 sums.setdefault(f"ll/{m}", []).append(a)
                 sums.setdefault(f"T/{m}", []).append(t)
         elif what == "loglik":
-            xd = {m: v.astype(np.float64) for m, v in _dense(x).items()}
+            xd = eval_rows(cfg, x, np.float64)
             batch = extra.get("batch")
             lp = loglik(fit, xd, th, ctx["plugin"], None if batch is None else np.asarray(batch))
             for m, lik in zip(cfg.modalities, cfg.likelihoods):
                 sums.setdefault(f"ll/{m}", []).append(float(lp[m].sum()))
-                T = xd[m].size if lik == "gaussian" else np.round(np.clip(xd[m], 0, None)).sum()
+                xv = xd[m].data if sp.issparse(xd[m]) else xd[m]
+                T = xd[m].shape[0] * xd[m].shape[1] if lik == "gaussian" else np.round(np.clip(xv, 0, None)).sum()
                 sums.setdefault(f"T/{m}", []).append(float(T))
         else:
             raise ValueError(f"unknown summary {what!r}")

@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from ._loss import (
+    _sparse_likelihood,
     global_draws,
     global_kl,
     loglik_bernoulli,
@@ -24,8 +25,10 @@ from ._loss import (
     loglik_nb_fixed,
     loglik_nb_learned,
     softmax,
+    sparse_kernel_ok,
 )
 from ._params import draw_global_noise, softplus
+from ._sparse import is_sparse, row_ids, sddmm
 from ._train import TopicFit, guide_eval, topic_feature_dist
 
 EVAL_BLOCK = 1024
@@ -53,12 +56,37 @@ def rho(fit: TopicFit, m: str, theta, draws: dict, batch, phi=None):
     return out
 
 
+def eval_rows(cfg, x: dict, dtype) -> dict:
+    """Rows to score: CSR (``dtype``, duplicates summed) for the modalities with sparse-exact kernels,
+    dense rows for the others (NB, Gaussian, the ``clip`` link, spatial encoders)."""
+    out = {}
+    for m in cfg.modalities:
+        X = x[m]
+        if is_sparse(X) and sparse_kernel_ok(cfg, m):
+            X = X.tocsr().astype(dtype, copy=False)
+            X.sum_duplicates()
+            out[m] = X
+        else:
+            out[m] = np.asarray(X.toarray() if is_sparse(X) else X, dtype=dtype)
+    return out
+
+
 def loglik(fit: TopicFit, x: dict, theta, draws: dict, batch) -> dict:
-    """Per-cell :math:`\\log p_m(x_{nm}\\mid\\theta_n, \\text{draws})` with the training likelihoods (§1.5-§1.7)."""
+    """Per-cell :math:`\\log p_m(x_{nm}\\mid\\theta_n, \\text{draws})` with the training likelihoods (§1.5-§1.7).
+
+    CSR rows of a modality with sparse-exact kernels (multinomial, cloglog Bernoulli) are scored in
+    :math:`O(\\mathrm{nnz}\\,K)` by the training kernels (the same log-likelihood; the Bernoulli zeros
+    use the exact :math:`-q` where the dense kernel clamps :math:`q<1.2\\cdot10^{-7}`); other rows are
+    densified."""
     cfg = fit.cfg
     out = {}
     for m, lik in zip(cfg.modalities, cfg.likelihoods):
         xm = x[m]
+        if is_sparse(xm):
+            if sparse_kernel_ok(cfg, m):
+                out[m] = _sparse_likelihood(cfg, m, lik, xm.tocsr(), theta, draws, batch, fit.bern_depth, {})
+                continue
+            xm = xm.toarray()
         if lik == "gaussian":
             mean = theta @ draws[f"Z/{m}"]
             if cfg.batch_offsets:
@@ -117,9 +145,20 @@ def token_phis(fit: TopicFit) -> dict:
 
 
 def token_sums(fit: TopicFit, x: dict, theta, batch, phis: dict, draws) -> dict:
-    """``{m: (sum x log rho, sum x)}`` over the rows ``x`` (dense) for the count modalities ``phis``."""
+    """``{m: (sum x log rho, sum x)}`` over the rows ``x`` for the count modalities ``phis``; CSR rows
+    need :math:`\\rho` only at their stored entries (:math:`O(\\mathrm{nnz}\\,K)`; with decoder batch
+    offsets the block's :math:`\\rho` is dense)."""
     out = {}
     for m, phi in phis.items():
+        if is_sparse(x[m]):
+            X = x[m].tocsr().astype(np.float64)
+            X.sum_duplicates()
+            if draws is None:
+                r = sddmm(theta, np.ascontiguousarray(np.asarray(phi, dtype=np.float64).T), row_ids(X), X.indices)
+            else:
+                r = rho(fit, m, theta, draws, batch)[row_ids(X), X.indices]
+            out[m] = (float((X.data * np.log(np.clip(r, 1e-300, None))).sum()), float(X.data.sum()))
+            continue
         xm = np.asarray(x[m], dtype=np.float64)
         r = theta @ phi if draws is None else rho(fit, m, theta, draws, batch)
         out[m] = (float((xm * np.log(np.clip(r, 1e-300, None))).sum()), float(xm.sum()))
@@ -182,7 +221,7 @@ def shard_validation(state, fit: TopicFit, seed: int, n_samples: int) -> list:
         def blocks(off=off, k=k, idx=idx):
             for lo in range(0, k, EVAL_BLOCK):
                 r = np.arange(off + lo, off + min(k, lo + EVAL_BLOCK))
-                x = {m: np.asarray(val["x"][m][r].toarray(), dtype=dtype) for m in cfg.modalities}
+                x = eval_rows(cfg, {m: val["x"][m][r] for m in cfg.modalities}, dtype)
                 extra = {}
                 if "batch" in val:
                     extra["batch"] = val["batch"][r]
