@@ -351,7 +351,7 @@ def check_resumed(shared: dict, plan: FitPlan, who: str) -> None:
 
 class _TrainingMixin:
     """What :meth:`~atlasfit.MultimodalAmortizedLDA.train` keeps between calls: the validation round,
-    the history records, the driver state of a continued fit, the split and the per-cell :math:`\Omega`."""
+    the history records, the driver state of a continued fit, the split and the per-cell :math:`\\Omega`."""
 
     def _validate(self, engine, fit: TopicFit, seed: int, n_eval_samples: int) -> dict:
         """``val_loss`` and the per-token scores of the validation cells: an engine round over the shards'
