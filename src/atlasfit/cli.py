@@ -127,6 +127,11 @@ def _cmd_info(args) -> int:
 
 
 def _cmd_fit(args) -> int:
+    from atlasfit.io._txn import check_writable
+
+    # the results go into the store: refuse a read-only one before starting a cluster and fitting
+    check_writable(args.store, what="write the fit's results into it (atlasfit fit writes them into the store)")
+
     from atlasfit import MultiGEDI
     from atlasfit.cluster import cluster_session
 
@@ -210,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, FileExistsError, KeyError) as err:
+    except (ValueError, FileNotFoundError, FileExistsError, PermissionError, KeyError) as err:
         print(f"atlasfit {args.command}: error: {err}", file=sys.stderr)
         return 2
 

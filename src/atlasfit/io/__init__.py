@@ -35,6 +35,7 @@ _LAZY = {
     "AtlasValidationError": "._validate",
     "validate": "._validate",
     "write_atlas": "._write",
+    "AtlasReadOnlyError": "._txn",
 }
 
 
@@ -53,6 +54,7 @@ def __dir__():
 
 __all__ = [
     "Atlas",
+    "AtlasReadOnlyError",
     "AtlasValidationError",
     "convert",
     "open_atlas",

@@ -256,6 +256,9 @@ def open_atlas(store) -> Atlas:
     >>> atlas.modalities, atlas.samples["rna"].tolist()
     (['rna'], [2])
     """
+    from ._txn import recover  # complete or clean up a killed result write first (docs/store.md)
+
+    recover(store)
     return Atlas(store)
 
 

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import ctypes
+import contextlib
 import json
-import os
-import shutil
-import uuid
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -17,8 +14,9 @@ import scipy.sparse as sp
 from anndata.io import write_elem
 
 from .._xp import to_numpy
-from ._layout import ATLAS_KEY, MODELS_KEY, SOURCE_ROW, dense_row_chunk, empty_dict_group, open_root, set_encoding
+from ._layout import ATLAS_KEY, MODELS_KEY, SOURCE_ROW, dense_row_chunk, open_root, set_encoding
 from ._open import Atlas, open_atlas
+from ._txn import check_writable, commit, staging as _staging
 from ._validate import AtlasValidationError
 
 
@@ -99,30 +97,8 @@ def _write_dataset(parent, name: str, ds) -> None:
         g.attrs.update(json.loads(json.dumps(ds.attrs, default=str)))
 
 
-def _exchange(a: Path, b: Path) -> bool:
-    """Atomically swap two paths (Linux ``renameat2(RENAME_EXCHANGE)``); False where unavailable."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        fn = libc.renameat2
-    except (OSError, AttributeError):
-        return False
-    at_fdcwd, rename_exchange = -100, 2
-    return fn(at_fdcwd, os.fsencode(str(a)), at_fdcwd, os.fsencode(str(b)), rename_exchange) == 0
-
-
-def _swap_in(new: Path, target: Path, trash_dir: Path) -> None:
-    """Put ``new`` at ``target``: an atomic exchange where the OS has one, else two renames.
-
-    The replaced contents end up inside ``trash_dir`` (removed by the caller).
-    """
-    if target.exists():
-        if _exchange(new, target):
-            return
-        target.rename(trash_dir / f"old-{uuid.uuid4().hex[:12]}")
-    new.rename(target)
-
-
-def write_results(store, *, obsm=None, varm=None, uns=None, groups=None) -> None:
+def write_results(store, *, obsm=None, varm=None, uns=None, groups=None, model: str | None = None,
+                  replaces=(), staging=None) -> None:
     """Write fit results into an atlas store without touching X.
 
     Parameters
@@ -140,11 +116,30 @@ def write_results(store, *, obsm=None, varm=None, uns=None, groups=None) -> None
         ``{name: xarray.Dataset or dict of arrays}`` written to root ``uns/atlasfit_models/<name>``
         (readable with ``xarray.open_zarr(store, group="uns/atlasfit_models/<name>")`` and by mudata
         as ``mdata.uns["atlasfit_models"][name]``).
+    model
+        Name of the result set (a model's key). Elements that an earlier write under the same name
+        wrote and this one does not (e.g. another modality's ``obsm``) are removed in the same
+        all-or-nothing write, so a model's results are replaced as a whole; the names are recorded in
+        the ``atlasfit-results`` attribute of ``uns/atlasfit_models``.
+    replaces
+        Further element paths (relative to the store, e.g. ``"mod/atac/obsm/X_m"``) that belong to
+        ``model`` and are removed when they exist and are not written now (results of stores written
+        before the registry existed).
+    staging
+        A :func:`atlasfit.io._txn.staging` area the caller already holds (its scratch is kept).
+
+    Raises
+    ------
+    AtlasReadOnlyError
+        (an :class:`AtlasValidationError` and a ``PermissionError``) before any work when the store
+        cannot be written.
 
     Notes
     -----
-    Atomic per call: everything is written into a temporary sibling directory first and then each
-    element is renamed into place, so a write killed midway leaves the old contents readable.
+    All or nothing, under a kill at any moment: every element is staged inside the store's hidden
+    ``.atlasfit-txn`` directory, a journal listing the moves is committed atomically, the moves are
+    applied, and a write interrupted after its commit point is completed by the next
+    :func:`open_atlas` or write (docs/store.md, "Results").
 
     Examples
     --------
@@ -179,11 +174,13 @@ def write_results(store, *, obsm=None, varm=None, uns=None, groups=None) -> None
         plan.append((f"uns/{key}", "uns", val))
     for name, ds in groups.items():
         plan.append((f"uns/{MODELS_KEY}/{name}", "group", ds))
-    if not plan:
+    if not plan and model is None:
         return
-    tmp = path.parent / f".{path.name}.atlasfit-results-{uuid.uuid4().hex[:12]}"
-    try:
-        root = open_root(tmp, "w")
+    parents = {t.rsplit("/", 1)[0] for t, _, _ in plan} | {t for t, _, _ in plan}
+    check_writable(path, sorted(parents | {"uns", f"uns/{MODELS_KEY}"} | {str(r) for r in replaces}))
+    with contextlib.nullcontext(staging) if staging is not None else _staging(path) as st:
+        new = st.path / "new"
+        root = open_root(new, "w")
         staged = []
         for i, (target, kind, val) in enumerate(plan):
             name = f"e{i}"
@@ -193,15 +190,8 @@ def write_results(store, *, obsm=None, varm=None, uns=None, groups=None) -> None
                 write_elem(root, name, val)
             else:
                 _write_dataset(root, name, val)
-            staged.append((tmp / name, path / target))
-        if groups:
-            models = path / "uns" / MODELS_KEY
-            if not models.exists():
-                empty_dict_group(open_root(path, "a")["uns"], MODELS_KEY)
-        for src, target in staged:
-            _swap_in(src, target, tmp)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+            staged.append((f"new/{name}", target))
+        commit(st, staged, models_key=MODELS_KEY, model=model, replaces=replaces)
 
 
 def to_source_order(atlas: Atlas, mod: str, array):

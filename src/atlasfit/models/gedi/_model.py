@@ -705,7 +705,7 @@ class GEDI:
                 "the model was fitted on (rows must match)"
             )
         m = self.modality_
-        write_results(atlas, obsm={m: obsm}, varm={m: varm}, groups={key: self.to_xarray()})
+        write_results(atlas, obsm={m: obsm}, varm={m: varm}, groups={key: self.to_xarray()}, model=key)
 
     def save(self, path) -> None:
         """Save the fitted model (settings, shared parameters, per-sample B_i, Q_i, o_i, s_i, C, H)

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
-import uuid
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -611,6 +609,7 @@ class MultiGEDI:
         import dask.array as da
 
         from ...io import open_atlas, write_results
+        from ...io._txn import staging
         from ..multigedi._outputs import store_pca
 
         self._check_fitted()
@@ -625,9 +624,11 @@ class MultiGEDI:
                 f"MultiGEDI.write: the model was not fitted on {str(atlas.path)!r}; results must go to "
                 "the store the model was fitted on (rows must match)"
             )
-        tmp = Path(atlas.path).parent / f".{Path(atlas.path).name}.pca-{uuid.uuid4().hex[:10]}"
-        tmp.mkdir()
-        try:
+        # all or nothing (docs/store.md, "Results"): the workers' per-sample rows go to this write's
+        # staging area inside the store; the previous results under `key` are replaced as a whole
+        with staging(atlas.path, what=f"write the MultiGEDI results '{key}' into it") as st:
+            tmp = st.path / "pca"
+            tmp.mkdir()
             store_pca(self._engine, self.shared_, self.plan_, self.config, svd=self._svd)
             self._engine.map(_write_pca_rows, str(tmp))
             obsm = {}
@@ -635,9 +636,9 @@ class MultiGEDI:
                 parts = [da.from_zarr(str(tmp / _safe(g))) for g in self.plan_.mod_samples[m]]
                 obsm[m] = {f"X_{key}_pca": da.concatenate(parts, axis=0)}
             varm = {m: {f"{key}_Z": self.get_Z(m)} for m in self.config.names}
-            write_results(atlas, obsm=obsm, varm=varm, groups={key: self.to_xarray()})
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            legacy = [f"mod/{m}/{w}" for m in atlas.modalities for w in (f"obsm/X_{key}_pca", f"varm/{key}_Z")]
+            write_results(atlas, obsm=obsm, varm=varm, groups={key: self.to_xarray()}, model=key,
+                          replaces=legacy, staging=st)
 
     def save(self, path: str | Path) -> None:
         """Save the fitted model (config + :meth:`export_state`) to a Zarr group at ``path``."""

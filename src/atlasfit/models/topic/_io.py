@@ -285,6 +285,7 @@ class _PersistenceMixin:
         (40, 3)
         """
         from ...io import open_atlas, write_results
+        from ...io._txn import check_writable, staging
 
         self._check_trained()
         if store is None:
@@ -305,17 +306,21 @@ class _PersistenceMixin:
         varm = {m: {f"{key}_loadings": self._phi(m, include_background).T} for m in self.config.modalities}
         opts = {"n_samples": int(n_samples), "seed": int(seed), "block": 4096}
         reg = self._data
+        # all or nothing (docs/store.md, "Results"): the previous results under `key` are replaced as a whole
+        legacy = [f"mod/{m}/{w}" for m in atlas.modalities for w in (f"obsm/X_{key}", f"varm/{key}_loadings")]
+        owned = {"model": key, "replaces": legacy}
+        check_writable(atlas.path, what=f"write the topic model results '{key}' into it")
         if not reg.is_store or Path(atlas.path).resolve() != Path(reg.source).resolve() or \
                 self.config.spatial_mode is not None:
             theta = self.get_latent_representation(n_samples=n_samples, seed=seed)  # cells x K, store order
-            write_results(atlas, obsm={m: {f"X_{key}": theta} for m in self.config.modalities}, varm=varm)
+            write_results(atlas, obsm={m: {f"X_{key}": theta} for m in self.config.modalities}, varm=varm, **owned)
             return
         # the store the model was trained on: each sample's rows are computed and written where they live
         import dask.array as da
 
-        tmp = Path(atlas.path).parent / f".{Path(atlas.path).name}.topic-{uuid.uuid4().hex[:10]}"
-        tmp.mkdir()
-        try:
+        with staging(atlas.path, what=f"write the topic model results '{key}' into it") as st:
+            tmp = st.path / "theta"
+            tmp.mkdir()
             fit = light_fit(self._fit)
             eng = self._summary_engine()
             held = set()
@@ -329,6 +334,5 @@ class _PersistenceMixin:
                     n = reg.sample_counts()[s]
                     write_theta(str(tmp), i, evaluate_sample(fit, src, i, np.arange(n), "theta", opts, {}))
             theta = da.concatenate([da.from_zarr(str(tmp / theta_array_name(i))) for i in range(len(names))], axis=0)
-            write_results(atlas, obsm={m: {f"X_{key}": theta} for m in self.config.modalities}, varm=varm)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            write_results(atlas, obsm={m: {f"X_{key}": theta} for m in self.config.modalities}, varm=varm,
+                          staging=st, **owned)
