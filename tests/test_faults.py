@@ -394,3 +394,136 @@ def test_read_only_store_cli_fit_is_refused_before_fitting(template, tmp_path, c
     assert rc == 2 and "Traceback" not in err
     assert "atlasfit fit: error:" in err and "read-only" in err and str(store) in err and "copy" in err
     assert time.perf_counter() - t0 < 10  # refused before a cluster or a fit
+
+
+# ==================================================================================================
+# Issue 11 items 6 and 7: the same seed gives the same bits on Dask (serial, repeated runs on fresh
+# 2-worker clusters, any message layout) and after a worker is SIGKILLed during the initialisation,
+# the iterations or the final joint SVD of MultiGEDI. The topic model's worker kill during an epoch
+# is tests/test_topic_checkpoint.py::test_worker_killed_mid_epoch_recovers_to_the_same_bits (same
+# fit driver, same recovery). Kills are deterministic: a shard function kills its own worker process
+# (the one holding a chosen sample) at a chosen call, once (a flag file).
+# ==================================================================================================
+import atlasfit as _af  # noqa: E402
+import atlasfit.models.multigedi._shard as _mg_shard  # noqa: E402
+
+_distributed = pytest.importorskip("distributed")
+_MG_MODS = {"rna": "M", "atac": "X"}
+
+
+@pytest.fixture(scope="module")
+def mg_store(tmp_path_factory):
+    # sizes where OpenBLAS's one-thread and two-thread products differ (rSVD, sample moments)
+    path = tmp_path_factory.mktemp("mg_det") / "syn.zarr"
+    _af.datasets.synthetic_atlas(path, n_cells=3000, n_samples=6, features={"rna": 200, "atac": 300},
+                                 obs_types=_MG_MODS, seed=0)
+    return path
+
+
+def _mg_model():
+    return _af.MultiGEDI({m: {"obs_type": t} for m, t in _MG_MODS.items()}, sample_key="sample", K=5, seed=1)
+
+
+def _mg_state(model) -> dict:
+    st = model.export_state()
+    model.close()
+    return st
+
+
+def _mg_fit(store, client, **kw) -> dict:
+    m = _mg_model()
+    if client is None:  # in process, reading the store here
+        m._make_engine = lambda shards, c, s: _af.engine.SerialEngine(shards)
+        return _mg_state(m.fit(store, max_iterations=4, progress=False, checkpoint_every=0))
+    return _mg_state(m.fit(store, max_iterations=4, client=client, progress=False, **kw))
+
+
+def _assert_same_bits(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    differ = [k for k in a if not np.array_equal(np.asarray(a[k]), np.asarray(b[k]), equal_nan=True)]
+    assert not differ, f"{len(differ)} of {len(a)} arrays differ, e.g. {differ[:5]}"
+
+
+def _new_cluster(n=2):
+    return _distributed.LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None)
+
+
+def _arg_probe(state, pad, a):
+    return a.flags.aligned, a.T @ a, float(a.sum())
+
+
+def test_same_seed_same_bits_serial_and_repeated_two_worker_clusters(mg_store):
+    """Item 6: serial, and two fits on two fresh 2-worker clusters: every array bit for bit."""
+    serial = _mg_fit(mg_store, None)
+    for _ in range(2):
+        cluster = _new_cluster()
+        with _distributed.Client(cluster, set_as_default=False) as c:
+            c.wait_for_workers(2)
+            _assert_same_bits(serial, _mg_fit(mg_store, c, checkpoint_every=0))
+        cluster.close()
+
+
+def test_arrays_reach_shards_and_driver_aligned_whatever_the_message_layout(kill_cluster):
+    """Item 6: arrays rebuilt from a Dask message sit wherever the message put them (often not 8-byte
+    aligned); NumPy then takes other loops (a.sum(), a.T @ a differ in the last bits). The engine
+    hands shard functions and the driver aligned arrays: the in-process results, for any layout."""
+    c, _ = kill_cluster
+    eng = _af.engine.DaskEngine(c, _af.engine.plan_shards(["a", "b"], [1, 1]))
+    eng.setup(lambda spec: {})
+    ref = np.random.default_rng(0).standard_normal((2000, 6))
+    try:
+        for pad in range(8):  # shifts the array inside the message
+            for aligned, gram, total in eng.map(_arg_probe, "x" * pad, ref):
+                assert aligned
+                assert np.array_equal(gram, ref.T @ ref) and total == float(ref.sum())
+            for back in eng.map(lambda st, p: ["y" * len(p), ref.copy()], "x" * pad):
+                assert back[1].flags.aligned
+    finally:
+        eng.close()
+
+
+def _self_kill(real, flag: str, sample: str, at_call: int):
+    """``real`` wrapped: the worker holding ``sample`` kills itself after its ``at_call``-th call (counted
+    in files beside ``flag``), once."""
+
+    def fn(state, *args, **kw):
+        out = real(state, *args, **kw)
+        if sample in state["samples"] and not os.path.exists(flag):
+            calls = flag + ".calls"
+            with open(calls, "a") as f:
+                f.write(".")
+            if os.path.getsize(calls) >= at_call:
+                open(flag, "w").close()
+                os.kill(os.getpid(), signal.SIGKILL)
+        return out
+
+    return fn
+
+
+@pytest.fixture(scope="module")
+def kill_cluster(mg_store, tmp_path_factory):
+    ck = tmp_path_factory.mktemp("mg_kill_ref")
+    cluster = _new_cluster()
+    with _distributed.Client(cluster, set_as_default=False) as c:
+        c.wait_for_workers(2)
+        ref = _mg_fit(mg_store, c, checkpoint_dir=ck, checkpoint_every=2)
+        yield c, ref
+    cluster.close()
+
+
+@pytest.mark.parametrize("phase, fn, at_call", [
+    ("init", "init_B", 1),            # the hub initialisation's B solve (after the priors and rSVD)
+    ("iterations", "round_C", 3),     # in the middle of iteration 3 (checkpoints every 2)
+    ("final_svd", "b_gram", 1),       # the joint SVD after the last iteration
+])
+def test_worker_killed_during_a_phase_gives_the_same_bits(mg_store, kill_cluster, tmp_path, monkeypatch,
+                                                          phase, fn, at_call):
+    """Item 7: a worker SIGKILLed during initialisation, an iteration or the final joint SVD: the fit
+    recovers and gives the bits of the uninterrupted fit."""
+    c, ref = kill_cluster
+    c.wait_for_workers(2, timeout=60)
+    flag = str(tmp_path / "killed")
+    monkeypatch.setattr(_mg_shard, fn, _self_kill(getattr(_mg_shard, fn), flag, "S02", at_call))
+    got = _mg_fit(mg_store, c, checkpoint_dir=tmp_path / "ck", checkpoint_every=2)
+    assert os.path.exists(flag), "the worker was not killed"
+    _assert_same_bits(ref, got)

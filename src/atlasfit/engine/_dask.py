@@ -29,6 +29,7 @@ from distributed.comm.core import CommClosedError
 from distributed.scheduler import KilledWorker
 
 from .._compat import stop_worker_profiler
+from ._determinism import blas_single_thread, realign
 from ._errors import ShardLostError, StateMissingError
 from ._protocol import ShardSpec
 
@@ -149,16 +150,24 @@ def _w_setup(eid: str, specs: Sequence[ShardSpec], load_fn, args, kwargs) -> lis
     except ValueError:  # not on a worker
         pass
     reg = _registry()
-    for spec in specs:
-        reg[(eid, spec.index)] = load_fn(spec, *args, **kwargs)
+    args, kwargs = realign((args, kwargs))  # arrays out of the message: aligned, as in process
+    with blas_single_thread():  # the same kernels as in process and on any worker (_determinism)
+        for spec in specs:
+            reg[(eid, spec.index)] = load_fn(spec, *args, **kwargs)
     return [s.index for s in specs]
 
 
 def _w_map(eid: str, items: Sequence, fn, payload, with_spec: bool) -> tuple[float, list]:
     t0 = time.perf_counter()
-    args, kwargs = payload
+    args, kwargs = realign(payload)  # arrays out of the message: aligned, as in process
     reg = _registry()
     out = []
+    with blas_single_thread():  # the same kernels as in process and on any worker (_determinism)
+        _w_map_items(eid, items, fn, args, kwargs, with_spec, reg, out)
+    return time.perf_counter() - t0, out
+
+
+def _w_map_items(eid, items, fn, args, kwargs, with_spec, reg, out) -> None:
     for item in items:
         index = item.index if with_spec else item
         try:
@@ -170,7 +179,6 @@ def _w_map(eid: str, items: Sequence, fn, payload, with_spec: bool) -> tuple[flo
                 index,
             ) from None
         out.append(fn(state, item, *args, **kwargs) if with_spec else fn(state, *args, **kwargs))
-    return time.perf_counter() - t0, out
 
 
 def _w_held(eid: str, dask_worker=None) -> list[int]:
@@ -426,7 +434,7 @@ class DaskEngine:
         out: list = [None] * len(self.shards)
         for (_, idx), res in zip(groups, parts):
             for i, r in zip(idx, res):
-                out[i] = r
+                out[i] = realign(r)  # arrays out of the message: aligned, as in process
         self._received += sizeof(parts)
         if self._received >= 2**20:  # previous rounds' results are garbage by now: return their memory
             trim_driver_heap()
@@ -465,6 +473,14 @@ class DaskEngine:
             futs.append(self._submit(_w_setup, self.id, specs, load_fn, a, kw, worker=w, tag="setup"))
             owners.append(w)
         self._collect(futs, owners)
+
+    def reload(self) -> None:
+        """Rebuild every shard's state where it lives with the ``load_fn`` given to :meth:`setup`
+        (after :meth:`recover`: the state as right after setup, e.g. to replay an interrupted
+        initialisation)."""
+        if self._setup_call is None:
+            raise RuntimeError(f"DaskEngine {self.id!r}: reload called before setup()")
+        self._load(list(range(len(self.shards))))
 
     def map(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> list[Any]:
         """Run ``fn(state, *args, **kwargs)`` on every shard's owner; results in shard order."""

@@ -16,6 +16,7 @@ Models therefore import nothing from :mod:`distributed` or :mod:`atlasfit.cluste
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -23,10 +24,13 @@ from pathlib import Path
 from typing import Any
 
 from ._checkpoint import Checkpoint
+from ._determinism import blas_single_thread
 from ._device import resolve_device
+from ._errors import ShardLostError
 from ._loop import run_iterations
 from ._serial import SerialEngine
 
+logger = logging.getLogger("atlasfit.engine")
 
 def make_engine(
     shards,
@@ -179,14 +183,26 @@ def run_fit(
     progress: Any = None,
     callback: Callable[[int, dict], Any] | None = None,
     desc: str = "atlasfit",
+    finish: Callable[[Any, dict], Mapping] | None = None,
+    max_recoveries: int = 5,
 ) -> dict:
-    """Initialise (or resume) and iterate a fit on a set-up engine.
+    """Initialise (or resume), iterate and finish a fit on a set-up engine, surviving worker loss in
+    every phase.
 
     ``init(engine) -> shared`` builds the driver's state before iteration ``start`` (0, or where an
     earlier call of a continued fit stopped; skipped when the policy resumes: the checkpoint's
     shards, shared state and iteration are restored instead);
-    ``step(engine, shared, it) -> shared`` is one iteration. Checkpoints, worker-loss rollback and
-    progress are those of :func:`run_iterations`.
+    ``step(engine, shared, it) -> shared`` is one iteration; ``finish(engine, shared) -> shared``
+    (optional) is a last phase after the final checkpoint, e.g. an output decomposition (MultiGEDI's
+    joint SVD), and its result is what ``run_fit`` returns. Checkpoints, worker-loss rollback and
+    progress of the iterations are those of :func:`run_iterations`.
+
+    A worker lost (:class:`ShardLostError`) during ``init``: the engine re-places the lost shards
+    (``engine.recover()``), rebuilds every shard's state as right after setup (``engine.reload()``)
+    and ``init`` runs again (it is deterministic given the data and the seed); no checkpoint is needed.
+    During ``finish``: every shard is restored from the final checkpoint and ``finish`` runs again
+    (without a checkpoint the error is raised). Either way the result has the bits of an
+    uninterrupted fit. Everything runs with BLAS on one thread (see docs/engine.md, "Determinism").
 
     Examples
     --------
@@ -199,23 +215,65 @@ def run_fit(
     """
     policy = policy or CheckpointPolicy(None, None, False)
     ck = policy.checkpoint
-    if policy.resume:
-        start, shared = ck.restore(engine, restore_local)
-    else:
-        shared = dict(init(engine))
-    if stop < start:
-        raise ValueError(
-            f"{desc}: the checkpoint is at iteration {start}, past the requested stop ({stop}); "
-            f"ask for more iterations than {start}"
+    with blas_single_thread():  # the driver's linear algebra as the workers': the same bits anywhere
+        if policy.resume:
+            start, shared = ck.restore(engine, restore_local)
+        else:
+            shared = _replaying(engine, lambda: dict(init(engine)), engine.reload, "initialisation", desc,
+                                max_recoveries)
+        if stop < start:
+            raise ValueError(
+                f"{desc}: the checkpoint is at iteration {start}, past the requested stop ({stop}); "
+                f"ask for more iterations than {start}"
+            )
+        shared = run_iterations(
+            engine, step, shared, start=start, stop=int(stop),
+            checkpoint_every=policy.every if ck is not None else None,
+            checkpoint=ck,
+            dump_local=dump_local if ck is not None else None,
+            restore_local=restore_local if ck is not None else None,
+            progress=progress, callback=callback, desc=desc, max_recoveries=max_recoveries,
         )
-    return run_iterations(
-        engine, step, shared, start=start, stop=int(stop),
-        checkpoint_every=policy.every if ck is not None else None,
-        checkpoint=ck,
-        dump_local=dump_local if ck is not None else None,
-        restore_local=restore_local if ck is not None else None,
-        progress=progress, callback=callback, desc=desc,
-    )
+        if finish is None:
+            return shared
+        final = {"shared": shared}
+
+        def from_final_checkpoint() -> None:
+            final["shared"] = dict(ck.restore(engine, restore_local)[1])
+
+        return _replaying(engine, lambda: dict(finish(engine, final["shared"])),
+                          from_final_checkpoint if ck is not None and ck.owned_iteration is not None else None,
+                          "final phase", desc, max_recoveries)
+
+
+def _replaying(engine, run: Callable[[], dict], rollback: Callable[[], None] | None, phase: str, desc: str,
+               max_recoveries: int) -> dict:
+    """``run()``; after a :class:`ShardLostError`: ``engine.recover()``, ``rollback()`` and ``run()``
+    again, at most ``max_recoveries`` times (``rollback=None``: nothing to restore from, raise)."""
+    recoveries = 0
+    while True:
+        try:
+            return run()
+        except ShardLostError as e:
+            if rollback is None:
+                raise ShardLostError(
+                    f"{e} -- during the {phase}, and the fit has no checkpoint to restore the shards "
+                    "from; pass checkpoint_dir= (or leave checkpoints on) to survive worker loss there",
+                    e.shards,
+                ) from e
+            err = e
+        while True:  # a worker may also die while we recover: try again
+            recoveries += 1
+            if recoveries > max_recoveries:
+                raise err
+            try:
+                lost = engine.recover()
+                rollback()
+                break
+            except ShardLostError as again:
+                err = again
+        logger.warning("%s: lost shard state during the %s (%s); re-loaded shards %s, replaying the %s "
+                       "(recovery %d/%d)", desc, phase, err, lost, phase, recoveries, max_recoveries)
 
 
 def check_count(value: Any, name: str, who: str) -> int:

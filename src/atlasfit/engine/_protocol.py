@@ -67,6 +67,10 @@ class Engine(Protocol):
         their indices (``[]`` when nothing was lost). The caller then restores their local state,
         e.g. from a :class:`~atlasfit.engine.Checkpoint`."""
 
+    def reload(self) -> None:
+        """Rebuild every shard's state with the ``setup`` call where it lives (the state right after
+        setup: :func:`~atlasfit.engine.run_fit` replays an interrupted initialisation from it)."""
+
     def close(self) -> None:
         """Release shard state."""
 

@@ -32,7 +32,7 @@ from . import _shard as sh
 from ._config import FitConfig, InMemoryReader, ModalityConfig, make_plan
 from ._fit import iterate
 from ._init import initialize
-from ._outputs import export_state, joint_svd
+from ._outputs import export_state, with_joint_svd
 
 logger = logging.getLogger("atlasfit.multigedi")
 
@@ -414,11 +414,12 @@ class MultiGEDI:
             step=partial(iterate, plan=plan, config=config), stop=int(max_iterations), policy=policy,
             dump_local=_dump_local, restore_local=_restore_local,
             progress=progress, callback=callback, desc="MultiGEDI",
+            finish=partial(with_joint_svd, plan=plan, config=config),
         )
+        self._svd = shared.pop("svd")  # the joint SVD: the fit's final phase (worker loss replays it)
         self.shared_ = shared
         self.checkpoint_info_ = ck.last_info if ck is not None else None
         self.n_iter_ = int(shared.get("iteration", max_iterations))
-        self._svd = joint_svd(engine, shared, plan, config)
         self.singular_values_ = self._svd["d"]
         return self
 

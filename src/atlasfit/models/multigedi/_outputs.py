@@ -55,6 +55,12 @@ def joint_svd(engine, shared: dict, plan: SamplePlan, config: FitConfig) -> dict
     return {"d": d, "u": U, "T": T}
 
 
+def with_joint_svd(engine, shared: dict, *, plan: SamplePlan, config: FitConfig) -> dict:
+    """The fit's final phase (``run_fit(finish=...)``): ``shared`` plus ``"svd"``, its :func:`joint_svd`.
+    Run by the fit driver, which replays it from the final checkpoint when a worker is lost."""
+    return {**shared, "svd": joint_svd(engine, shared, plan, config)}
+
+
 def store_pca(engine, shared: dict, plan: SamplePlan, config: FitConfig, svd: dict | None = None) -> dict:
     """Leave each sample's joint-PCA rows in its shard state (``state["pca"][g]``) for a store
     writer; returns the joint SVD dict of :func:`joint_svd` (``svd``: reuse one already computed).
