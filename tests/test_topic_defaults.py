@@ -1,5 +1,5 @@
 """The topic model's defaults (issue 10 item 4): float32 parameters and minibatches, and
-``steps_per_round="auto"`` (synchronous steps in process, 32 local steps per round on a cluster).
+``steps_per_round="auto"`` (synchronous steps in process, 64 local steps per round on a cluster).
 
 Data: the planted RNA + peaks atlas of :func:`atlasfit.datasets.planted_topic_atlas` at 1,200
 training cells, 3 samples (seed 0), K = 4 topics; the assertions are identities (same bits) except
@@ -57,7 +57,7 @@ def test_float32_and_float64_fits_agree(mdata):
 
 def test_steps_per_round_auto():
     assert resolve_steps_per_round("auto", distributed=False) == 1
-    assert resolve_steps_per_round("auto", distributed=True) == DISTRIBUTED_STEPS_PER_ROUND == 32
+    assert resolve_steps_per_round("auto", distributed=True) == DISTRIBUTED_STEPS_PER_ROUND == 64
     assert resolve_steps_per_round(3, distributed=True) == 3
     with pytest.raises(ValueError, match="steps_per_round"):
         MultimodalAmortizedLDA.from_data({"rna": np.ones((4, 3))}, n_topics=2).train(max_epochs=1, batch_size=2,

@@ -92,9 +92,11 @@ class FitPlan:
 #: ``steps_per_round="auto"`` on a distributed engine: local steps per engine round. Each round
 #: broadcasts the parameters and Adam moments and brings every shard's back (~12 MiB per shard in
 #: float32). Measured on a 60k-cell planted store (2 workers, batch 1024, sparse kernels):
-#: 19.5k / 21.4k / 22.7k training cells/s at 16 / 32 / 64 local steps per round; the held-out
-#: per-token likelihood moved by at most 0.002 nats for up to 32 local steps (docs/topic_model.md).
-DISTRIBUTED_STEPS_PER_ROUND = 32
+#: 19.5k / 21.4k / 22.7k training cells/s at 16 / 32 / 64 local steps per round; on the 100k side-by-side
+#: store after the blocked AdamW update (benchmarks/bench_topic_atlas.py --side-by-side
+#: --steps-per-round S): 26.7k / 27.8k / 27.9k cells/s at 32 / 64 / 128, the same held-out per-token
+#: likelihood to 0.001 nats (-6.328 for all three; one process -6.323; docs/topic_model.md).
+DISTRIBUTED_STEPS_PER_ROUND = 64
 
 
 #: ``max_shards="auto"``: a shard's part of each step should hold at least this many cells. Every
@@ -133,7 +135,7 @@ def resolve_steps_per_round(steps_per_round, distributed: bool) -> int:
     Examples
     --------
     >>> resolve_steps_per_round("auto", False), resolve_steps_per_round("auto", True), resolve_steps_per_round(4, True)
-    (1, 32, 4)
+    (1, 64, 4)
     """
     if steps_per_round == "auto":
         return DISTRIBUTED_STEPS_PER_ROUND if distributed else 1
