@@ -1,4 +1,4 @@
-"""The ``atlasfit`` command line: ``convert``, ``synth``, ``info``, ``fit``, ``demo``.
+"""The ``atlasfit`` command line: ``convert``, ``synth``, ``info``, ``validate``, ``fit``, ``demo``.
 
 Progress bars show on a terminal and stay quiet in non-interactive logs (one line per stage instead).
 """
@@ -126,6 +126,18 @@ def _cmd_info(args) -> int:
     return 0
 
 
+def _cmd_validate(args) -> int:
+    from atlasfit.io import validate
+
+    if not os.path.isdir(args.store):
+        raise FileNotFoundError(f"{args.store!r} is not a directory; give an atlas store (atlasfit convert writes one)")
+    t0 = time.perf_counter()
+    report = validate(args.store, deep=not args.fast)
+    print(report)
+    print(f"atlasfit: validated in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
 def _cmd_fit(args) -> int:
     from atlasfit.io._txn import check_writable
 
@@ -178,6 +190,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--overwrite", action="store_true")
     s.set_defaults(func=_cmd_synth)
+
+    v = sub.add_parser("validate", help="check an atlas store: every chunk and every sample's integrity record")
+    v.add_argument("store")
+    v.add_argument("--fast", action="store_true",
+                   help="metadata only (seconds); says what it did not check")
+    v.set_defaults(func=_cmd_validate)
 
     i = sub.add_parser("info", help="describe an atlas store")
     i.add_argument("store")

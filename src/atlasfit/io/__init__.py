@@ -32,7 +32,7 @@ _LAZY = {
     "open_atlas": "._open",
     "to_source_order": "._results",
     "write_results": "._results",
-    "AtlasValidationError": "._validate",
+    "AtlasValidationError": "._errors",
     "validate": "._validate",
     "write_atlas": "._write",
     "AtlasReadOnlyError": "._txn",

@@ -12,6 +12,9 @@ import numpy as np
 import scipy.sparse as sp
 import zarr
 
+from ._errors import AtlasValidationError
+from ._integrity import expected, read_failure, verify_csr, verify_dense
+
 _GROUP_CACHE: dict[str, object] = {}
 
 
@@ -24,24 +27,45 @@ def _group(path: str):
     return g
 
 
-def _read_rows(path: str, key: str, storage: str, start: int, stop: int, n_vars: int, dtype):
-    """Read rows ``start:stop`` of element ``key`` ("mod/<m>/X" or "mod/<m>/layers/<l>")."""
-    g = _group(path)
+def _read_rows(path: str, key: str, storage: str, start: int, stop: int, n_vars: int, dtype,
+               expect: dict | None = None):
+    """Read rows ``start:stop`` of element ``key`` ("mod/<m>/X" or "mod/<m>/layers/<l>").
+
+    ``expect``: the integrity record of the sample these rows hold (:mod:`atlasfit.io._integrity`);
+    the rows read are checked against it (CRC-32 of the bytes read). Errors raised by Zarr while
+    reading (a chunk that does not decode, damaged metadata) become :class:`AtlasValidationError`
+    naming the store, array and chunk file.
+    """
+    try:
+        g = _group(path)
+        if storage == "csr":
+            node = g[key]
+            indptr = np.asarray(node["indptr"][start : stop + 1], dtype=np.int64)
+            a, b = int(indptr[0]), int(indptr[-1])
+            data = node["data"][a:b] if b > a else np.zeros(0, dtype=dtype)
+            indices = node["indices"][a:b] if b > a else np.zeros(0, dtype=np.int32)
+        else:
+            out = np.asarray(g[key][start:stop, :])
+    except AtlasValidationError:
+        raise
+    except Exception as err:  # a chunk that does not decode, unreadable metadata, ...
+        raise read_failure(path, key, storage, start, stop, expect, err) from err
     if storage == "csr":
-        node = g[key]
-        indptr = np.asarray(node["indptr"][start : stop + 1], dtype=np.int64)
-        a, b = int(indptr[0]), int(indptr[-1])
-        data = node["data"][a:b] if b > a else np.zeros(0, dtype=dtype)
-        indices = node["indices"][a:b] if b > a else np.zeros(0, dtype=np.int32)
+        if expect is not None:
+            verify_csr(path, key, start, stop, indptr, data, indices, expect)
         return sp.csr_matrix((data, indices, indptr - a), shape=(stop - start, n_vars))
-    return np.asarray(g[key][start:stop, :])
+    if expect is not None:
+        verify_dense(path, key, start, stop, out, expect)
+    return out
 
 
 class BlockReader:
     """Picklable reader of whole-sample row blocks: ``read_block(mod, sample, layer=None)``.
 
-    Holds the store path, each element's ``(key, storage, dtype, n_vars)`` and each modality's
-    ``{sample: slice}``; reads only that sample's rows.
+    Holds the store path, each element's ``(key, storage, dtype, n_vars)``, each modality's
+    ``{sample: slice}`` and the store's integrity records (``{(mod, layer): records}``, see
+    :mod:`atlasfit.io._integrity`; None for stores written before records existed); reads only that
+    sample's rows and checks them against the sample's record.
 
     Examples
     --------
@@ -53,10 +77,12 @@ class BlockReader:
     (2, 3)
     """
 
-    def __init__(self, path: str, elements: dict, slices: dict):
+    def __init__(self, path: str, elements: dict, slices: dict, records: dict | None = None):
         self.path = str(path)
         self.elements = dict(elements)  # (mod, layer or None) -> (key, storage, dtype str, n_vars)
         self.slices = {m: dict(s) for m, s in slices.items()}
+        self.index = {m: {smp: i for i, smp in enumerate(s)} for m, s in self.slices.items()}
+        self.records = dict(records or {})  # (mod, layer or None) -> {field: int64 per sample} or None
 
     def read_block(self, mod: str, sample: str, layer: str | None = None):
         """The cells x features block of ``sample`` in ``mod`` (``csr_matrix`` or ndarray)."""
@@ -70,4 +96,6 @@ class BlockReader:
         if sl is None:
             raise KeyError(f"sample '{sample}' is not in modality '{mod}' of atlas '{self.path}' (it has "
                            f"{len(self.slices[mod])} samples, e.g. {list(self.slices[mod])[:5]})")
-        return _read_rows(self.path, key, storage, sl.start, sl.stop, n_vars, dtype)
+        rec = self.records.get((mod, layer))
+        exp = expected({key: rec} if rec is not None else None, key, self.index[mod][sample], mod, sample)
+        return _read_rows(self.path, key, storage, sl.start, sl.stop, n_vars, dtype, exp)

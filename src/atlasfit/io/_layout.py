@@ -17,12 +17,19 @@ import pandas as pd
 import scipy.sparse as sp
 import zarr
 
-FORMAT_VERSION = "1.0"
+from ._integrity import csr_record, dense_record
+
+# 1.1: per-sample integrity records (uns/atlasfit/mods/<mod>/integrity) and every chunk of X /
+# layers written, also all-zero ones, so that a missing chunk file is always damage
+FORMAT_VERSION = "1.1"
 ATLAS_KEY = "atlasfit"  # uns key of the bookkeeping (root and per modality)
 MODELS_KEY = "atlasfit_models"  # root uns key holding model groups written by write_results
 SOURCE_ROW = "atlasfit_source_row"
 KINDS = ("counts", "binary", "continuous")
 ZARR_FORMAT = 2
+# X / layers arrays write all-zero chunks too (Zarr's default skips them): a store then holds every
+# chunk of its grid, so `validate` can tell a lost chunk file from one that was never written
+ALL_CHUNKS = {"write_empty_chunks": True}
 
 # chunking: about 4 MiB of float32 per chunk for the cell-sized arrays
 NNZ_CHUNK = 1 << 20  # CSR data / indices elements per chunk
@@ -97,18 +104,21 @@ class DenseAppender:
             shape=(0, self.n_cols),
             chunks=(dense_row_chunk(self.n_cols), max(1, self.n_cols)),
             dtype=np.dtype(dtype),
+            config=ALL_CHUNKS,
         )
         set_encoding(self.arr, "array", "0.2.0")
         self.n = 0
 
-    def append(self, block) -> None:
-        block = np.asarray(block.toarray() if sp.issparse(block) else block, dtype=self.arr.dtype)
+    def append(self, block) -> dict:
+        """Append the rows of ``block``; returns their integrity record (CRC-32 of the stored bytes)."""
+        block = np.ascontiguousarray(block.toarray() if sp.issparse(block) else block, dtype=self.arr.dtype)
         k = block.shape[0]
         if k == 0:
-            return
+            return dense_record(block)
         self.arr.resize((self.n + k, self.n_cols))
         self.arr[self.n : self.n + k, :] = block
         self.n += k
+        return dense_record(block)
 
 
 class CSRAppender:
@@ -117,11 +127,13 @@ class CSRAppender:
     def __init__(self, parent: zarr.Group, name: str, n_cols: int, dtype, index_dtype=np.int32):
         self.g = parent.create_group(name)
         self.n_cols = int(n_cols)
-        self.data = self.g.create_array("data", shape=(0,), chunks=(NNZ_CHUNK,), dtype=np.dtype(dtype))
+        self.data = self.g.create_array("data", shape=(0,), chunks=(NNZ_CHUNK,), dtype=np.dtype(dtype),
+                                        config=ALL_CHUNKS)
         self.indices = self.g.create_array(
-            "indices", shape=(0,), chunks=(NNZ_CHUNK,), dtype=np.dtype(index_dtype)
+            "indices", shape=(0,), chunks=(NNZ_CHUNK,), dtype=np.dtype(index_dtype), config=ALL_CHUNKS
         )
-        self.indptr = self.g.create_array("indptr", shape=(1,), chunks=(ROW_CHUNK_1D,), dtype=np.int64)
+        self.indptr = self.g.create_array("indptr", shape=(1,), chunks=(ROW_CHUNK_1D,), dtype=np.int64,
+                                          config=ALL_CHUNKS)
         self.indptr[0:1] = np.zeros(1, dtype=np.int64)
         self.n = 0
         self.nnz = 0
@@ -130,22 +142,27 @@ class CSRAppender:
     def _write_attrs(self) -> None:
         set_encoding(self.g, "csr_matrix", "0.1.0", shape=[int(self.n), int(self.n_cols)])
 
-    def append(self, block) -> None:
+    def append(self, block) -> dict:
+        """Append the rows of ``block``; returns their integrity record (nnz, CRC-32 of the stored bytes)."""
         block = sp.csr_matrix(block)
         if not block.has_sorted_indices:
             block = block.sorted_indices()  # a copy: never reorder the caller's matrix in place
         k, nz = block.shape[0], int(block.nnz)
+        data = np.asarray(block.data[:nz], dtype=self.data.dtype)
+        indices = np.asarray(block.indices[:nz], dtype=self.indices.dtype)
+        indptr = np.asarray(block.indptr, dtype=np.int64)
         if k == 0:
-            return
+            return csr_record(indptr, data, indices)
         if nz:
             self.data.resize((self.nnz + nz,))
-            self.data[self.nnz : self.nnz + nz] = np.asarray(block.data, dtype=self.data.dtype)
+            self.data[self.nnz : self.nnz + nz] = data
             self.indices.resize((self.nnz + nz,))
-            self.indices[self.nnz : self.nnz + nz] = np.asarray(block.indices, dtype=self.indices.dtype)
+            self.indices[self.nnz : self.nnz + nz] = indices
         self.indptr.resize((self.n + k + 1,))
-        self.indptr[self.n + 1 : self.n + k + 1] = np.asarray(block.indptr[1:], dtype=np.int64) + self.nnz
+        self.indptr[self.n + 1 : self.n + k + 1] = indptr[1:] + self.nnz
         self.n += k
         self.nnz += nz
+        return csr_record(indptr, data, indices)
 
     def finish(self) -> None:
         self._write_attrs()

@@ -11,10 +11,18 @@ import scipy.sparse as sp
 from anndata.io import read_elem
 
 from ._blocks import BlockReader, _group, _read_rows
+from ._errors import AtlasValidationError
+from ._integrity import RECORDS_KEY, expected, load_records, metadata_guard
 from ._layout import ATLAS_KEY, open_root
-from ._validate import AtlasValidationError
+
 
 def _read_info(path: Path) -> dict:
+    """The bookkeeping of the store at ``path`` (a damaged metadata file is named in the error)."""
+    with metadata_guard(path):
+        return _read_info_unguarded(path)
+
+
+def _read_info_unguarded(path: Path) -> dict:
     if not path.is_dir():
         raise AtlasValidationError(f"'{path}' is not an atlas store (no such directory); create one with "
                                    "atlasfit.io.convert or write_atlas")
@@ -47,6 +55,7 @@ def _read_info(path: Path) -> dict:
             storage[key] = "csr" if enc == "csr_matrix" else "dense"
             dtypes[key] = np.dtype(node["data"].dtype if enc == "csr_matrix" else node.dtype)
         mods[m] = {
+            "records": load_records(d.get(RECORDS_KEY), list(storage)),
             "kind": str(d["kind"]),
             "samples": [str(s) for s in d["samples"]],
             "offsets": np.asarray(d["offsets"], dtype=np.int64),
@@ -70,8 +79,9 @@ def _read_info(path: Path) -> dict:
 class _RowReader:
     """Array-like handed to ``dask.array.from_array``: holds only the path and element name."""
 
-    def __init__(self, path: str, key: str, storage: str, shape, dtype, stamp=0):
+    def __init__(self, path: str, key: str, storage: str, shape, dtype, stamp=0, expects=None):
         self.path, self.key, self.storage, self.stamp = path, key, storage, stamp
+        self.expects = dict(expects or {})  # row range of a sample -> its integrity record
         self.shape = tuple(int(s) for s in shape)
         self.dtype = np.dtype(dtype)
         self.ndim = 2
@@ -84,7 +94,8 @@ class _RowReader:
         start, stop, step = rows.indices(self.shape[0])
         if step != 1:
             raise IndexError("atlas row reader supports contiguous row ranges only")
-        out = _read_rows(self.path, self.key, self.storage, start, stop, self.shape[1], self.dtype)
+        out = _read_rows(self.path, self.key, self.storage, start, stop, self.shape[1], self.dtype,
+                         self.expects.get((start, stop)))
         if cols != slice(None) and cols != slice(0, self.shape[1], None):
             out = out[:, cols]
         return out
@@ -174,12 +185,14 @@ class Atlas:
     def obs(self, mod: str) -> pd.DataFrame:
         """obs of ``mod`` in store order (sample column and ``atlasfit_source_row`` included)."""
         self._mod(mod)
-        return read_elem(_group(str(self.path))[f"mod/{mod}/obs"])
+        with metadata_guard(self.path, f"mod/{mod}/obs"):
+            return read_elem(_group(str(self.path))[f"mod/{mod}/obs"])
 
     def var(self, mod: str) -> pd.DataFrame:
         """var of ``mod``."""
         self._mod(mod)
-        return read_elem(_group(str(self.path))[f"mod/{mod}/var"])
+        with metadata_guard(self.path, f"mod/{mod}/var"):
+            return read_elem(_group(str(self.path))[f"mod/{mod}/var"])
 
     # ----------------------------------------------------------------- data
     def _element(self, mod: str, layer):
@@ -204,8 +217,14 @@ class Atlas:
         """
         key, storage, dtype, n_vars = self._element(mod, layer)
         counts = tuple(int(c) for c in np.diff(self._mod(mod)["offsets"]))
+        d = self._mod(mod)
+        expects = {}
+        for i, (smp, sl) in enumerate(self.sample_slices(mod).items()):
+            e = expected(d["records"], key.split("/", 2)[2], i, mod, smp)
+            if e is not None:
+                expects[(sl.start, sl.stop)] = e
         reader = _RowReader(str(self.path), key, storage, (sum(counts), n_vars), dtype,
-                            self._info["stamp"])
+                            self._info["stamp"], expects)
         meta = sp.csr_matrix((0, 0), dtype=dtype) if storage == "csr" else np.empty((0, 0), dtype=dtype)
         return da.from_array(reader, chunks=(counts, (n_vars,)), asarray=False, fancy=False,
                              meta=meta, name=f"atlas-{mod}-{key.rsplit('/', 1)[-1]}-"
@@ -213,12 +232,16 @@ class Atlas:
 
     def block_reader(self) -> BlockReader:
         """A small picklable reader of whole-sample blocks for workers (see :mod:`atlasfit.io._blocks`)."""
-        elements = {}
+        elements, records = {}, {}
         for m in self.modalities:
             d = self._mod(m)
             for lay in ([None] if d["has_X"] else []) + list(d["layers"]):
                 elements[(m, lay)] = self._element(m, lay)
-        return BlockReader(str(self.path), elements, {m: self.sample_slices(m) for m in self.modalities})
+                el = "X" if lay is None else f"layers/{lay}"
+                if d["records"] is not None:
+                    records[(m, lay)] = d["records"][el]
+        return BlockReader(str(self.path), elements, {m: self.sample_slices(m) for m in self.modalities},
+                           records)
 
     def read_block(self, mod: str, sample: str, layer: str | None = None):
         """The block of ``sample`` in ``mod``: ``csr_matrix`` or ndarray of that sample's cells."""
@@ -228,7 +251,14 @@ class Atlas:
             raise KeyError(f"sample '{sample}' is not in modality '{mod}' of atlas '{self.path}' (it has "
                            f"{len(sl)} samples, e.g. {list(sl)[:5]})")
         s = sl[sample]
-        return _read_rows(str(self.path), key, storage, s.start, s.stop, n_vars, dtype)
+        d = self._mod(mod)
+        exp = expected(d["records"], key.split("/", 2)[2], list(sl).index(sample), mod, sample)
+        return _read_rows(str(self.path), key, storage, s.start, s.stop, n_vars, dtype, exp)
+
+    @property
+    def has_records(self) -> bool:
+        """Whether the store holds integrity records (format >= 1.1; see docs/store.md, "Integrity")."""
+        return all(self._mod(m)["records"] is not None for m in self.modalities)
 
 
 def open_atlas(store) -> Atlas:

@@ -2,26 +2,26 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from ._blocks import _group
+from ._errors import AtlasValidationError
+from ._integrity import (
+    FIX,
+    bad_metadata,
+    decode_all,
+    metadata_failure,
+    metadata_files,
+    metadata_guard,
+    missing_chunks,
+    zarr_arrays,
+)
 from ._layout import ATLAS_KEY, KINDS, SOURCE_ROW
-
-
-class AtlasValidationError(ValueError):
-    """Raised when a source or an atlas store breaks the atlas contract.
-
-    The message names the modality, sample, first offending cell / feature and the fix.
-
-    Examples
-    --------
-    >>> issubclass(AtlasValidationError, ValueError)
-    True
-    """
-
 
 _FIX = {
     "nonfinite": "replace NaN/inf values (or declare the modality kind 'binary' if NaN marks missing values)",
@@ -149,14 +149,55 @@ def check_labels(labels, obs_names, *, mod: str, sample_key: str) -> np.ndarray:
     return out
 
 
-def validate(store_or_source, *, sample_key: str | None = None, kinds=None) -> None:
+@dataclass
+class ValidationReport:
+    """What :func:`validate` checked on an atlas store, and what it did not.
+
+    ``str(report)`` is the text that ``atlasfit validate`` prints.
+
+    Attributes
+    ----------
+    store : pathlib.Path
+    deep : bool
+        True: every chunk file and every sample's integrity record were checked.
+    format_version : str
+    has_records : bool
+        Whether the store holds integrity records (format >= 1.1).
+    checked, not_checked, notes : list of str
+    """
+
+    store: Path
+    deep: bool
+    format_version: str
+    has_records: bool
+    checked: list = field(default_factory=list)
+    not_checked: list = field(default_factory=list)
+    notes: list = field(default_factory=list)
+
+    def __str__(self) -> str:
+        how = "deep check" if self.deep else "fast check: metadata only"
+        lines = [f"atlas store '{self.store}' (format {self.format_version}): no problem found ({how})"]
+        lines += [f"  checked: {c}" for c in self.checked]
+        lines += [f"  NOT checked: {c}" for c in self.not_checked]
+        lines += [f"  note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def validate(store_or_source, *, sample_key: str | None = None, kinds=None, deep: bool = True):
     """Check an atlas store, or a source before conversion, without changing it.
 
-    For an atlas store (a directory written by :func:`write_atlas` / :func:`convert`) every
-    sample block is checked against the modality kind, the bookkeeping against obs, and shared
-    samples for identical cells in identical order. Anything else is treated as a source (path to
-    .h5ad / .h5mu / .zarr, AnnData, MuData or dict of AnnData) and streamed through the same checks
-    :func:`convert` runs, writing nothing.
+    For an atlas store (a directory written by :func:`write_atlas` / :func:`convert`):
+
+    * always (``deep=False`` does only this; fast, reads no cell-sized data): every Zarr metadata
+      file parses, the bookkeeping is complete and consistent (sample lists, offsets) and every
+      element's shape agrees with it;
+    * ``deep=True`` (default) also: every chunk file of X / layers exists (stores of format >= 1.1)
+      and every chunk file of the store decodes, every sample block of every element matches its
+      integrity record (nnz and CRC-32, see docs/store.md "Integrity") and the modality kind, the
+      obs labels match the bookkeeping and shared samples hold identical cells in identical order.
+
+    Anything else is treated as a source (path to .h5ad / .h5mu / .zarr, AnnData, MuData or dict of
+    AnnData) and streamed through the same checks :func:`convert` runs, writing nothing.
 
     Parameters
     ----------
@@ -166,11 +207,20 @@ def validate(store_or_source, *, sample_key: str | None = None, kinds=None) -> N
         obs column with the sample labels (required for sources).
     kinds
         ``{modality: kind}`` for sources (default ``"counts"``).
+    deep
+        For a store: read every chunk (True, default; costs a full read of the store) or check the
+        metadata only (False; the report lists what was not checked).
+
+    Returns
+    -------
+    ValidationReport or None
+        For a store, what was checked and what was not (``print(report)``); None for a source.
 
     Raises
     ------
     AtlasValidationError
-        Naming modality, sample, first offending cell / feature and the fix.
+        Naming modality, sample, first offending cell / feature (or array and chunk file of a
+        damaged store) and the fix.
 
     Examples
     --------
@@ -186,8 +236,7 @@ def validate(store_or_source, *, sample_key: str | None = None, kinds=None) -> N
         if not p.exists():
             raise AtlasValidationError(f"'{p}' does not exist; give an atlas store or a source file")
         if p.is_dir() and (p / "uns" / ATLAS_KEY).exists() or (p.is_dir() and sample_key is None):
-            validate_store(p)
-            return
+            return validate_store(p, deep=deep)
     if sample_key is None:
         raise AtlasValidationError(
             "validate: a source needs sample_key (the obs column naming each cell's sample)"
@@ -198,13 +247,132 @@ def validate(store_or_source, *, sample_key: str | None = None, kinds=None) -> N
         _run_stream(None, stream, sample_key=sample_key, kinds=kinds, mod_order=order)
     finally:
         stream.close()
+    return None
 
 
-def validate_store(path) -> None:
-    """Check every block and the bookkeeping of an atlas store (see :func:`validate`)."""
+def _check_shapes(atlas) -> int:
+    """Element shapes against the bookkeeping (metadata only); returns the number of elements."""
+    g = _group(str(atlas.path))
+    n_el = 0
+    for mod in atlas.modalities:
+        d = atlas._info["mods"][mod]
+        o = d["offsets"]
+        if o.shape[0] != len(d["samples"]) + 1 or o[0] != 0 or (np.diff(o) < 0).any():
+            raise AtlasValidationError(
+                f"atlas store '{atlas.path}': the offsets of modality '{mod}' do not fit its "
+                f"{len(d['samples'])} samples; {FIX}")
+        n = int(o[-1])
+        for key, storage in d["storage"].items():
+            node = g[f"mod/{mod}/{key}"]
+            if storage == "csr":
+                shape = tuple(node.attrs.get("shape", ()))
+                got = {"shape": shape, "indptr": node["indptr"].shape, "data": node["data"].shape,
+                       "indices": node["indices"].shape}
+                ok = (shape == (n, d["n_vars"]) and got["indptr"] == (n + 1,)
+                      and got["data"] == got["indices"])
+                if ok and d["records"] is not None:
+                    ok = got["data"] == (int(d["records"][key]["nnz"].sum()),)
+            else:
+                got = {"shape": node.shape}
+                ok = node.shape == (n, d["n_vars"])
+            if not ok:
+                raise AtlasValidationError(
+                    f"atlas store '{atlas.path}' is damaged: modality '{mod}' element '{key}' has shapes "
+                    f"{got}, the bookkeeping says {n} cells x {d['n_vars']} features; {FIX}")
+            n_el += 1
+    return n_el
+
+
+def validate_store(path, deep: bool = True) -> ValidationReport:
+    """Check an atlas store (see :func:`validate`); returns the :class:`ValidationReport`."""
     from ._open import open_atlas
 
-    atlas = open_atlas(path)
+    p = Path(path).absolute()
+    if p.is_dir():
+        hit = bad_metadata(p)
+        if hit is not None:
+            raise metadata_failure(p, hit[1])
+    atlas = open_atlas(p)
+    with metadata_guard(atlas.path):
+        n_el = _check_shapes(atlas)
+    arrays = zarr_arrays(atlas.path)
+    n_samples = sum(len(atlas.sample_slices(m)) for m in atlas.modalities)
+    rep = ValidationReport(store=atlas.path, deep=deep, format_version=atlas._info["format_version"],
+                           has_records=atlas.has_records)
+    rep.checked += [f"metadata: {sum(1 for _ in metadata_files(atlas.path))} Zarr metadata files parse",
+                    (f"bookkeeping: {len(atlas.modalities)} modalities, {n_samples} (modality, sample) "
+                    f"blocks, complete flag; shapes of {n_el} X / layer elements agree with it")]
+    if not atlas.has_records:
+        rep.notes.append(
+            f"the store has no integrity records (format {rep.format_version}, written before records "
+            "existed): a missing chunk reads as zeros and a damaged one is noticed only if it does not "
+            "decode; re-run convert (atlasfit.io.convert(source, store, overwrite=True)) to add them")
+    if not deep:
+        rep.not_checked += [
+            f"chunk files of the {len(arrays)} Zarr arrays (that they exist and decode)",
+            f"the integrity records of the {n_samples} sample blocks (nnz, CRC-32)",
+            "values against the modality kinds; obs sample labels, cell names, shared samples"]
+        rep.notes.append("run validate(store) (command line: atlasfit validate STORE) for the deep check")
+        return rep
+    elements = {f"mod/{m}/{k}" for m in atlas.modalities for k in atlas._info["mods"][m]["storage"]}
+    element_arrays = set()
+    for e in elements:
+        st = atlas._info["mods"][e.split("/")[1]]["storage"][e.split("/", 2)[2]]
+        element_arrays |= {f"{e}/{a}" for a in ("data", "indices", "indptr")} if st == "csr" else {e}
+    absent = []
+    for key in sorted(element_arrays):
+        lost = missing_chunks(atlas.path, key)
+        if lost and atlas.has_records:
+            m = key.split("/")[1]
+            raise AtlasValidationError(
+                f"atlas store '{atlas.path}' is damaged: modality '{m}', {_samples_of(atlas, key, lost[0])}, "
+                f"array '{key}': chunk file '{lost[0]}' is missing ({len(lost)} missing in all; Zarr would "
+                f"read them as zeros); {FIX}")
+        absent += lost
+    if absent:
+        rep.notes.append(f"{len(absent)} chunk files of X / layers are absent (first '{absent[0]}'); a "
+                         f"format {rep.format_version} store leaves all-zero chunks unwritten, so they "
+                         "cannot be told from lost ones")
+    n_chunks = sum(decode_all(atlas.path, key) for key in arrays if key not in element_arrays)
+    _check_blocks(atlas)
+    rep.checked += [
+        (f"chunk files: every chunk of the {len(element_arrays)} X / layer arrays "
+        f"{'exists and ' if atlas.has_records else ''}decodes; the {n_chunks} chunks of the other "
+        f"{len(arrays) - len(element_arrays)} arrays decode"),
+        (f"sample blocks: {n_samples} blocks read"
+        f"{' and matched with their integrity records (nnz, CRC-32)' if atlas.has_records else ''}"
+        " and checked against the modality kinds"),
+        "obs: sample labels, cell and feature names, atlasfit_source_row, shared samples"]
+    return rep
+
+
+def _samples_of(atlas, array_key: str, chunk: Path) -> str:
+    """The samples whose rows or entries lie in a chunk file of an X / layer array, in words."""
+    import zarr
+
+    _, mod, rest = array_key.split("/", 2)
+    d = atlas._info["mods"][mod]
+    element, array = (rest.rsplit("/", 1) if rest not in d["storage"] else (rest, None))
+    z = zarr.open_array(str(atlas.path / array_key), mode="r")
+    i = int(chunk.name.split(z.metadata.dimension_separator if hasattr(z.metadata, "dimension_separator")
+                            else ".")[0])
+    lo, hi = i * int(z.chunks[0]), (i + 1) * int(z.chunks[0])
+    if array in ("data", "indices"):
+        if d["records"] is None:
+            return "samples unknown"
+        starts = np.concatenate([d["records"][element]["start"], [d["records"][element]["nnz"].sum()]])
+    else:
+        starts = d["offsets"]  # rows (indptr has one more entry than rows)
+    hit = [smp for k, smp in enumerate(d["samples"]) if starts[k] < hi and starts[k + 1] > lo
+           or (array == "indptr" and starts[k + 1] == lo)]
+    if not hit:
+        return "no sample"
+    more = f" and {len(hit) - 1} more" if len(hit) > 1 else ""
+    return f"sample '{hit[0]}'{more}"
+
+
+def _check_blocks(atlas) -> None:
+    """Every block (read with its integrity check) against the kind, obs labels and shared samples."""
     ref_names: dict[str, tuple[str, pd.Index]] = {}
     for mod in atlas.modalities:
         obs = atlas.obs(mod)

@@ -13,6 +13,7 @@ import pandas as pd
 import scipy.sparse as sp
 from anndata.io import write_elem
 
+from ._integrity import ALGORITHM, RECORDS_KEY, RecordBook
 from ._layout import (
     ATLAS_KEY,
     FORMAT_VERSION,
@@ -26,7 +27,13 @@ from ._layout import (
     open_root,
     set_encoding,
 )
-from ._validate import AtlasValidationError, check_block, check_kind, check_labels, check_unique
+from ._validate import (
+    AtlasValidationError,
+    check_block,
+    check_kind,
+    check_labels,
+    check_unique,
+)
 
 
 class _Null:
@@ -80,6 +87,8 @@ class _ModalityWriter:
             arr = first.X if el is None else first.layers[el]
             dense = kind == "binary" or (kind == "continuous" and not sp.issparse(arr))
             self.storage["X" if el is None else f"layers/{el}"] = "dense" if dense else "csr"
+        # integrity records: per element, per sample, computed on the bytes written (no second pass)
+        self.records = {key: RecordBook(st) for key, st in self.storage.items()}
         # float16 is widened to float32 (documented conversion: SciPy's sparse matrices and most
         # BLAS kernels have no float16); the values are unchanged
         self.dtypes = {
@@ -196,7 +205,7 @@ class _ModalityWriter:
             check_block(block, mod=mod, sample=sample, kind=self.kind, element=key,
                         obs_names=names, var_names=self.var_names)
             if not self.dry:
-                self.sinks[key].append(block)
+                self.records[key].add(self.sinks[key].append(block))
         self.hashes.append(pd.util.hash_array(names.to_numpy(dtype=object)))
         if not self.dry:
             self.sinks["obs/_index"].append(names.to_numpy(dtype=object))
@@ -232,6 +241,16 @@ class _ModalityWriter:
             "has_X": bool(self.elements and self.elements[0] is None),
             "n_vars": int(self.n_vars),
         }
+
+    def integrity(self) -> dict:
+        """``{"algorithm": "crc32", "X": {field: per-sample int64}, "layers": {name: {...}}}``."""
+        out: dict = {"algorithm": ALGORITHM}
+        for key, book in self.records.items():
+            if key == "X":
+                out["X"] = book.arrays()
+            else:
+                out.setdefault("layers", {})[key.split("/", 1)[1]] = book.arrays()
+        return out
 
     def finish(self) -> None:
         if self.dry:
@@ -349,7 +368,7 @@ def _write_root(root, writers: dict[str, _ModalityWriter], samples: list[str], s
     mg = book.create_group("mods")
     set_encoding(mg, "dict", "0.1.0")
     for m in mods:
-        write_elem(mg, m, writers[m].info())
+        write_elem(mg, m, {**writers[m].info(), RECORDS_KEY: writers[m].integrity()})
     mod_g = root["mod"]
     mod_g.attrs["mod-order"] = mods
     root.attrs.update({"axis": 0, "encoding-type": "MuData", "encoding-version": "0.1.0",
@@ -503,6 +522,19 @@ def write_atlas(
     return _write_atlas(store, stream, sample_key=sample_key, kinds=kinds, overwrite=overwrite)
 
 
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux ``renameat2(RENAME_EXCHANGE)``); False where unavailable."""
+    import ctypes
+    import os
+
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return fn(at_fdcwd, os.fsencode(str(a)), at_fdcwd, os.fsencode(str(b)), rename_exchange) == 0
+
+
 def _write_atlas(store, stream, *, sample_key, kinds, overwrite, mod_order=None) -> Path:
     store = Path(store).absolute()
     try:
@@ -516,8 +548,6 @@ def _write_atlas(store, stream, *, sample_key, kinds, overwrite, mod_order=None)
         try:
             _run_stream(tmp, stream, sample_key=sample_key, kinds=kinds, mod_order=mod_order)
             if store.exists():
-                from ._results import _exchange
-
                 if _exchange(tmp, store):  # atomic swap: the old store now lies at tmp
                     shutil.rmtree(tmp, ignore_errors=True)
                 else:
