@@ -281,11 +281,11 @@ def test_model_rewritten_with_fewer_modalities_replaces_its_whole_result_set(tem
 
     store = _copy(template, tmp_path / "s")
     both = MultimodalAmortizedLDA.from_data(str(store), modalities=["rna", "atac"], n_topics=3, n_hidden=4)
-    both.train(1, 120, progress=False).write(key="topic")
+    both.train(1, 120, progress=False, client=False).write(key="topic")  # in process: no cluster left behind
     atac = ad.read_zarr(str(store / "mod" / "atac"))
     assert "X_topic" in atac.obsm and "topic_loadings" in atac.varm
     rna = MultimodalAmortizedLDA.from_data(str(store), modalities=["rna"], n_topics=4, n_hidden=4)
-    rna.train(1, 120, progress=False).write(key="topic")
+    rna.train(1, 120, progress=False, client=False).write(key="topic")
     atac = ad.read_zarr(str(store / "mod" / "atac"))
     assert "X_topic" not in atac.obsm and "topic_loadings" not in atac.varm  # replaced as a whole
     assert ad.read_zarr(str(store / "mod" / "rna")).obsm["X_topic"].shape == (N_CELLS, 4)
