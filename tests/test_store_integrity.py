@@ -181,6 +181,17 @@ def test_truncated_metadata_names_the_file_on_read_and_validate(store):
         atlas.obs("rna")
 
 
+def test_truncated_metadata_of_a_zarr_source_names_the_file(tmp_path):
+    a = ad.AnnData(np.ones((4, 2), np.float32), obs=pd.DataFrame({"s": list("AABB")}, index=list("abcd")))
+    src = tmp_path / "src.zarr"
+    a.write_zarr(src)
+    f = src / ".zmetadata"
+    f.write_bytes(f.read_bytes()[: len(f.read_bytes()) // 2])
+    with pytest.raises(AtlasValidationError, match=r"metadata of source .*src.zarr/\.zmetadata' is not valid JSON"):
+        convert(src, tmp_path / "out.zarr", sample_key="s")
+    assert not (tmp_path / "out.zarr").exists()
+
+
 def test_cli_names_the_damaged_file_without_traceback(store, capsys):
     from atlasfit.cli import main
 
@@ -252,7 +263,10 @@ def test_store_without_records_still_opens_reads_and_validates(store):
 
 
 def test_record_check_overhead_is_small(tmp_path):
-    """CRC-32 of what was read anyway: a ~1M-entry block reads at most ~35% slower (typically ~5-15%)."""
+    """CRC-32 of what was read anyway: on a 10^6-entry block about +2-3 ms on a ~10 ms warm read.
+
+    The bound is loose (a shared CI machine); the measured numbers are in docs/store.md.
+    """
     n, J = 2000, 5000
     X = sp.random(n, J, density=0.1, format="csr", random_state=2, dtype=np.float32)
     X.data = np.ceil(X.data * 5).astype(np.float32)
@@ -264,15 +278,13 @@ def test_record_check_overhead_is_small(tmp_path):
     key, storage, dtype, nv = atlas._element("rna", None)
     exp = {f: int(v[0]) for f, v in atlas._mod("rna")["records"]["X"].items()}
     exp.update(mod="rna", sample="A")
-
-    def best(fn, k=7):
-        ts = []
-        for _ in range(k):
-            t0 = time.perf_counter()
-            fn()
-            ts.append(time.perf_counter() - t0)
-        return min(ts)
-
-    plain = best(lambda: _read_rows(str(path), key, storage, 0, n, nv, dtype))
-    checked = best(lambda: _read_rows(str(path), key, storage, 0, n, nv, dtype, exp))
-    assert X.nnz > 900_000 and checked < 1.35 * plain + 0.003, (plain, checked)
+    plain, checked = [], []
+    for _ in range(9):  # interleaved, best of 9: robust to a busy machine
+        t0 = time.perf_counter()
+        _read_rows(str(path), key, storage, 0, n, nv, dtype)
+        plain.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        blk = _read_rows(str(path), key, storage, 0, n, nv, dtype, exp)
+        checked.append(time.perf_counter() - t0)
+    assert blk.nnz == X.nnz > 900_000
+    assert min(checked) < 1.6 * min(plain) + 0.005, (min(plain), min(checked))

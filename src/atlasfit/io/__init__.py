@@ -8,8 +8,8 @@ Layout (Zarr format 2, not consolidated; what ``mudata.write_zarr`` writes)::
       obsmap/<mod> varmap/<mod>   1-based row of each global cell/feature in the modality (0 = absent)
       obsm/<mod> varm/<mod>   boolean membership masks (as mudata writes them)
       uns/atlasfit/           bookkeeping: format_version, sample_key, samples (global order),
-                              modalities, mods/<mod>/{kind, samples, offsets, has_X, n_vars},
-                              complete (written LAST)
+                              modalities, mods/<mod>/{kind, samples, offsets, has_X, n_vars,
+                              integrity (per-sample nnz + CRC-32 of X / layers)}, complete (LAST)
       uns/atlasfit_models/<name>/   model groups from write_results(groups=...)
       mod/<mod>/              one AnnData group per modality
         X or layers/<l>       counts: csr_matrix (source dtype); binary (0/1/NaN): dense

@@ -169,7 +169,13 @@ def _labels(ms: _ModSource, root_obs, sample_key: str) -> np.ndarray:
 
 def _source_stream(source, *, sample_key: str, modalities=None, layers=None):
     """(modality order, generator of (sample, {mod: AnnData})) for a source, one sample at a time."""
-    mods, root_obs, closer = _open_source(source)
+    if isinstance(source, (str, Path)) and Path(source).is_dir():  # a .zarr source: name a damaged file
+        from ._integrity import SOURCE_FIX, metadata_guard
+
+        with metadata_guard(Path(source).absolute(), what="source", fix=SOURCE_FIX):
+            mods, root_obs, closer = _open_source(source)
+    else:
+        mods, root_obs, closer = _open_source(source)
     try:
         if modalities is not None:
             wanted = list(modalities.keys()) if isinstance(modalities, Mapping) else list(modalities)

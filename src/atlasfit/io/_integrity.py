@@ -327,21 +327,24 @@ def bad_metadata(root, under: str | None = None) -> tuple[Path, str] | None:
     return None
 
 
-def metadata_failure(store, err, under: str | None = None) -> AtlasValidationError:
+SOURCE_FIX = "re-export the source (e.g. AnnData.write_zarr / MuData.write_zarr) or restore it from a backup"
+
+
+def metadata_failure(store, err, under: str | None = None, *, what: str = "atlas store",
+                     fix: str = FIX) -> AtlasValidationError:
     """The error of a store whose Zarr metadata (.zattrs / .zarray / .zgroup / zarr.json) is damaged."""
     hit = bad_metadata(store, under) or (bad_metadata(store) if under else None)
     if hit is None:
         return AtlasValidationError(
-            f"the metadata of atlas store '{store}' is damaged: a metadata file is not valid JSON ({err}); "
-            f"{FIX}")
+            f"the metadata of {what} '{store}' is damaged: a metadata file is not valid JSON ({err}); {fix}")
     f, why = hit
     return AtlasValidationError(
-        f"the metadata of atlas store '{store}' is damaged: '{f}' is not valid JSON ({why}; truncated or "
-        f"overwritten?); {FIX}")
+        f"the metadata of {what} '{store}' is damaged: '{f}' is not valid JSON ({why}; truncated or "
+        f"overwritten?); {fix}")
 
 
 @contextmanager
-def metadata_guard(store, under: str | None = None):
+def metadata_guard(store, under: str | None = None, *, what: str = "atlas store", fix: str = FIX):
     """Turn a JSON decoding error raised while reading the store into a clear error naming the file."""
     try:
         yield
@@ -349,5 +352,5 @@ def metadata_guard(store, under: str | None = None):
         raise
     except Exception as err:
         if is_metadata_error(err):
-            raise metadata_failure(store, err, under) from err
+            raise metadata_failure(store, err, under, what=what, fix=fix) from err
         raise
