@@ -14,6 +14,7 @@ from ._driver import (
     run_fit,
 )
 from ._errors import ShardLostError, StateMissingError
+from ._guard import CheckpointLock, CheckpointLockedError, CheckpointMismatchError, fingerprint_digest
 from ._loop import resume, run_iterations
 from ._protocol import Engine, ShardSpec, plan_shards
 from ._reduce import gather_by_sample, ordered_sum
@@ -21,11 +22,15 @@ from ._serial import SerialEngine
 
 __all__ = [
     "Checkpoint",
+    "CheckpointLock",
+    "CheckpointLockedError",
+    "CheckpointMismatchError",
     "CheckpointPolicy",
     "check_count",
     "checkpoint_policy",
     "config_fingerprint",
     "default_checkpoint_dir",
+    "fingerprint_digest",
     "gather_by_sample",
     "gpu_available",
     "is_distributed",

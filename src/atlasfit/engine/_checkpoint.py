@@ -3,8 +3,10 @@
 Layout of a checkpoint directory (it may live anywhere, e.g. ``<store>/atlasfit/checkpoint``)::
 
     LATEST.json                 pointer: {"version": "v000000010-<token>", "iteration": 10}
+    LOCK.json                   while a fit uses the directory: its pid, host, start (_guard.py)
     v000000010-<token>/         one complete version (a Zarr group)
-        manifest.json           shared scalars/strings/structure + names of the local arrays
+        manifest.json           shared scalars/strings/structure + names of the local arrays +
+                                the fingerprint of the fit that wrote it
         shared.npz              shared arrays (np.savez, loaded with allow_pickle=False)
         local/<sample>/<array>  one Zarr array per sample and array, written by the owning worker
 
@@ -32,6 +34,7 @@ from urllib.parse import quote
 import numpy as np
 
 from .._xp import to_numpy
+from ._guard import canonical
 
 _POINTER = "LATEST.json"
 _FORMAT = 1
@@ -246,8 +249,12 @@ class Checkpoint:
     (3, 0.1, [1.0, 1.0])
     """
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, fingerprint: Mapping | None = None, lock=None):
         self.path = Path(path).absolute()  # workers may run in another directory
+        # what every saved version records of the fit that wrote it (atlasfit.engine._guard)
+        self.fingerprint = None if fingerprint is None else canonical(fingerprint)
+        # the fit's CheckpointLock on this directory, verified before every save (or None)
+        self.lock = lock
         self.last_info: CheckpointInfo | None = None
         # iteration of the version this object saved or restored (safe to roll back to)
         self.owned_iteration: int | None = None
@@ -281,6 +288,13 @@ class Checkpoint:
         with open(self._version_dir() / "manifest.json") as fh:
             return json.load(fh)
 
+    def saved_fingerprint(self) -> dict | None:
+        """The fingerprint recorded by the last complete save (``None``: no checkpoint, or one written
+        without a fingerprint)."""
+        if self.latest() is None:
+            return None
+        return self._manifest().get("fingerprint")
+
     # ------------------------------------------------------------------ save / load
 
     def save(self, engine, iteration: int, shared: Mapping, dump_local: Callable | None) -> CheckpointInfo:
@@ -306,6 +320,8 @@ class Checkpoint:
         import zarr
 
         t0 = time.perf_counter()
+        if self.lock is not None:
+            self.lock.verify()
         self.path.mkdir(parents=True, exist_ok=True)
         version = f"v{int(iteration):09d}-{uuid.uuid4().hex[:8]}"
         vdir = self.path / version
@@ -325,6 +341,7 @@ class Checkpoint:
             "shared": tree,
             "local": local_meta,
             "shards": [list(s.samples) for s in engine.shards],
+            "fingerprint": self.fingerprint,
         }
         with open(vdir / "manifest.json", "w") as fh:
             json.dump(manifest, fh)

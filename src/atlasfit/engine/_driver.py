@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,7 @@ from ._checkpoint import Checkpoint
 from ._determinism import blas_single_thread
 from ._device import resolve_device
 from ._errors import ShardLostError
+from ._guard import CheckpointLock, describe_differences, fingerprint_differences, fingerprint_digest, mismatch_error
 from ._loop import run_iterations
 from ._serial import SerialEngine
 
@@ -92,17 +94,22 @@ def is_distributed(engine) -> bool:
     return not isinstance(engine, SerialEngine)
 
 
-def default_checkpoint_dir(store_path: str | os.PathLike, model: str) -> Path:
+def default_checkpoint_dir(store_path: str | os.PathLike, model: str, fingerprint: Mapping | None = None) -> Path:
     """``<store>.checkpoints/<model>`` beside the store (not inside it: anndata/mudata read or warn
-    about every top-level entry of a store).
+    about every top-level entry of a store); with a fit's ``fingerprint``,
+    ``<store>.checkpoints/<model>-<8 hex digits of the fingerprint>``: one directory per fit, so fits of
+    other settings on one store never share (or overwrite) a checkpoint.
 
     Examples
     --------
     >>> default_checkpoint_dir("/data/atlas.zarr", "topic").as_posix()
     '/data/atlas.zarr.checkpoints/topic'
+    >>> default_checkpoint_dir("/data/atlas.zarr", "topic", {"seed": 0}).name.startswith("topic-")
+    True
     """
     p = Path(store_path)
-    return p.with_name(p.name + ".checkpoints") / model
+    name = model if fingerprint is None else f"{model}-{fingerprint_digest(fingerprint)}"
+    return p.with_name(p.name + ".checkpoints") / name
 
 
 @dataclass
@@ -123,6 +130,17 @@ class CheckpointPolicy:
     every: int | None
     resume: bool = False
 
+    def release(self) -> None:
+        """Release the lock on the checkpoint directory (idempotent; :func:`run_fit` does it at its end)."""
+        if self.checkpoint is not None and self.checkpoint.lock is not None:
+            self.checkpoint.lock.release()
+
+    def __enter__(self) -> CheckpointPolicy:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
 
 def checkpoint_policy(
     who: str,
@@ -134,6 +152,7 @@ def checkpoint_policy(
     checkpoint_every: int | None = None,
     resume: bool = False,
     default_every: int = 10,
+    fingerprint: Mapping | None = None,
 ) -> CheckpointPolicy:
     """The checkpoint policy shared by every model.
 
@@ -146,6 +165,19 @@ def checkpoint_policy(
 
     ``resume=True`` needs an existing checkpoint (clear error otherwise).
 
+    ``fingerprint``: the model's description of the fit, a small dict of named parts of plain data
+    (``{"model": ..., "config": {...}, "data": {...}, "seed": ...}``), recorded by every save. With it
+
+    * the default directory is per fit: ``<store>.checkpoints/<model>-<digest>``;
+    * ``resume=True`` compares it with the checkpoint's before any work and raises
+      :class:`~atlasfit.engine.CheckpointMismatchError` naming every differing part (for the default
+      directory, against the most recent checkpoint of this model beside the store);
+    * a fresh fit into a directory holding another fit's checkpoint warns, then replaces it.
+
+    A policy with a checkpoint holds the directory's :class:`~atlasfit.engine.CheckpointLock` (a second
+    fit on it gets :class:`~atlasfit.engine.CheckpointLockedError`) until :func:`run_fit` ends or
+    :meth:`CheckpointPolicy.release` (also a context manager: ``with checkpoint_policy(...) as p:``).
+
     Examples
     --------
     >>> checkpoint_policy("M", store_path=None, model="m", distributed=False).checkpoint is None
@@ -157,17 +189,75 @@ def checkpoint_policy(
         return CheckpointPolicy(None, None, False)
     if checkpoint_dir is None and not resume and not (store_path is not None and distributed):
         return CheckpointPolicy(None, None, False)
-    if checkpoint_dir is None:
+    defaulted = checkpoint_dir is None
+    if defaulted:
         if store_path is None:
             raise ValueError(f"{who}: give checkpoint_dir= to checkpoint (or resume) an in-memory fit")
-        checkpoint_dir = default_checkpoint_dir(store_path, model)
-    ck = Checkpoint(checkpoint_dir)
+        checkpoint_dir = default_checkpoint_dir(store_path, model, fingerprint)
+    ck = Checkpoint(checkpoint_dir, fingerprint=fingerprint)
     if resume and ck.iteration is None:
+        if defaulted and fingerprint is not None:
+            _refuse_sibling(who, Path(checkpoint_dir), model, fingerprint)
         raise FileNotFoundError(
             f"{who}: no checkpoint to resume from in {str(checkpoint_dir)!r}; start without resume_from_checkpoint"
         )
+    ck.lock = CheckpointLock(ck.path, who).acquire()
+    try:
+        _check_owner(who, ck, fingerprint, resume)
+    except BaseException:
+        ck.lock.release()
+        raise
     every = default_every if not checkpoint_every else int(checkpoint_every)
     return CheckpointPolicy(ck, every, bool(resume))
+
+
+def _check_owner(who: str, ck: Checkpoint, fingerprint: Mapping | None, resume: bool) -> None:
+    """With the lock held: a resume must match the checkpoint's fingerprint; a fresh fit over another
+    fit's checkpoint warns that it replaces it."""
+    if fingerprint is None or ck.iteration is None:
+        return
+    saved = ck.saved_fingerprint()
+    if saved is None:
+        msg = (f"{who}: the checkpoint in {str(ck.path)!r} records no fingerprint (written by an older atlasfit); "
+               "it cannot be checked against this fit")
+        warnings.warn(msg + (": resuming it as it is" if resume else "; this fit replaces it"), stacklevel=3)
+        return
+    diffs = fingerprint_differences(saved, fingerprint)
+    if not diffs:
+        return
+    if resume:
+        raise mismatch_error(who, ck.path, saved, fingerprint)
+    warnings.warn(
+        f"{who}: checkpoint_dir {str(ck.path)!r} holds the checkpoint of another fit; this fit replaces it at its "
+        f"first save. What differs:\n{describe_differences(diffs)}\nGive another checkpoint_dir= to keep it.",
+        stacklevel=3,
+    )
+
+
+def _refuse_sibling(who: str, directory: Path, model: str, fingerprint: Mapping) -> None:
+    """A resume whose per-fit default directory holds no checkpoint: when other fits of this model left
+    checkpoints beside the store, refuse, naming what differs from the most recent one."""
+    found = []
+    if directory.parent.is_dir():
+        for d in directory.parent.iterdir():
+            if d != directory and (d.name == model or d.name.startswith(model + "-")) and (d / "LATEST.json").is_file():
+                found.append(((d / "LATEST.json").stat().st_mtime, d.name, d))
+    if not found:
+        return
+    found.sort()
+    latest = found[-1][2]
+    others = [name for _, name, _ in found[:-1]]
+    extra = (f"(The most recent of {len(found)} checkpoints of this model beside the store; the others: "
+             f"{', '.join(others)}.)\n" if others else "")
+    saved = Checkpoint(latest).saved_fingerprint()
+    if saved is None:
+        raise FileNotFoundError(
+            f"{who}: no checkpoint of this fit in {str(directory)!r}; beside the store lies {str(latest)!r}, written "
+            "by an older atlasfit without a fingerprint, so it cannot be checked against this fit. To resume it as it "
+            f"is, pass checkpoint_dir={str(latest)!r} with the settings of that fit; or start without "
+            "resume_from_checkpoint"
+        )
+    raise mismatch_error(who, latest, saved, fingerprint, extra=extra)
 
 
 def run_fit(
@@ -203,6 +293,7 @@ def run_fit(
     During ``finish``: every shard is restored from the final checkpoint and ``finish`` runs again
     (without a checkpoint the error is raised). Either way the result has the bits of an
     uninterrupted fit. Everything runs with BLAS on one thread (see docs/engine.md, "Determinism").
+    The policy's lock on the checkpoint directory is released when the call ends, normally or not.
 
     Examples
     --------
@@ -214,6 +305,15 @@ def run_fit(
     {'t': 10}
     """
     policy = policy or CheckpointPolicy(None, None, False)
+    try:
+        return _run_fit(engine, init, step, stop, start, policy, dump_local, restore_local, progress, callback,
+                        desc, finish, max_recoveries)
+    finally:
+        policy.release()  # the checkpoint directory's lock: at the end and on any error
+
+
+def _run_fit(engine, init, step, stop, start, policy, dump_local, restore_local, progress, callback, desc, finish,
+             max_recoveries) -> dict:
     ck = policy.checkpoint
     with blas_single_thread():  # the driver's linear algebra as the workers': the same bits anywhere
         if policy.resume:

@@ -28,6 +28,7 @@ from ...engine import (
     run_fit,
 )
 from .._factor import MultiGEDI, dump_local, msh, restore_local
+from .._fingerprint import gedi_fingerprint
 from . import _shard as sh
 from ._fit import GediContext, initialize_gedi, iterate_gedi
 from ._kernels import diff_exp, diff_O, diff_Q, pathway_solver
@@ -293,11 +294,11 @@ class GEDI:
             Checkpoint the driver's state and every sample's local state (Y included) every this
             many iterations into ``checkpoint_dir`` (MultiGEDI's mechanism: a lost worker rolls all
             shards back to the last checkpoint and replays, bit for bit). Default: for a store fitted
-            with a Dask client, every 10 iterations into ``<store>.checkpoints/gedi``; otherwise
+            with a Dask client, every 10 iterations into ``<store>.checkpoints/gedi-<digest>``; otherwise
             none unless ``checkpoint_dir`` is given. ``checkpoint_every=0``: none.
         resume_from_checkpoint
             Continue a fit whose driver was killed from the last checkpoint in ``checkpoint_dir``
-            (same data, C, H and settings).
+            (same data, C, H, settings and seed; another fit's checkpoint is refused before any work).
 
         Returns
         -------
@@ -349,23 +350,20 @@ class GEDI:
             g: np.asarray(union[plan.cells[g]]).astype(str) for g in plan.global_samples}
         gpu = resolve_device(self.device, "GEDI", distributed=is_distributed(engine))
         array_module = "cupy" if gpu else None
-        engine.setup(sh.load_gedi_shard, sh.CheckedReader(reader, self.obs_type, genes, cell_names), plan,
-                     config, ctx.lamQ, ctx.lamO, hcols, array_module)
-        self._engine = engine
-        self._local = None
-        policy = checkpoint_policy(
+        policy = checkpoint_policy(  # before any work: another fit's checkpoint is refused, the directory locked
             "GEDI.fit", store_path=reg._atlas.path if is_store else None, model="gedi",
             distributed=is_distributed(engine), checkpoint_dir=checkpoint_dir,
             checkpoint_every=checkpoint_every, resume=resume_from_checkpoint,
-        )
+            fingerprint=gedi_fingerprint(self, reg, (C, Cnames), (Hm, Hnames), is_store))
         ck = policy.checkpoint
-        if policy.resume:
-            _, saved = ck.load_shared()
-            for key, given, what in (("A", ctx.C, "C"), ("R", ctx.H, "H")):
-                if (key in saved) != (given is not None):
-                    raise ValueError(f"GEDI.fit: the checkpoint in {str(ck.path)!r} was written "
-                                     f"{'with' if key in saved else 'without'} {what}; resume with the same "
-                                     "C, H and settings")
+        try:
+            engine.setup(sh.load_gedi_shard, sh.CheckedReader(reader, self.obs_type, genes, cell_names), plan,
+                         config, ctx.lamQ, ctx.lamO, hcols, array_module)
+        except BaseException:
+            policy.release()
+            raise
+        self._engine = engine
+        self._local = None
         shared = run_fit(engine, init=partial(initialize_gedi, plan=plan, config=config, ctx=ctx),
                          step=partial(iterate_gedi, plan=plan, config=config, ctx=ctx),
                          stop=int(max_iterations), policy=policy, progress=progress, callback=callback,

@@ -20,7 +20,6 @@ import pandas as pd
 from ...engine import (
     check_count,
     checkpoint_policy,
-    default_checkpoint_dir,
     is_distributed,
     make_engine,
     plan_shards,
@@ -373,11 +372,15 @@ class MultiGEDI:
             (no fault tolerance; saves the checkpoint I/O, about 2.5 GB per 100k cells x 3,000
             features in float64).
         checkpoint_dir
-            Where checkpoints go (default: ``<store>.checkpoints/multigedi`` beside the store;
+            Where checkpoints go (default: ``<store>.checkpoints/multigedi-<digest of the fit's
+            fingerprint>`` beside the store, one directory per fit;
             not inside it, because anndata/mudata read or warn about every top-level entry of a
             store). Per-sample zarr arrays written by the owning workers, plus the driver's state.
         resume_from_checkpoint
-            Continue a killed fit from its last checkpoint instead of starting over.
+            Continue a killed fit from its last checkpoint instead of starting over. The checkpoint
+            must be of this fit (same modalities, K, mode, dtype, data and seed: :meth:`fingerprint`);
+            another fit's is refused before any work, naming what differs. A checkpoint directory is
+            locked while a fit uses it: a second fit on it fails with ``CheckpointLockedError``.
         progress
             ``None``: a progress bar on a terminal and a log line otherwise; ``False``: silent.
         callback
@@ -397,16 +400,22 @@ class MultiGEDI:
                              max_shards=self.max_shards)
         engine = self._make_engine(shards, client, is_store)
         array_module = "cupy" if self._use_gpu(engine) else None
-        engine.setup(sh.load_shard, reader, plan, config, array_module)
-        self._engine = engine
-        self._state_cache = None
-
+        # the checkpoint before any work on the data: a resume of another fit is refused, the
+        # directory is locked (released by run_fit, or below when the setup fails)
         policy = checkpoint_policy(
             "MultiGEDI.fit", store_path=self._atlas.path if is_store else None, model="multigedi",
             distributed=is_distributed(engine), checkpoint_dir=checkpoint_dir,
             checkpoint_every=checkpoint_every, resume=resume_from_checkpoint,
+            fingerprint=self.fingerprint(self._atlas if is_store else None),
         )
         ck = policy.checkpoint
+        try:
+            engine.setup(sh.load_shard, reader, plan, config, array_module)
+        except BaseException:
+            policy.release()
+            raise
+        self._engine = engine
+        self._state_cache = None
         if tol is not None:
             callback = partial(_converged, names=config.names, tol=float(tol), user=callback)
         shared = run_fit(
@@ -422,6 +431,17 @@ class MultiGEDI:
         self.n_iter_ = int(shared.get("iteration", max_iterations))
         self.singular_values_ = self._svd["d"]
         return self
+
+    def fingerprint(self, store=None) -> dict:
+        """What a checkpoint of this fit records, and a resume must match: the model, its settings, the
+        registered data (``store``: the :class:`~atlasfit.io.Atlas`, or ``None`` in memory) and the seed."""
+        from .._fingerprint import plain_config, plan_identity
+
+        c = self.config
+        return {"model": type(self).__name__,
+                "config": {"K": int(c.K), "mode": c.mode, "dtype": np.dtype(c.dtype).name, "max_shards": self.max_shards,
+                           "modalities": [plain_config(m) for m in c.modalities]},
+                "data": plan_identity(self.plan_, store), "seed": int(c.seed)}
 
     def _make_engine(self, shards, client, is_store):
         engine, self._gpu = make_engine(shards, client=client, store=is_store, device=self.device,
@@ -722,7 +742,3 @@ def _converged(it: int, shared: dict, *, names, tol: float, user=None) -> bool:
         if abs(s2[-1] - s2[-2]) > tol * max(abs(s2[-2]), 1e-300):
             return False
     return True
-
-
-def _default_checkpoint_dir(store) -> Path:
-    return default_checkpoint_dir(store, "multigedi")

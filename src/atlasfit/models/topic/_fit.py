@@ -21,7 +21,6 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.sparse as sp
 
-from ...engine import config_fingerprint
 from ._config import TopicModelConfig, kl_weight_schedule
 from ._loss import combine_loss
 from ._optim import AdamWState, adamw_init, adamw_step
@@ -82,11 +81,15 @@ class FitPlan:
     def n_steps(self) -> int:
         return max(1, math.ceil(self.n_cells / self.batch_size))
 
-    def fingerprint(self) -> str:
-        """What a checkpoint must match to be resumed by this fit."""
-        return config_fingerprint((repr(self.cfg), np.dtype(self.dtype).name, self.n_cells, tuple(self.sizes),
-                                   self.batch_size, self.seed, str(self.input_median), self.bernoulli_depth,
-                                   self.steps_per_round, self.theta_bar_sync, self.omega_update))
+    def fingerprint(self) -> dict:
+        """The ``config`` part of the checkpoint fingerprint (what a resumed fit must match; the data
+        and seed are parts of their own: :meth:`~atlasfit.MultimodalAmortizedLDA.train`)."""
+        from .._fingerprint import plain_config
+
+        return {"model": plain_config(self.cfg), "dtype": np.dtype(self.dtype).name, "batch_size": int(self.batch_size),
+                "input_median": str(self.input_median), "bernoulli_depth": self.bernoulli_depth,
+                "steps_per_round": int(self.steps_per_round), "theta_bar_sync": self.theta_bar_sync,
+                "omega_update": self.omega_update}
 
 
 #: ``steps_per_round="auto"`` on a distributed engine: local steps per engine round. Each round
@@ -269,7 +272,7 @@ def init_shared(engine, plan: FitPlan, *, params: dict | None = None, locate=Non
     return {
         "params": p, "opt_m": opt.m, "opt_v": opt.v, "opt_step": 0, "bn": init_bn_state(cfg, dtype),
         "buffers": buffers, "lib_median": lib_median, "bern_depth": {m: float(v) for m, v in bern_depth.items()},
-        "theta_prev": None, "history": {"epoch": [], "beta": [], "loss": []}, "fingerprint": plan.fingerprint(),
+        "theta_prev": None, "history": {"epoch": [], "beta": [], "loss": []},
     }
 
 
@@ -343,14 +346,6 @@ def fit_from_shared(cfg: TopicModelConfig, shared: dict, n_cells: int) -> TopicF
     return fit
 
 
-def check_resumed(shared: dict, plan: FitPlan, who: str) -> None:
-    """A checkpoint written by another model or other settings cannot be resumed (clear error)."""
-    if shared.get("fingerprint") != plan.fingerprint():
-        raise ValueError(f"{who}: the checkpoint was written by a fit with another configuration, data or training "
-                         "settings; resume with the same model and train() arguments, or start without "
-                         "resume_from_checkpoint (and another checkpoint_dir)")
-
-
 class _TrainingMixin:
     """What :meth:`~atlasfit.MultimodalAmortizedLDA.train` keeps between calls: the validation round,
     the history records, the driver state of a continued fit, the split and the per-cell :math:`\\Omega`."""
@@ -407,8 +402,7 @@ class _TrainingMixin:
                     h.setdefault(k, []).append(v)
         return {"params": dict(fit.params), "opt_m": dict(opt.m), "opt_v": dict(opt.v), "opt_step": int(opt.step),
                 "bn": dict(fit.bn_state), "buffers": dict(fit.buffers), "lib_median": dict(fit.lib_median),
-                "bern_depth": dict(fit.bern_depth), "theta_prev": self._theta_prev, "history": h,
-                "fingerprint": plan.fingerprint()}
+                "bern_depth": dict(fit.bern_depth), "theta_prev": self._theta_prev, "history": h}
 
     @property
     def train_indices_(self) -> np.ndarray | None:

@@ -328,12 +328,14 @@ class MultimodalAmortizedLDA(_TrainingMixin, _EvalMixin, _SummariesMixin, _Persi
         checkpoint_every, checkpoint_dir, resume_from_checkpoint
             Fault tolerance (:func:`atlasfit.engine.checkpoint_policy`): a store fit on a Dask cluster
             checkpoints every ``checkpoint_every`` epochs (default 10; ``0``: never) into
-            ``checkpoint_dir`` (default ``<store>.checkpoints/topic`` beside the store); the
+            ``checkpoint_dir`` (default ``<store>.checkpoints/topic-<digest>`` beside the store, one per fit); the
             parameters, AdamW moments and step, BatchNorm statistics, the lagged :math:`\bar\theta`,
             the history and each sample's :math:`\\Omega` rows. A lost worker rolls back to the last
             checkpoint and replays (the same bits); ``resume_from_checkpoint=True`` continues an
             interrupted fit (a new model on the same data, the same ``train`` arguments) up to
-            ``max_epochs`` epochs in all.
+            ``max_epochs`` epochs in all; another fit's checkpoint (other model, settings, data or
+            seed) is refused before any work, naming what differs, and a second fit on a directory
+            in use fails with ``CheckpointLockedError``.
 
         Returns
         -------
@@ -390,9 +392,12 @@ class MultimodalAmortizedLDA(_TrainingMixin, _EvalMixin, _SummariesMixin, _Persi
                        "weight_decay": weight_decay}, kl_schedule, kw, input_median, bernoulli_depth,
                        resolve_steps_per_round(steps_per_round, is_distributed(engine)), theta_bar_sync,
                        omega_update, decoder_init)
+        # before any work on the data: another fit's checkpoint is refused, the directory locked (released
+        # by run_fit, or in the finally below when the setup fails)
         policy = checkpoint_policy(f"{who}.train", store_path=reg.source if reg.is_store else None, model="topic",
                                    distributed=is_distributed(engine), checkpoint_dir=checkpoint_dir,
-                                   checkpoint_every=checkpoint_every, resume=resume_from_checkpoint)
+                                   checkpoint_every=checkpoint_every, resume=resume_from_checkpoint,
+                                   fingerprint=self._fingerprint(plan, names, validation_fraction))
         sign = 1.0 if monitor == "val_loss" else -1.0
         fresh_es = {"best": math.inf, "best_epoch": -1, "waited": 0, "stop": False}
 
@@ -407,10 +412,6 @@ class MultimodalAmortizedLDA(_TrainingMixin, _EvalMixin, _SummariesMixin, _Persi
             return shared
 
         def step(e, shared, it):
-            if shared.get("fingerprint") != plan.fingerprint():
-                raise ValueError(f"{who}.train: the checkpoint was written by a fit with another configuration, data "
-                                 "or train() settings; resume with the same model and arguments, or start without "
-                                 "resume_from_checkpoint")
             shared = epoch_step(e, shared, it, plan)
             hist = shared["history"]
             if n_val:
@@ -432,9 +433,9 @@ class MultimodalAmortizedLDA(_TrainingMixin, _EvalMixin, _SummariesMixin, _Persi
             stop = bool(callback(it - 1, self._records(shared, N)[-1])) if callback is not None else False
             return stop or shared["es"]["stop"]
 
-        engine.setup(load_shard, reader, layout, cfg, self.dtype, "cupy" if gpu else None)
         ok = False
         try:
+            engine.setup(load_shard, reader, layout, cfg, self.dtype, "cupy" if gpu else None)
             cell = cfg.weight_mode == "cell"
             shared = run_fit(engine, init=init, step=step, start=start, stop=start + int(max_epochs), policy=policy,
                              dump_local=dump_local if cell else None, restore_local=restore_local if cell else None,
@@ -457,9 +458,23 @@ class MultimodalAmortizedLDA(_TrainingMixin, _EvalMixin, _SummariesMixin, _Persi
             self._engine = engine  # kept for the summaries (engine rounds on the same shards)
             ok = True
         finally:
+            policy.release()
             if not ok:
                 engine.close()
         return self
+
+    def _fingerprint(self, plan, names, validation_fraction) -> dict:
+        """What a checkpoint of this training records, and a resume must match: the model and ``train``
+        settings (:meth:`FitPlan.fingerprint`), the data (store or shapes, samples and training cells)
+        and the seed."""
+        from .._fingerprint import data_identity
+
+        reg = self._data
+        shape = {m: (reg.n_obs, reg.n_features(m)) for m in reg.modalities}
+        samples = {"all": reg.sample_counts(), "train": dict(zip(names, (int(n) for n in plan.sizes)))}
+        return {"model": type(self).__name__,
+                "config": {**plan.fingerprint(), "validation_fraction": float(validation_fraction)},
+                "data": data_identity(reg.atlas if reg.is_store else None, shape, samples), "seed": int(plan.seed)}
 
     @property
     def history_(self) -> pd.DataFrame:
