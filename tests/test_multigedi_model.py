@@ -281,3 +281,14 @@ def test_in_memory_non_integer_counts_are_refused():
     a.X = sp.csr_matrix(X)
     with pytest.raises(ValueError, match=r"at cell 'c5', feature '3'"):
         atlasfit.MultiGEDI({"rna": {"obs_type": "M"}}, sample_key="s", K=2).fit(a, max_iterations=1)
+    a.X = sp.csc_matrix(X)
+    with pytest.raises(ValueError, match=r"at cell 'c5', feature '3'"):
+        atlasfit.MultiGEDI({"rna": {"obs_type": "M"}}, sample_key="s", K=2).fit(a, max_iterations=1)
+    # as anndata reads a CSR from a store / h5ad: int64 indptr, int32 indices (SciPy's tocoo() failed on it)
+    C = sp.csr_matrix(X)
+    C.indices, C.indptr = C.indices.astype(np.int32), C.indptr.astype(np.int64)  # (the constructor unifies them)
+    a.X = C
+    with pytest.raises(ValueError, match=r"at cell 'c5', feature '3'"):
+        atlasfit.MultiGEDI({"rna": {"obs_type": "M"}}, sample_key="s", K=2).fit(a, max_iterations=1)
+    a.X.data[a.X.data == 1.5] = 1.0  # valid counts in that layout fit
+    atlasfit.MultiGEDI({"rna": {"obs_type": "M"}}, sample_key="s", K=2).fit(a, max_iterations=1, progress=False)

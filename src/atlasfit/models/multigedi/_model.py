@@ -74,21 +74,21 @@ def _check_counts(M, m: str, layer, obs_names, var_names) -> None:
     the fix. Issue 11 item 8: non-integer counts used to fit silently."""
     from scipy import sparse
 
-    if sparse.issparse(M):
-        C = M.tocoo()
-        vals, rows, cols = C.data, C.row, C.col
-    else:
-        vals = np.asarray(M)
-        rows = cols = None
+    if sparse.issparse(M) and M.format not in ("csr", "csc"):
+        M = M.tocsr()
+    # CSR / CSC: the stored values are checked as they are, the offending cell found from indptr (no
+    # COO copy: tocoo() of anndata's CSR, int64 indptr + int32 indices, fails in SciPy 1.17)
+    vals = M.data if sparse.issparse(M) else np.asarray(M)
     with np.errstate(invalid="ignore"):
         bad = ~np.isfinite(vals) | (vals < 0) | (vals != np.round(vals))
     if not bad.any():
         return
     k = int(np.flatnonzero(bad.ravel())[0])
-    if rows is None:
+    if not sparse.issparse(M):
         r, c = np.unravel_index(k, vals.shape)
     else:
-        r, c = rows[k], cols[k]
+        major, minor = int(np.searchsorted(M.indptr, k, side="right") - 1), int(M.indices[k])
+        r, c = (major, minor) if M.format == "csr" else (minor, major)
     where = "X" if layer is None else f"layer {layer!r}"
     raise ValueError(
         f"MultiGEDI: modality {m!r} ({where}) has obs_type 'M'/'M_list' but holds a value that is not a "
