@@ -286,7 +286,7 @@ def test_shard_functions_pass_batch_codes_and_graph():
     kw = minibatch_extras(state, local, med)
     L, g = loss_and_grad(p, {"rna": x["rna"][local]}, cn, gn, cfg, buf, n_total=30, beta=1.0, lib_median=med, **kw)
     np.testing.assert_array_equal(kw["batch"], batch[local])
-    assert kw["graph"]["adj"]["rna"].shape[0] == B
+    assert kw["graph"]["adj"]["rna"][-1].shape[0] == B  # the last layer block gives the minibatch rows
     draws = global_draws(p, gn, cfg, buf)
     full = dict(grads)
     for k, v in global_draws_backward(p, gn, draws, grads, cfg).items():

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ._sampling import check_fan_out
+
 #: Likelihood strings understood by the model (§1.7). ``"nb"`` is NB without background (§11 item 17).
 LIKELIHOODS = ("multinomial", "gamma_poisson", "nb", "bernoulli", "gaussian")
 COUNT_LIKELIHOODS = ("multinomial", "gamma_poisson", "nb", "bernoulli")
@@ -18,6 +20,10 @@ WEIGHT_MODES = ("equal", "universal", "cell")
 AGGREGATIONS = ("moe", "attention")
 TOPIC_FEATURE_PRIORS = ("logistic_normal", "horseshoe")
 SPATIAL_MODES = (None, "sgc", "gcn")
+#: Graph layers of ``spatial_mode="gcn"`` (§4.4) and their reference spellings (topomics' ``gcn_conv_type``).
+GCN_CONV_TYPES = {"gcn": "gcn", "gatv2": "gatv2", "GCNConv": "gcn", "GATv2Conv": "gatv2", "gat": "gatv2"}
+#: Subgraphs of the GCN encoder (§4.3): exact L-hop neighbourhoods or neighbour sampling ("approx").
+GCN_SAMPLING = ("exact", "approx")
 
 #: Decoder batch-offset priors (§1.5): :math:`\tau^b\sim\mathrm{Beta}(0.5, 0.5)`,
 #: :math:`\Delta\sim\mathrm{StudentT}(\nu=10, 0, 0.01)`.
@@ -87,6 +93,16 @@ class TopicModelConfig:
         layer :math:`\\alpha\\,XW_0 + (1-\\alpha)\\hat A_{\\mathcal B,\\mathcal S}X_{\\mathcal S}W_g + b_0`,
         :math:`\\alpha=\\sigma(a_\\alpha)` learned, initialised at ``gcn_alpha_init``; §4.4), both over the
         within-sample graph with :math:`\\hat A = D^{-1/2}(A+I)D^{-1/2}` (see ``_spatial.py``).
+    gcn_n_layers, gcn_conv_type, gcn_heads, gcn_sampling, gcn_fan_out
+        The graph branch of ``spatial_mode="gcn"`` (§4.3, §4.4; ``_gnn.py``, ``_sampling.py``):
+        ``gcn_n_layers`` graph layers (``>= 1``; 1 = the one-layer convolution above), each
+        ``"gcn"`` (:math:`\\tilde A\\,hW`, default) or ``"gatv2"`` (GATv2 attention with
+        ``gcn_heads`` heads of width ``n_hidden / gcn_heads``, concatenated; the reference's
+        ``"GATv2Conv"`` / ``"GCNConv"`` are accepted), ReLU between layers. ``gcn_sampling="exact"``
+        (default) reads the exact ``gcn_n_layers``-hop neighbourhood of a minibatch; ``"approx"``
+        samples at most ``gcn_fan_out[h]`` neighbours per node at hop ``h`` (without replacement,
+        re-weighted so that a GCN layer is unbiased; an integer applies to every hop; default 10),
+        keyed by (seed, epoch, step, sample). Evaluation always uses the exact neighbourhoods.
     bernoulli_scaling
         ``"depth"`` (default, corrected): :math:`p = \\min(\\ell_n\\rho_{nf}, 1)`, so the expected number
         of ones of a cell is its observed number of ones. ``"reference"``:
@@ -142,6 +158,11 @@ class TopicModelConfig:
     spatial_mode: str | None = None
     sgc_n_layers: int = 1
     gcn_alpha_init: float = 0.7
+    gcn_n_layers: int = 1
+    gcn_conv_type: str = "gcn"
+    gcn_heads: int = 4
+    gcn_sampling: str = "exact"
+    gcn_fan_out: int | Sequence[int] | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "modalities", tuple(str(m) for m in self.modalities))
@@ -211,7 +232,27 @@ class TopicModelConfig:
         object.__setattr__(self, "sgc_n_layers", int(self.sgc_n_layers))
         if not 0.0 < self.gcn_alpha_init < 1.0:
             raise ValueError(f"gcn_alpha_init must be in (0, 1) (the self-path weight), got {self.gcn_alpha_init}")
+        self._check_gcn()
         cell_topic_alpha(self)  # validates cell_topic_prior
+
+    def _check_gcn(self):
+        if isinstance(self.gcn_n_layers, bool) or int(self.gcn_n_layers) != self.gcn_n_layers or self.gcn_n_layers < 1:
+            raise ValueError(f"gcn_n_layers must be an integer >= 1, got {self.gcn_n_layers}")
+        object.__setattr__(self, "gcn_n_layers", int(self.gcn_n_layers))
+        if self.gcn_conv_type not in GCN_CONV_TYPES:
+            raise ValueError(f"gcn_conv_type {self.gcn_conv_type!r}: use 'gcn' or 'gatv2' (or 'GCNConv' / 'GATv2Conv')")
+        object.__setattr__(self, "gcn_conv_type", GCN_CONV_TYPES[self.gcn_conv_type])
+        if int(self.gcn_heads) != self.gcn_heads or self.gcn_heads < 1:
+            raise ValueError(f"gcn_heads must be an integer >= 1, got {self.gcn_heads}")
+        object.__setattr__(self, "gcn_heads", int(self.gcn_heads))
+        if self.gcn_conv_type == "gatv2" and self.n_hidden % self.gcn_heads:
+            raise ValueError(f"gcn_conv_type='gatv2' concatenates gcn_heads={self.gcn_heads} heads into n_hidden="
+                             f"{self.n_hidden} units: choose n_hidden divisible by gcn_heads")
+        if self.gcn_sampling not in GCN_SAMPLING:
+            raise ValueError(f"gcn_sampling {self.gcn_sampling!r}: use 'exact' (L-hop neighbourhoods) or 'approx' "
+                             "(neighbour sampling with gcn_fan_out)")
+        if self.gcn_sampling == "approx" or self.gcn_fan_out is not None:
+            object.__setattr__(self, "gcn_fan_out", check_fan_out(self.gcn_fan_out, self.gcn_n_layers))
 
     @property
     def n_modalities(self) -> int:

@@ -19,7 +19,9 @@ from ._data import (
 )
 from ._rounds import FullRows, evaluate_sample, light_fit, round_context, shard_summary
 from ._shard import load_shard, restore_local
-from ._spatial import check_adjacency, neighbourhood, normalized_adjacency, sgc_features
+from ._sampling import layered_subgraph
+from ._spatial import check_adjacency, normalized_adjacency, sgc_features
+from ._sparse import minibatch_rows
 
 
 class _EvalSet:
@@ -168,10 +170,10 @@ class _EvalMixin:
                                        for m in cfg.modalities}
             elif cfg.spatial_mode == "gcn":
                 adj, xn = {}, {}
-                for m in cfg.modalities:
-                    sub, cols = neighbourhood(ev.adj_hat[m], rows)
-                    adj[m] = sub.astype(dtype)
-                    xn[m] = _dense_rows(ev.X[m], cols).astype(dtype, copy=False)
+                for m in cfg.modalities:  # exact L-hop neighbourhoods (deterministic), also after sampled training
+                    g = layered_subgraph(ev.adj_hat[m], rows, cfg.gcn_n_layers)
+                    adj[m] = [a.astype(dtype) for a in g.adj]
+                    xn[m] = minibatch_rows(ev.X[m], g.nodes, dtype)
                 extra["graph"] = {"adj": adj, "x_nbr": xn}
             yield pos, x, None if ev.omega is None else ev.omega[pos], extra
 

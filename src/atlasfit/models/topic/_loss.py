@@ -179,7 +179,8 @@ def forward_cells(
     (:func:`~atlasfit.models.topic._spatial.sgc_features` rows); ``graph = {"adj": (B, S) rows of
     the normalised adjacency restricted to the neighbourhood (or ``{m: ...}`` per modality),
     "x_nbr": {m: (S, F_m) raw rows of the neighbourhood}}`` for ``spatial_mode="gcn"``
-    (:func:`~atlasfit.models.topic._spatial.neighbourhood`).
+    (:func:`~atlasfit.models.topic._spatial.neighbourhood`); with ``gcn_n_layers`` > 1 ``"adj"`` holds
+    the list of layer blocks of a :class:`~atlasfit.models.topic._sampling.LayeredGraph`.
     Encoder inputs are :math:`[\\hat x, \\text{cont}, \\text{onehot}]` (§2.2).
 
     Returns ``(cache, stats)``; ``stats`` holds sums over the rows: ``nll`` (weighted
@@ -362,11 +363,7 @@ def encoder_inputs(
         if cfg.spatial_mode == "gcn":
             xs = graph["x_nbr"][m]
             adj = graph["adj"][m] if isinstance(graph["adj"], dict) else graph["adj"]
-            if xs.shape[1:] != (cfg.n_feat(m),) or adj.shape != (B, xs.shape[0]):
-                raise ValueError(
-                    f"modality {m!r}: graph['adj'] has shape {adj.shape} and graph['x_nbr'] {xs.shape}; "
-                    f"expected ({B}, S) and (S, {cfg.n_feat(m)})"
-                )
+            _check_graph_blocks(cfg, m, adj, xs, B)
             if not raw_input:
                 if med is None:  # the minibatch median of these rows, as for the minibatch itself
                     med = lower_median(xp.maximum(xp.maximum(row_sums(xm), 0.0), 1.0))
@@ -389,6 +386,23 @@ def encoder_inputs(
             xh = xp.concatenate([xh] + cov_blocks, axis=1)
         out[m] = (xh, gcn)
     return batch, out
+
+
+def _check_graph_blocks(cfg: TopicModelConfig, m: str, adj, xs, B: int):
+    """The layer blocks ``adj`` (one matrix or a list of ``gcn_n_layers``, input side first) chain
+    from the (S, F_m) node inputs ``xs`` to the B minibatch rows."""
+    blocks = list(adj) if isinstance(adj, (list, tuple)) else [adj]
+    shapes = [tuple(a.shape) for a in blocks]
+    if len(blocks) != cfg.gcn_n_layers:
+        raise ValueError(f"modality {m!r}: graph['adj'] has {len(blocks)} layer blocks but gcn_n_layers="
+                         f"{cfg.gcn_n_layers}; build them with _sampling.layered_subgraph(..., n_layers={cfg.gcn_n_layers})")
+    ok = xs.shape[1:] == (cfg.n_feat(m),) and shapes[0][1] == xs.shape[0] and shapes[-1][0] == B
+    ok = ok and all(shapes[j][0] == shapes[j + 1][1] for j in range(len(shapes) - 1))
+    if not ok:
+        raise ValueError(
+            f"modality {m!r}: graph['adj'] has shapes {shapes} and graph['x_nbr'] {tuple(xs.shape)}; expected "
+            f"(S, {cfg.n_feat(m)}) node inputs and blocks chaining S nodes to the {B} minibatch rows"
+        )
 
 
 def _covariate_inputs(cfg: TopicModelConfig, B: int, batch, cont, xp, dtype):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from ..._xp import get_xp
 from ._config import CLAMP_EPS, CLAMP_MAX
+from ._gnn import graph_backward, graph_forward
 from ._params import sigmoid
 from ._sparse import csr_like, encoder_layout, input_matmul, input_tmatmul, is_sparse, row_ids, row_sums, xp_of
 
@@ -127,22 +128,24 @@ def batchnorm_train_backward(dy, cache, gamma):
 def _first_layer(p: dict, prefix: str, h, gcn):
     """Pre-activation of layer 0: :math:`hW_0 + b_0`, or with a graph (``gcn = (adj, xs)``, §4.4)
 
-    .. math:: a = \\alpha\\,hW_0 + (1-\\alpha)\\,\\hat A_{\\mathcal B,\\mathcal S}(X_{\\mathcal S}W_g) + b_0,
-              \\qquad \\alpha = \\sigma(a_\\alpha)
+    .. math:: a = \\alpha\\,hW_0 + (1-\\alpha)\\,N + b_0, \\qquad \\alpha = \\sigma(a_\\alpha)
 
-    where ``adj`` is the (B, S) block of the normalised adjacency and ``xs`` the (S, F) encoder
-    inputs of the neighbourhood. ``h`` may be dense, CSR or :class:`~._sparse.SparseBlocks`
+    where :math:`N` is the graph branch (:func:`~atlasfit.models.topic._gnn.graph_forward`) over the
+    layer blocks ``adj`` (a list, input side first; one (B, S) matrix for one layer, then
+    :math:`N = \\hat A_{\\mathcal B,\\mathcal S}(X_{\\mathcal S}W_g)`) and the (S, F) encoder inputs ``xs``
+    of the subgraph's nodes. ``h`` may be dense, CSR or :class:`~._sparse.SparseBlocks`
     (:math:`[\\hat x, \\text{cov}]` with :math:`\\hat x` CSR: :math:`\\hat xW_{0,[:F]} + \\text{cov}\\,W_{0,[F:]}`,
     :math:`O(\\mathrm{nnz}\\cdot H)`). Returns ``(a, gcache)``.
     """
     if gcn is None:
         return input_matmul(h, p[f"{prefix}W0"]) + p[f"{prefix}b0"], None
     adj, xs = gcn
+    adj = adj if isinstance(adj, (list, tuple)) else [adj]
     xp = xp_of(h)
     al = sigmoid(p[f"{prefix}alpha"], xp)
     own = input_matmul(h, p[f"{prefix}W0"])
-    nei = xp.asarray(adj @ (xs @ p[f"{prefix}Wg"]))
-    return al * own + (1.0 - al) * nei + p[f"{prefix}b0"], (adj, xs, own, nei, al)
+    nei, layers = graph_forward(p, prefix, adj, xs)
+    return al * own + (1.0 - al) * nei + p[f"{prefix}b0"], (layers, own, nei, al)
 
 
 def encoder_forward(p: dict, prefix: str, xh, masks, n_layers: int, bn_eps: float, var_eps: float, gcn=None):
@@ -190,9 +193,10 @@ def encoder_backward(p: dict, prefix: str, cache: dict, dmu, dv, n_layers: int) 
     :math:`\\partial\\mu`, :math:`\\partial v` (the input is data, so no gradient is returned for it).
 
     Uses :math:`\\partial v/\\partial(\\text{pre-activation}) = \\exp(\\cdot)` where the clamp is inactive.
-    With a graph layer: :math:`\\partial W_0 = h^\\top(\\alpha\\,\\partial a)`,
-    :math:`\\partial W_g = X_{\\mathcal S}^\\top\\hat A_{\\mathcal B,\\mathcal S}^\\top((1-\\alpha)\\partial a)`,
-    :math:`\\partial a_\\alpha = \\alpha(1-\\alpha)\\sum\\partial a\\odot(hW_0 - \\hat A X_{\\mathcal S}W_g)`.
+    With a graph branch: :math:`\\partial W_0 = h^\\top(\\alpha\\,\\partial a)`, the branch's parameters from
+    :math:`\\partial N = (1-\\alpha)\\partial a` (:func:`~atlasfit.models.topic._gnn.graph_backward`; one GCN
+    layer: :math:`\\partial W_g = X_{\\mathcal S}^\\top\\hat A_{\\mathcal B,\\mathcal S}^\\top\\partial N`),
+    :math:`\\partial a_\\alpha = \\alpha(1-\\alpha)\\sum\\partial a\\odot(hW_0 - N)`.
     """
     g = {}
     dpre_mu = dmu * cache["ok_mu"]
@@ -214,10 +218,9 @@ def encoder_backward(p: dict, prefix: str, cache: dict, dmu, dv, n_layers: int) 
         if gc is None:
             g[f"{prefix}W{l}"] = input_tmatmul(h_in, da)  # sparse input: O(nnz H)
         else:
-            adj, xs, own, nei, al = gc
-            xp = get_xp(da)
+            layers, own, nei, al = gc
             g[f"{prefix}W0"] = input_tmatmul(h_in, al * da)
-            g[f"{prefix}Wg"] = xs.T @ xp.asarray(adj.T @ ((1.0 - al) * da))
+            g.update(graph_backward(p, prefix, (1.0 - al) * da, layers))
             g[f"{prefix}alpha"] = (da * (own - nei)).sum(keepdims=True).reshape(1) * (al * (1.0 - al))
         if l > 0:
             dh = da @ p[f"{prefix}W{l}"].T

@@ -62,6 +62,10 @@ def init_params(cfg: TopicModelConfig, seed: int = 0, dtype=np.float64) -> dict[
       ``delta_scale`` (C, F); loc 0, raw scale :math:`s_{0.1}` (§2.1).
     * GCN: ``enc/{m}/Wg`` (F, H) uniform :math:`\\pm1/\\sqrt F` and the skip logit ``enc/{m}/alpha``
       (1,) = logit(``gcn_alpha_init``).
+    * Deeper GCN (``gcn_n_layers`` = L > 1): ``enc/{m}/Wg{j}`` (H, H) uniform :math:`\\pm1/\\sqrt H` for
+      j = 1..L-1 and inner biases ``enc/{m}/bg{j}`` = 0 (j < L-1). GATv2 (``gcn_conv_type="gatv2"``,
+      replaces ``Wg``): ``enc/{m}/gat{j}/WL``, ``WR`` (fan-in, H) Glorot-uniform, ``bR`` = 0 and the
+      attention vectors ``a`` (heads, H/heads) Glorot-uniform :math:`\\pm\\sqrt{6/(\\text{heads} + c)}`.
 
     Per-cell weights of ``weight_mode="cell"`` are not global: see :func:`init_cell_omega`.
 
@@ -94,9 +98,11 @@ def init_params(cfg: TopicModelConfig, seed: int = 0, dtype=np.float64) -> dict[
             p[f"{pre}W_{head}"] = uni(bound, (H, K))
             p[f"{pre}b_{head}"] = uni(bound, (K,))
         if cfg.spatial_mode == "gcn":
-            p[f"{pre}Wg"] = uni(1.0 / math.sqrt(F), (F, H))
+            if cfg.gcn_conv_type == "gcn":
+                p[f"{pre}Wg"] = uni(1.0 / math.sqrt(F), (F, H))
             a0 = cfg.gcn_alpha_init
             p[f"{pre}alpha"] = np.full(1, math.log(a0 / (1.0 - a0)))
+            p.update(_graph_params(cfg, pre, F, uni))
         d = f"dec/{m}/"
         if cfg.horseshoe:
             for g, (kind, loc) in HS_GROUPS.items():
@@ -126,6 +132,26 @@ def init_params(cfg: TopicModelConfig, seed: int = 0, dtype=np.float64) -> dict[
     elif cfg.weight_mode == "universal":
         p["mix/omega"] = np.ones(cfg.n_modalities)
     return {k: np.asarray(v, dtype=dtype) for k, v in p.items()}
+
+
+def _graph_params(cfg: TopicModelConfig, pre: str, F: int, uni) -> dict:
+    """Graph-branch parameters beyond the one-layer ``Wg`` (see :func:`init_params`), drawn after it."""
+    H, L = cfg.n_hidden, cfg.gcn_n_layers
+    out = {}
+    for j in range(L):
+        fan_in = F if j == 0 else H
+        if cfg.gcn_conv_type == "gatv2":
+            q = f"{pre}gat{j}/"
+            c = H // cfg.gcn_heads
+            out[q + "WL"] = uni(math.sqrt(6.0 / (fan_in + H)), (fan_in, H))
+            out[q + "WR"] = uni(math.sqrt(6.0 / (fan_in + H)), (fan_in, H))
+            out[q + "bR"] = np.zeros(H)
+            out[q + "a"] = uni(math.sqrt(6.0 / (cfg.gcn_heads + c)), (cfg.gcn_heads, c))
+        elif j > 0:
+            out[f"{pre}Wg{j}"] = uni(1.0 / math.sqrt(H), (H, H))
+        if j < L - 1:
+            out[f"{pre}bg{j}"] = np.zeros(H)
+    return out
 
 
 def init_cell_omega(cfg: TopicModelConfig, n_cells: int, dtype=np.float64) -> np.ndarray:

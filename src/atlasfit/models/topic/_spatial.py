@@ -24,6 +24,8 @@ import numpy as np
 import scipy.sparse as sps
 
 from ._config import TopicModelConfig
+from ._sampling import layered_subgraph, sample_rngs
+from ._sparse import minibatch_rows
 
 _SYM_RTOL = 1e-10
 
@@ -309,13 +311,13 @@ def check_batch_codes(batch, n_batches: int) -> np.ndarray:
     return bi
 
 
-def minibatch_extras(state: dict, local, lib_median: dict | None, xp=np) -> dict:
+def minibatch_extras(state: dict, local, lib_median: dict | None, xp=np, key=None) -> dict:
     """Keyword arguments of :func:`~atlasfit.models.topic.forward_cells` for the shard rows ``local``.
 
     ``batch`` and ``cont_covariates`` rows; for SGC the precomputed ``enc_inputs`` rows (computed once
     per shard with the dataset median ``lib_median[m]``, or the shard's own lower median when it is
-    ``None``); for GCN the ``graph`` of the minibatch: ``{"adj": {m: sub}, "x_nbr": {m: rows of the
-    neighbourhood}}`` (:func:`neighbourhood`). Empty when no extension is configured.
+    ``None``); for GCN the ``graph`` of the minibatch (:func:`gcn_minibatch_graph`; ``key`` =
+    (seed, epoch, step) keys neighbour sampling). Empty when no extension is configured.
     """
     cfg = state["cfg"]
     dtype = state["dtype"]
@@ -342,16 +344,37 @@ def minibatch_extras(state: dict, local, lib_median: dict | None, xp=np) -> dict
             state["_sgc_key"] = key
         out["enc_inputs"] = {m: _dense_rows(state["_sgc"][m], local, dtype, xp) for m in cfg.modalities}
     elif cfg.spatial_mode == "gcn":
-        adj, x_nbr, done = {}, {}, {}
-        for m in cfg.modalities:
-            key = id(state["adj_hat"][m])
-            if key not in done:
-                sub, cols = neighbourhood(state["adj_hat"][m], local)
-                done[key] = (_sparse_like(sub.astype(dtype), xp), cols)
-            adj[m], cols = done[key]
-            x_nbr[m] = _dense_rows(state["x"][m], cols, dtype, xp)
-        out["graph"] = {"adj": adj, "x_nbr": x_nbr}
+        out["graph"] = gcn_minibatch_graph(state, local, key, xp)
     return out
+
+
+def gcn_minibatch_graph(state: dict, local, key, xp=np) -> dict:
+    """The ``graph`` argument of :func:`~atlasfit.models.topic.forward_cells` for the shard rows ``local``:
+    per modality the :math:`L`-hop :class:`~atlasfit.models.topic._sampling.LayeredGraph` blocks
+    (``"adj"``, in the model dtype on the array module ``xp``) and the raw rows of its nodes
+    (``"x_nbr"``; CSR stays CSR). ``gcn_sampling="approx"`` samples neighbours with the generators
+    keyed ``(*key, sample id)`` (``key`` = (seed, epoch, step)); one shared graph is built once."""
+    cfg, dtype = state["cfg"], state["dtype"]
+    fan = cfg.gcn_fan_out if cfg.gcn_sampling == "approx" else None
+    kw = {}
+    if fan is not None:
+        if key is None:
+            raise ValueError("gcn_sampling='approx' needs the step's key (seed, epoch, step) to draw the neighbours")
+        parts = state["parts"]
+        owner = np.repeat(np.arange(len(parts)), [k for _, _, k in parts])
+        kw = {"owner": owner}
+    adj, x_nbr, done = {}, {}, {}
+    for m in cfg.modalities:
+        gid = id(state["adj_hat"][m])
+        if gid not in done:
+            if fan is not None:  # fresh generators per graph: each graph's draws depend only on the key
+                kw["rngs"] = sample_rngs(key, [sid for sid, _, _ in state["parts"]])
+            g = layered_subgraph(state["adj_hat"][m], local, cfg.gcn_n_layers, fan, **kw)
+            done[gid] = ([_sparse_like(a.astype(dtype), xp) for a in g.adj], g.nodes)
+        adj[m], nodes = done[gid]
+        x_nbr[m] = minibatch_rows(state["x"][m], nodes, dtype, sparse=True,
+                                  device="cupy" if xp is not np else None)
+    return {"adj": adj, "x_nbr": x_nbr}
 
 
 def _dense_rows(X, rows, dtype, xp):

@@ -169,7 +169,8 @@ def _shard_forward(state, params, gnoise, buffers, seed, epoch, step, n_steps, l
     buf = _to_xp(buffers, xp)
     draws = global_draws(p, _to_xp(gnoise, xp), cfg, buf)
     omega = xp.asarray(state["omega"][local]) if "omega" in state else None
-    extra = minibatch_extras(state, local, lib_median, xp)  # batch codes, covariates, SGC inputs, GCN graph
+    # batch codes, covariates, SGC inputs, GCN graph (neighbour sampling keyed by (seed, epoch, step, sample))
+    extra = minibatch_extras(state, local, lib_median, xp, key=(seed, epoch, step))
     cache, stats = forward_cells(
         p, x, cnoise, cfg, buf, draws, lib_median=lib_median, bern_depth=bern_depth, cell_omega=omega, **extra
     )
