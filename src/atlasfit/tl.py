@@ -4,6 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import _tl_downstream as _downstream
+
+# the reference's downstream tools (spec §11), defined in ._tl_downstream
+svd, pca, variance, dispersion = _downstream.svd, _downstream.pca, _downstream.variance, _downstream.dispersion
+pseudotime, vector_field = _downstream.pseudotime, _downstream.vector_field
+
 
 def multigedi(
     mdata,
@@ -73,6 +79,7 @@ def multigedi(
             "sigma2": np.float64(model.get_sigma2(m)),
             "tracking": {"sigma2": st[f"tracking/{m}/sigma2"], "dZ": st[f"tracking/{m}/dZ"]},
         }
+    _downstream.write_fit_state(model, mods, uns, key_added)  # for tl.svd / pca / variance / dispersion / vector_field
     if hasattr(mdata, "uns"):
         mdata.uns[key_added] = uns
     model.close()

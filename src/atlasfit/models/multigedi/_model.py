@@ -32,6 +32,7 @@ from ._config import FitConfig, InMemoryReader, ModalityConfig, make_plan
 from ._fit import iterate
 from ._init import initialize
 from ._outputs import export_state, with_joint_svd
+from ._tools import DownstreamMixin
 
 logger = logging.getLogger("atlasfit.multigedi")
 
@@ -127,7 +128,7 @@ def _as_mudata_like(data, sample_key: str | None, names: list[str]):
     )
 
 
-class MultiGEDI:
+class MultiGEDI(DownstreamMixin):
     """Multi-modal GEDI: a cell embedding shared by all modalities of a sample (spec §3).
 
     Parameters
@@ -568,8 +569,9 @@ class MultiGEDI:
         return self._to_rows(modality, np.concatenate(blocks, axis=0))
 
     def variance(self, modality: str) -> np.ndarray:
-        """Per-feature variance of the imputed values (J)."""
-        return self.impute(modality).var(axis=0)
+        """Per-feature variance of the imputed values (J), from per-sample statistics
+        (:meth:`feature_stats`; no cells gathered)."""
+        return self.feature_stats(modality)["variance"].to_numpy()
 
     def _to_rows(self, modality, grouped):
         """Sample-grouped rows -> the modality's row order (in-memory) / store order (store)."""

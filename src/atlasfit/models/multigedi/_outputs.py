@@ -7,7 +7,8 @@ import numpy as np
 
 from . import _shard as sh
 from ._config import FitConfig, SamplePlan
-from ._init import gather_by_sample, ordered_sum, sign_fix_columns
+from ._init import gather_by_sample
+from ._svd import modality_svd
 
 
 def joint_svd(engine, shared: dict, plan: SamplePlan, config: FitConfig) -> dict:
@@ -39,20 +40,7 @@ def joint_svd(engine, shared: dict, plan: SamplePlan, config: FitConfig) -> dict
     >>> joint_svd(eng, shared, plan, cfg)["u"].shape
     (20, 3)
     """
-    X = np.concatenate([shared[f"{m}/Z"] * shared[f"{m}/D"][None, :] for m in config.names], axis=0)
-    Ux, sx, Vxt = np.linalg.svd(X, full_matrices=False)
-    grams = gather_by_sample(engine.map(sh.b_gram))
-    G = ordered_sum([grams[g][0][0] for g in plan.global_samples])
-    lam, V = np.linalg.eigh(G)
-    F = V * np.sqrt(np.clip(lam, 0.0, None))[None, :]
-    M = (sx[:, None] * Vxt) @ F
-    Um, d, _ = np.linalg.svd(M)
-    U = Ux @ Um
-    sgn = sign_fix_columns(U)
-    U = U * sgn[None, :]
-    Um = Um * sgn[None, :]
-    T = Vxt.T @ (sx[:, None] * Um)
-    return {"d": d, "u": U, "T": T}
+    return modality_svd(engine, shared, plan, config, None)
 
 
 def with_joint_svd(engine, shared: dict, *, plan: SamplePlan, config: FitConfig) -> dict:
