@@ -9,6 +9,7 @@ private modules and a change to a shared piece is visible here.
 from __future__ import annotations
 
 from .multigedi import _shard as msh
+from .multigedi._config import SINGLE_OBS_TYPES
 from .multigedi._init import rsvd_modality
 from .multigedi._kernels import (
     inv_sqrt_guard,
@@ -25,6 +26,7 @@ from .multigedi._kernels import (
 )
 
 __all__ = [
+    "SINGLE_OBS_TYPES",
     "MultiGEDI",
     "dump_local",
     "inv_sqrt_guard",

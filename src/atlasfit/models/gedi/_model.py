@@ -26,7 +26,7 @@ from ...engine import (
     resolve_device,
     run_fit,
 )
-from .._factor import MultiGEDI, dump_local, msh, restore_local
+from .._factor import SINGLE_OBS_TYPES, MultiGEDI, dump_local, msh, restore_local
 from .._fingerprint import gedi_fingerprint
 from . import _shard as sh
 from ._fit import GediContext, initialize_gedi, iterate_gedi
@@ -37,6 +37,13 @@ from ._persist import _GediPersistence
 
 logger = logging.getLogger("atlasfit.gedi")
 
+
+
+class _Registration(MultiGEDI):
+    """MultiGEDI's data registration (atlas store, MuData, AnnData, dict) for GEDI's one modality,
+    with GEDI's obs types (``"Y"`` too)."""
+
+    _obs_types = SINGLE_OBS_TYPES
 
 
 class GEDI(_GediOutputs, _GediPersistence):
@@ -76,8 +83,11 @@ class GEDI(_GediOutputs, _GediPersistence):
         Which modality of a MuData / atlas store to fit (default: the only one; ``"rna"`` for an
         AnnData).
     obs_type
-        ``"M"`` counts (default), ``"M_list"`` paired counts in ``layers`` or ``"X"`` binary
-        (spec §1.2).
+        ``"M"`` counts (default), ``"M_list"`` paired counts in ``layers``, ``"X"`` binary, or
+        ``"Y"``: a continuous matrix (e.g. log-normalised expression; an atlas store of kind
+        ``"continuous"``) that *is* Y: it is never updated and σ² has no variance term (spec §1.2,
+        §2.10-2.11). The reference's single-modal ``GEDIModel`` fits ``"Y"`` with Y = log1p of its
+        input: give ``log1p`` of the data (e.g. a layer) to reproduce it.
     layer, layers
         Layer of the counts (``None``: ``.X``), or the two layers for ``"M_list"``.
     orthoZ
@@ -137,8 +147,8 @@ class GEDI(_GediOutputs, _GediPersistence):
     ):
         if mode not in ("Bsphere", "Bl2"):
             raise ValueError(f"GEDI: mode must be 'Bsphere' or 'Bl2', got {mode!r}")
-        if obs_type not in ("M", "M_list", "X"):
-            raise ValueError(f"GEDI: obs_type must be 'M', 'M_list' or 'X', got {obs_type!r}")
+        if obs_type not in SINGLE_OBS_TYPES:
+            raise ValueError(f"GEDI: obs_type must be 'M', 'M_list', 'X' or 'Y', got {obs_type!r}")
         if int(K) < 1:
             raise ValueError(f"GEDI: K must be >= 1, got {K}")
         if device not in ("cpu", "gpu", "auto"):
@@ -213,7 +223,7 @@ class GEDI(_GediOutputs, _GediPersistence):
             cfg["layers"] = self.layers
         elif self.layer is not None:
             cfg["layer"] = self.layer
-        reg = MultiGEDI({name: cfg}, sample_key=self.sample_key, K=self.K, mode=self.mode, seed=self.seed,
+        reg = _Registration({name: cfg}, sample_key=self.sample_key, K=self.K, mode=self.mode, seed=self.seed,
                         dtype=self.dtype, max_shards=self.max_shards, device=self.device)
         is_store = isinstance(data, (str, Path, Atlas))
         if not is_store and self.sample_key is None:

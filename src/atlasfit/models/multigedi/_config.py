@@ -11,6 +11,9 @@ from typing import Any
 import numpy as np
 
 OBS_TYPES = ("M", "M_list", "X")
+#: Observation types of a single-modality GEDI: MultiGEDI's and ``"Y"`` (the continuous matrix is
+#: given and never updated, spec §1.2; MultiGEDI has no "Y", as the reference).
+SINGLE_OBS_TYPES = (*OBS_TYPES, "Y")
 MODES = ("Bsphere", "Bl2")
 
 
@@ -24,7 +27,8 @@ class ModalityConfig:
         Modality name (as in the data reader / MuData).
     obs_type
         ``"M"`` counts (Poisson-log-normal), ``"M_list"`` two count layers (binomial-logit-normal),
-        ``"X"`` binary {0, 1, NaN} (probit).
+        ``"X"`` binary {0, 1, NaN} (probit); ``"Y"`` a continuous matrix used as Y itself
+        (single-modality GEDI only, spec §1.2).
     orthoZ
         Orthogonal Z update (polar factor + diagonal, spec §2.3a) instead of the ridge solve.
     adjustD
@@ -51,10 +55,10 @@ class ModalityConfig:
     layers: tuple[str, str] | None = None
 
     def __post_init__(self):
-        if self.obs_type not in OBS_TYPES:
+        if self.obs_type not in SINGLE_OBS_TYPES:
             raise ValueError(
                 f"modality {self.name!r}: obs_type {self.obs_type!r} is not supported; "
-                f"use one of {OBS_TYPES}"
+                f"use one of {OBS_TYPES} (or 'Y' in single-modality GEDI)"
             )
         if self.obs_type == "M_list":
             layers = ("M1", "M2") if self.layers is None else tuple(self.layers)

@@ -27,8 +27,9 @@ from ...engine import (
     run_fit,
     sample_dir_name,
 )
+from ...engine._preflight import preflight_store
 from . import _shard as sh
-from ._config import FitConfig, InMemoryReader, ModalityConfig, make_plan
+from ._config import OBS_TYPES, FitConfig, InMemoryReader, ModalityConfig, make_plan
 from ._fit import iterate
 from ._init import initialize
 from ._outputs import export_state, with_joint_svd
@@ -137,7 +138,8 @@ class MultiGEDI(DownstreamMixin):
         ``{name: {"obs_type": "M" | "M_list" | "X", "orthoZ": bool, "adjustD": bool,
         "is_si_fixed": bool, "layer": str, "layers": (str, str)}}`` in registration order.
         ``obs_type`` ``"M"``: counts; ``"M_list"``: paired counts in two layers (default
-        ``("M1", "M2")``); ``"X"``: binary {0, 1, NaN}.
+        ``("M1", "M2")``; ``None`` in the pair stands for ``.X``, as in the reference, e.g.
+        ``(None, "M2")``); ``"X"``: binary {0, 1, NaN}.
     sample_key
         Column of ``obs`` with the sample labels (in-memory data). For an atlas store the store's
         own sample key is used; a different value raises.
@@ -178,6 +180,9 @@ class MultiGEDI(DownstreamMixin):
     (60, 3)
     """
 
+    #: obs types this class fits (single-modality GEDI's registration adds "Y")
+    _obs_types: tuple = OBS_TYPES
+
     def __init__(
         self,
         modalities: dict[str, dict] | None = None,
@@ -206,6 +211,12 @@ class MultiGEDI(DownstreamMixin):
                 )
             if "layers" in cfg and cfg["layers"] is not None:
                 cfg["layers"] = tuple(cfg["layers"])
+            if cfg.get("obs_type", "M") not in self._obs_types:
+                hint = (" ('Y', a continuous matrix used as Y, is single-modality only, as in the reference: "
+                        "use atlasfit.GEDI(obs_type='Y'), or model counts with 'M')"
+                        if cfg.get("obs_type") == "Y" else "")
+                raise ValueError(f"MultiGEDI: modality {name!r} has obs_type {cfg.get('obs_type')!r}; use one of "
+                                 f"{self._obs_types}{hint}")
             mods.append(ModalityConfig(name=str(name), **cfg))
         if device not in ("cpu", "gpu", "auto"):
             raise ValueError(f"MultiGEDI: device must be 'cpu', 'gpu' or 'auto', got {device!r}")
@@ -256,6 +267,11 @@ class MultiGEDI(DownstreamMixin):
                 raise ValueError(
                     f"MultiGEDI: modality {m!r} has obs_type 'X' but the store holds kind {kind!r}; "
                     "convert it with kind 'binary' ({0, 1, NaN} values)"
+                )
+            if mc.obs_type == "Y" and kind == "binary":
+                raise ValueError(
+                    f"GEDI: modality {m!r} has obs_type 'Y' (continuous) but the store holds kind 'binary'; "
+                    "use obs_type 'X' for {0, 1, NaN} data"
                 )
             if mc.obs_type in ("M", "M_list") and kind != "counts":
                 raise ValueError(
@@ -311,11 +327,12 @@ class MultiGEDI(DownstreamMixin):
             self._feature_names[m] = a.var_names.to_numpy()
             if mc.obs_type == "M_list":
                 for lay in mc.layers:
-                    if lay not in a.layers:
+                    if lay is not None and lay not in a.layers:
                         raise ValueError(
-                            f"MultiGEDI: modality {m!r} has no layer {lay!r} (layers: {list(a.layers)})"
+                            f"MultiGEDI: modality {m!r} has no layer {lay!r} (layers: {list(a.layers)}); "
+                            "None stands for .X"
                         )
-                mats[m] = {lay: a.layers[lay] for lay in mc.layers}
+                mats[m] = {lay: (a.X if lay is None else a.layers[lay]) for lay in mc.layers}
             else:
                 X = a.X if mc.layer is None else a.layers[mc.layer]
                 if mc.obs_type == "X" and sparse.issparse(X):
@@ -447,6 +464,8 @@ class MultiGEDI(DownstreamMixin):
     def _make_engine(self, shards, client, is_store):
         engine, self._gpu = make_engine(shards, client=client, store=is_store, device=self.device,
                                         who=type(self).__name__, name="multigedi")
+        if is_store:  # a tiny task per worker: do they all see the driver's store? (HPC: node-local paths)
+            preflight_store(engine, self._atlas.path, type(self).__name__)
         return engine
 
     def _use_gpu(self, engine) -> bool:

@@ -70,6 +70,18 @@ def _check_binary(X, mod, sample):
         )
 
 
+def _check_finite(Y, mod, sample):
+    """obs type "Y": every value must be finite (Y has no missing-value model)."""
+    bad = ~np.isfinite(to_numpy(Y))
+    if bad.any():
+        c, r = (int(x) for x in np.argwhere(bad)[0])
+        raise ValueError(
+            f"modality {mod!r} (obs_type 'Y') has a non-finite value in sample {sample!r} (first at cell row "
+            f"{r} of the sample, feature {c}); obs_type 'Y' needs a finite matrix (e.g. log-normalised "
+            "expression): impute or drop such values"
+        )
+
+
 def _read(reader, mod, sample, layer, n_cells, J):
     block = reader.read_block(mod, sample, layer=layer)
     if block.shape != (n_cells, J):
@@ -105,7 +117,7 @@ def load_shard(spec, reader, plan: SamplePlan, config: FitConfig, array_module=N
 
     Reads every (modality, sample) block of the shard through ``reader.read_block``, validates it,
     and builds the starting Y (§1.2): M: log(1 + M); M_list: log((M1 + 1)/(M2 + 1));
-    X: +1 / −1 / 0 for 1 / 0 / NaN. Q_i, o_i, B start at zero (set by :func:`initialize`).
+    X: +1 / −1 / 0 for 1 / 0 / NaN; Y (single-modality GEDI): the block itself (finite values). Q_i, o_i, B start at zero (set by :func:`initialize`).
 
     Parameters
     ----------
@@ -160,6 +172,13 @@ def load_shard(spec, reader, plan: SamplePlan, config: FitConfig, array_module=N
                 raw = {"M1": _transpose_raw(b1, dt), "M2": _transpose_raw(b2, dt)}
                 Y = _blockwise_Y(J, n, xp, dt, lambda sl: xp.log(
                     (densify(raw["M1"][:, sl], xp, dt) + 1.0) / (densify(raw["M2"][:, sl], xp, dt) + 1.0)))
+            elif mc.obs_type == "Y":  # single-modality GEDI: Y is the given matrix, never updated (§1.2)
+                blk = _read(reader, m, g, mc.layer, n, J)
+                if hasattr(blk, "toarray") and not isinstance(blk, np.ndarray):
+                    blk = blk.toarray()
+                Y = xp.ascontiguousarray(densify(blk, xp, dt).T)
+                _check_finite(Y, m, g)
+                raw = {}
             else:
                 blk = _read(reader, m, g, mc.layer, n, J)
                 if hasattr(blk, "toarray") and not isinstance(blk, np.ndarray):
@@ -168,7 +187,7 @@ def load_shard(spec, reader, plan: SamplePlan, config: FitConfig, array_module=N
                 _check_binary(X, m, g)
                 Y = xp.where(xp.isnan(X), 0.0, xp.where(X == 0, -1.0, 1.0)).astype(dt)
                 raw = {"X": X}
-            if xp is not np and mc.obs_type != "X":  # pragma: no cover - GPU only
+            if xp is not np and mc.obs_type in ("M", "M_list"):  # pragma: no cover - GPU only
                 import cupyx.scipy.sparse as csp  # noqa: PLC0415
 
                 for name, arr in raw.items():
@@ -581,6 +600,8 @@ def y_update_sample(loc, B, p) -> tuple[float, float]:
             M2 = densify(raw["M2"][:, sl], xp, dt)
             Yn = update_Y_paired(Yb, Yhat, M1, M2, s2)
             V += float(_f64(variance_paired(Yn, M1, M2, s2)))
+        elif ot == "Y":  # Y is observed: no update, V = 0 (§2.10, §2.11)
+            Yn = Yb
         else:
             Yn = update_Y_binary(Yhat, raw["X"][:, sl])
         Yn = Yn.astype(dt, copy=False)
