@@ -27,15 +27,17 @@ def _finish(ax, show):
 
 
 def convergence(model, which: str = "sigma2", *, ax=None, show: bool = True):
-    """Plot the per-iteration trace of ``which`` (``"sigma2"``, ``"dZ"`` or ``"objective"``) per modality.
+    """Plot the per-iteration trace of ``which`` (``"sigma2"``, ``"dZ"`` or ``"objective"``; for a
+    GEDI also ``"dA"``, ``"dR"``) per modality.
 
     Parameters
     ----------
     model
-        A fitted model with a ``history_`` DataFrame (columns ``iteration``, ``modality`` and the
-        traced quantities), or that DataFrame itself.
+        A fitted :class:`atlasfit.MultiGEDI` or :class:`atlasfit.GEDI` (its ``history_`` DataFrame:
+        columns ``iteration``, the traced quantities and, for MultiGEDI, ``modality``), or that
+        DataFrame itself (one line without a ``modality`` column).
     which
-        Column of the history to plot; ``dZ`` and ``objective`` use a log scale.
+        Column of the history to plot; ``dZ``, ``dA``, ``dR`` and ``objective`` use a log scale.
 
     Examples
     --------
@@ -50,16 +52,21 @@ def convergence(model, which: str = "sigma2", *, ax=None, show: bool = True):
         raise ValueError(f"convergence: {which!r} is not traced; choose one of "
                          f"{[c for c in hist.columns if c not in ('iteration', 'modality')]}")
     ax = _axes(ax)
-    for mod, sub in hist.groupby("modality", sort=False):
+    if "modality" in hist.columns:
+        groups = hist.groupby("modality", sort=False)
+    else:  # single-modality GEDI: one trace, labelled with its modality
+        groups = [(getattr(model, "modality_", which), hist)]
+    for mod, sub in groups:
         ax.plot(sub["iteration"], sub[which], marker="o", ms=3, label=str(mod))
-    if which in ("dZ", "objective") and (hist[which] > 0).all():
+    if which in ("dZ", "dA", "dR", "objective") and (hist[which] > 0).all():
         ax.set_yscale("log")
     from matplotlib.ticker import MaxNLocator
 
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("iteration")
     ax.set_ylabel(which)
-    ax.set_title(f"MultiGEDI convergence: {which}")
+    name = type(model).__name__ if hasattr(model, "history_") else "MultiGEDI"
+    ax.set_title(f"{name} convergence: {which}")
     ax.legend(fontsize=8)
     return _finish(ax, show)
 
@@ -99,8 +106,25 @@ def embedding(coords, labels=None, *, ax=None, title: str | None = None, s: floa
     return _finish(ax, show)
 
 
-def top_features(model, modality: str, n_top: int = 10):
+def _scaled_metagenes(model, modality: str | None, who: str):
+    """(Z·diag(D), feature names, modality name) of a fitted MultiGEDI (``modality`` needed) or GEDI
+    (its one modality; ``modality`` optional)."""
+    if hasattr(model, "feature_names"):  # MultiGEDI: per-modality getters
+        if modality is None:
+            raise ValueError(f"{who}: give the modality, one of {list(model.config.names)}")
+        Z = np.asarray(model.get_Z(modality)) * np.asarray(model.get_D(modality))[None, :]
+        return Z, np.asarray(model.feature_names(modality)), str(modality)
+    if modality is not None and str(modality) != str(model.modality_):  # GEDI: one modality
+        raise ValueError(f"{who}: the GEDI model was fitted on modality {model.modality_!r}, not {modality!r}")
+    Z = np.asarray(model.get_Z()) * np.asarray(model.get_D())[None, :]
+    return Z, np.asarray(model.feature_names_), str(model.modality_)
+
+
+def top_features(model, modality: str | None = None, n_top: int = 10):
     """Top features per factor of ``modality`` by absolute value of Z·diag(D) (a DataFrame: factors x rank).
+
+    ``model`` is a fitted :class:`atlasfit.MultiGEDI` (``modality`` needed) or :class:`atlasfit.GEDI`
+    (``modality`` may be left out).
 
     Examples
     --------
@@ -108,18 +132,31 @@ def top_features(model, modality: str, n_top: int = 10):
     """
     import pandas as pd
 
-    Z = np.asarray(model.get_Z(modality)) * np.asarray(model.get_D(modality))[None, :]
-    names = np.asarray(model.feature_names(modality))
+    Z, names, _ = _scaled_metagenes(model, modality, "top_features")
     order = np.argsort(-np.abs(Z), axis=0)[:n_top]
     return pd.DataFrame(
         {f"factor{k}": [f"{names[j]} ({Z[j, k]:+.2f})" for j in order[:, k]] for k in range(Z.shape[1])}
     ).T
 
 
-def metagenes(model, modality: str, n_top: int = 5, *, ax=None, show: bool = True):
-    """Heatmap of Z·diag(D) of ``modality`` restricted to the top features of every factor."""
-    Z = np.asarray(model.get_Z(modality)) * np.asarray(model.get_D(modality))[None, :]
-    names = np.asarray(model.feature_names(modality))
+def metagenes(model, modality: str | None = None, n_top: int = 5, *, ax=None, show: bool = True):
+    """Heatmap of Z·diag(D) of ``modality`` restricted to the top features of every factor.
+
+    ``model`` is a fitted :class:`atlasfit.MultiGEDI` (``modality`` needed) or :class:`atlasfit.GEDI`.
+
+    Examples
+    --------
+    >>> import numpy as np, anndata as ad, matplotlib
+    >>> matplotlib.use("Agg")
+    >>> import atlasfit
+    >>> a = ad.AnnData(np.random.default_rng(0).poisson(2.0, (60, 12)).astype(float))
+    >>> a.obs["sample"] = np.repeat(["s1", "s2", "s3"], 20)
+    >>> m = atlasfit.GEDI(K=2, sample_key="sample").fit(a, max_iterations=2, progress=False)
+    >>> ax = metagenes(m, n_top=3, show=False)
+    >>> top_features(m, n_top=2).shape
+    (2, 2)
+    """
+    Z, names, modality = _scaled_metagenes(model, modality, "metagenes")
     idx = list(dict.fromkeys(np.argsort(-np.abs(Z), axis=0)[:n_top].T.ravel().tolist()))
     ax = _axes(ax, figsize=(0.5 * Z.shape[1] + 2, 0.18 * len(idx) + 1.5))
     lim = np.abs(Z[idx]).max() or 1.0
@@ -135,12 +172,14 @@ def metagenes(model, modality: str, n_top: int = 5, *, ax=None, show: bool = Tru
 
 
 def variance_explained(model, *, ax=None, show: bool = True):
-    """Bar plot of the share d_k² / Σ d² of each joint singular value (spec §7.1)."""
+    """Bar plot of the share d_k² / Σ d² of each singular value of the fitted signal (spec §7.1):
+    the joint SVD of a :class:`atlasfit.MultiGEDI`, the SVD of Z·diag(D)·B of a :class:`atlasfit.GEDI`
+    (:attr:`atlasfit.GEDI.singular_values_`)."""
     d = np.asarray(model.singular_values_)
     share = d**2 / np.sum(d**2)
     ax = _axes(ax)
     ax.bar(np.arange(len(d)), share)
-    ax.set_xlabel("joint component")
+    ax.set_xlabel("joint component" if hasattr(model, "feature_names") else "component")
     ax.set_ylabel("d² / Σd²")
     ax.set_title("variance explained per component")
     return _finish(ax, show)

@@ -419,3 +419,17 @@ class GEDI(_GediOutputs, _GediPersistence):
         D = self.get_D()
         loc = self._gather()
         return self._cells({g: (D[:, None] * loc[g]["B"]).T for g in self.sample_names_})
+
+    @property
+    def singular_values_(self) -> np.ndarray:
+        """Singular values d (K, descending) of the fitted rank-K signal Z·diag(D)·[B_1 … B_I] over
+        all cells (spec §7.1, the single-modal factorised SVD), from K x K statistics (no cell gather):
+        with the thin QR Z = Q_z R_z and G = Σ_i DB_i DB_iᵀ, the d² are the eigenvalues of R_z G R_zᵀ.
+        ``d² / Σ d²`` is the share of the signal's variance (uncentred) per component
+        (:func:`atlasfit.pl.variance_explained`)."""
+        self._check_fitted()
+        _, G = self._db_means()
+        G = G * self.plan_.N(self.modality_)
+        R = np.linalg.qr(np.asarray(self.shared_["Z"], dtype=np.float64), mode="r")
+        ev = np.linalg.eigvalsh(R @ G @ R.T)[::-1]
+        return np.sqrt(np.clip(ev, 0.0, None))
