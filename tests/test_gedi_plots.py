@@ -11,10 +11,10 @@ import pytest
 
 matplotlib.use("Agg")
 
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
-import atlasfit  # noqa: E402
-from atlasfit import pl  # noqa: E402
+import atlasfit
+from atlasfit import pl
 
 
 @pytest.fixture(scope="module")

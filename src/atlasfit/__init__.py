@@ -24,6 +24,7 @@ _LAZY = {
     "MultiGEDI": (".models.multigedi", "MultiGEDI"),
     "MultimodalAmortizedLDA": (".models.topic", "MultimodalAmortizedLDA"),
     "GEDI": (".models.gedi", "GEDI"),
+    "ReferenceKeywordWarning": ("._aliases", "ReferenceKeywordWarning"),
     "datasets": (".datasets", None),
     "io": (".io", None),
     "pl": (".pl", None),
@@ -93,4 +94,5 @@ def fit(store, model: MultiGEDI | None = None, *, max_iterations: int = 30, clie
     return model
 
 
-__all__ = ["GEDI", "MultiGEDI", "MultimodalAmortizedLDA", "cluster", "datasets", "fit", "io", "pl", "tl"]
+__all__ = ["GEDI", "MultiGEDI", "MultimodalAmortizedLDA", "ReferenceKeywordWarning", "cluster", "datasets", "fit",
+           "io", "pl", "tl"]

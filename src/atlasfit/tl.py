@@ -24,6 +24,14 @@ def multigedi(
     key_added: str = "multigedi",
     client=None,
     copy: bool = False,
+    device: str | None = None,
+    progress=None,
+    use_gpu: bool | None = None,
+    verbose: int | bool | None = None,
+    track_interval: int | None = None,
+    num_threads: int | None = None,
+    gpu_device: int | None = None,
+    gpu_output_dir=None,
 ):
     """Fit MultiGEDI on an in-memory MuData and write the results into it.
 
@@ -45,6 +53,18 @@ def multigedi(
         Optional ``distributed.Client`` to run on (default: in this process).
     copy
         Return an updated copy instead of updating ``mdata``.
+    device
+        ``"cpu"`` (default), ``"gpu"`` or ``"auto"`` (see :class:`atlasfit.MultiGEDI`).
+    progress
+        ``None``: a progress bar on a terminal; ``False``: silent.
+    use_gpu, verbose, track_interval, num_threads, gpu_device, gpu_output_dir
+        The reference's keywords (multigedi 1.1.0), so its calls run unchanged: ``use_gpu`` maps to
+        ``device`` (``True`` -> ``"gpu"``, ``False`` -> ``"cpu"``) and ``verbose`` to ``progress``
+        (0 -> silent). The others cannot change a result here and are ignored with a one-time
+        :class:`atlasfit.ReferenceKeywordWarning`: σ² and dZ are traced every iteration
+        (``track_interval``), threads are the Dask workers' (``num_threads``), GPUs are chosen with
+        ``CUDA_VISIBLE_DEVICES`` or a ``LocalCUDACluster`` (``gpu_device``), and the reference ignores
+        ``gpu_output_dir`` too. A modality's ``layers`` pair may hold ``None`` for ``.X``.
 
     Returns
     -------
@@ -57,12 +77,33 @@ def multigedi(
     >>> atlasfit.tl.multigedi(mdata, {"rna": {"obs_type": "M"}}, "sample", K=3,
     ...                       max_iterations=1)  # doctest: +SKIP
     """
+    from ._aliases import warn_ignored
     from .models.multigedi import MultiGEDI
 
+    who = "atlasfit.tl.multigedi"
+    if use_gpu is not None:
+        want = "gpu" if use_gpu else "cpu"
+        if device is not None and device != want:
+            raise ValueError(f"{who}: use_gpu={use_gpu!r} (the reference's keyword for device={want!r}) "
+                             f"contradicts device={device!r}; give one of them")
+        device = want
+    if verbose is not None and progress is None and not verbose:
+        progress = False
+    for key, val, why in (
+        ("track_interval", track_interval, "sigma2 and dZ are traced every iteration"),
+        ("num_threads", num_threads, ("threads are the Dask workers' (client=Client(LocalCluster("
+                                       "threads_per_worker=...))) or BLAS's (OMP_NUM_THREADS); results do "
+                                       "not depend on them")),
+        ("gpu_device", gpu_device, "choose GPUs with CUDA_VISIBLE_DEVICES or a LocalCUDACluster client"),
+        ("gpu_output_dir", gpu_output_dir, "the reference ignores it too; results go into mdata"),
+    ):
+        if val is not None:
+            warn_ignored(who, key, why)
     if copy:
         mdata = mdata.copy()
-    model = MultiGEDI(modalities, sample_key=sample_key, K=K, mode=mode, seed=seed, dtype=dtype)
-    model.fit(mdata, max_iterations=max_iterations, client=client)
+    model = MultiGEDI(modalities, sample_key=sample_key, K=K, mode=mode, seed=seed, dtype=dtype,
+                      device=device or "cpu")
+    model.fit(mdata, max_iterations=max_iterations, client=client, progress=progress)
     mods = mdata.mod if hasattr(mdata, "mod") else mdata
     st = model.export_state()
     uns = {
