@@ -176,10 +176,17 @@ def run_iterations(
     recoveries = 0
     it = start
 
+    announced = []
+
     def save(done: int) -> None:
+        if not announced:  # once per call: where this fit's checkpoints go, and what is kept
+            announced.append(True)
+            logger.info("%s: checkpoints go to %s (at iteration %d, every %s iterations and at the end; only the "
+                        "last complete one is kept)", desc, checkpoint.path, done, checkpoint_every or "-")
         info = checkpoint.save(engine, done, shared, dump_local)
         logger.info(
-            "%s: checkpoint at iteration %d: %.1f MB in %.2f s", desc, done, info.n_bytes / 1e6, info.seconds
+            "%s: checkpoint at iteration %d: %.1f MB (%.1f MB uncompressed) in %.2f s; %s holds %.1f MB",
+            desc, done, info.n_bytes / 1e6, info.raw_bytes / 1e6, info.seconds, checkpoint.path, info.dir_bytes / 1e6,
         )
 
     try:
