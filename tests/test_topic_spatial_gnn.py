@@ -279,3 +279,130 @@ def test_config_checks_and_reference_spellings():
         loss_and_grad(init_params(cfg), x, draw_cell_noise(cfg, 2, (0,)), draw_global_noise(cfg, (0,)), cfg,
                       make_buffers(cfg), n_total=2, beta=1.0,
                       graph={"adj": sps.identity(2, format="csr"), "x_nbr": {"rna": np.ones((2, 5))}})
+
+
+# --------------------------------------------------------------------------- planted spatial atlas
+
+
+def planted_spatial_atlas(n_samples=2, side=20, n_topics=4, n_features=60, depth=4, sharpness=1.5, seed=0):
+    """Cells on a ``side`` x ``side`` grid per sample; topic proportions smooth in space
+    (:math:`\\theta_{nk}\\propto\\exp(-s\\,|r_n - c_k|^2 / (2(\\text{side}/4)^2))` around random
+    centres :math:`c_k`, one set per sample); counts multinomial with Poisson(``depth``) + 2 tokens
+    from :math:`\\theta_n\\phi`, :math:`\\phi_k\\sim\\mathrm{Dir}(0.1)`; the king-move grid graph
+    (8 neighbours) within each sample. Tokens are split at random in two halves (binomial
+    thinning): ``x_fit`` to train on, ``x_held`` held out. Returns a dict."""
+    rng = np.random.default_rng(seed)
+    phi = rng.dirichlet(np.full(n_features, 0.1), size=n_topics)
+    yy, xx = np.meshgrid(np.arange(side), np.arange(side), indexing="ij")
+    pos = np.stack([yy.ravel(), xx.ravel()], 1).astype(float)
+    idx = np.arange(side * side).reshape(side, side)
+    r, c = [], []
+    for dy in (-1, 0, 1):
+        for dx in (-1, 0, 1):
+            if dy or dx:
+                a = idx[max(0, -dy):side - max(0, dy), max(0, -dx):side - max(0, dx)]
+                b = idx[max(0, dy):side - max(0, -dy), max(0, dx):side - max(0, -dx)]
+                r.append(a.ravel())
+                c.append(b.ravel())
+    grid = sps.csr_matrix((np.ones(sum(map(len, r))), (np.concatenate(r), np.concatenate(c))), shape=(side * side,) * 2)
+    xs, thetas = [], []
+    for _ in range(n_samples):
+        centres = rng.uniform(0, side, (n_topics, 2))
+        logit = -sharpness * ((pos[:, None, :] - centres[None]) ** 2).sum(-1) / (2 * (side / 4) ** 2)
+        th = np.exp(logit - logit.max(1, keepdims=True))
+        th /= th.sum(1, keepdims=True)
+        lib = rng.poisson(depth, len(pos)) + 2
+        xs.append(np.stack([rng.multinomial(n, q) for n, q in zip(lib, th @ phi)]))
+        thetas.append(th)
+    X = np.vstack(xs)
+    x_fit = rng.binomial(X, 0.5)
+    return {"x_fit": x_fit, "x_held": X - x_fit, "theta": np.vstack(thetas), "phi": phi,
+            "sample": np.repeat([f"s{i}" for i in range(n_samples)], side * side),
+            "graph": sps.block_diag([grid] * n_samples, format="csr")}
+
+
+def _anndata(atlas):
+    import anndata as ad
+    import pandas as pd
+
+    n = atlas["x_fit"].shape[0]
+    obs = pd.DataFrame({"sample": atlas["sample"]}, index=[f"c{i}" for i in range(n)])
+    return ad.AnnData(atlas["x_fit"].astype(np.float32), obs=obs, obsp={"grid": atlas["graph"]})
+
+
+def heldout_ll_per_token(model, atlas) -> float:
+    """Document completion: :math:`\\hat\\theta` from the cells' fitted halves (and, for a spatial
+    encoder, their neighbours'), scored on the held-out halves:
+    :math:`\\sum x^{\\rm held}\\log(\\hat\\theta\\hat\\phi) / \\sum x^{\\rm held}` (multinomial, no background)."""
+    theta = model.get_latent_representation(n_samples=0)
+    Z = model._fit.params["dec/rna/Z_loc"]
+    phi = np.exp(Z - Z.max(1, keepdims=True))
+    phi /= phi.sum(1, keepdims=True)
+    x = atlas["x_held"]
+    return float((x * np.log(theta @ phi)).sum() / x.sum())
+
+
+def _fit_planted(atlas, epochs, **spatial):
+    from atlasfit.models.topic import MultimodalAmortizedLDA
+
+    m = MultimodalAmortizedLDA.from_data(_anndata(atlas), ["rna"], {"rna": "multinomial"}, sample_key="sample",
+                                         n_topics=4, n_hidden=32, spatial_key="grid" if spatial else None, **spatial)
+    return m.train(max_epochs=epochs, batch_size=128, lr=0.01, validation_fraction=0.0, progress=False, client=False)
+
+
+GAT_SAMPLED = dict(spatial_mode="gcn", gcn_conv_type="gatv2", gcn_sampling="approx", gcn_fan_out=4, gcn_alpha_init=0.2)
+
+
+def test_planted_spatial_atlas_spatial_encoder_beats_plain():
+    """800 cells with ~3 fitted tokens each: a cell's own tokens say little about its topics, its
+    neighbours' (smooth field) much more. GATv2 with sampled neighbours, one and two layers, must
+    beat the plain encoder on the held-out tokens. Measured with these settings on seeds 0-4
+    (``/tmp`` sweep, reproduced by :func:`test_planted_spatial_atlas_slow` at a larger size): one
+    layer +0.018 to +0.032 nats per token, two layers +0.007 to +0.035; the thresholds are half the
+    smallest margins."""
+    atlas = planted_spatial_atlas(seed=0)
+    plain = heldout_ll_per_token(_fit_planted(atlas, 40), atlas)
+    one = _fit_planted(atlas, 40, **GAT_SAMPLED)
+    two = _fit_planted(atlas, 40, **dict(GAT_SAMPLED, gcn_n_layers=2, gcn_fan_out=(4, 4)))
+    ll1, ll2 = heldout_ll_per_token(one, atlas), heldout_ll_per_token(two, atlas)
+    oracle = float((atlas["x_held"] * np.log(atlas["theta"] @ atlas["phi"])).sum() / atlas["x_held"].sum())
+    assert max(ll1, ll2) < oracle
+    assert ll1 - plain > 0.009, (plain, ll1)
+    assert ll2 - plain > 0.0033, (plain, ll2)
+    # evaluation reads exact neighbourhoods after sampled training: deterministic
+    np.testing.assert_array_equal(one.get_latent_representation(n_samples=0), one.get_latent_representation(n_samples=0))
+
+
+# --------------------------------------------------------------------------- Dask: same bits on 1 and 2 workers
+
+
+def test_sampled_deep_gatv2_same_bits_on_1_and_2_workers():
+    """Two-layer GATv2 with neighbour sampling over three samples (two shards): training on a
+    1-worker and a 2-worker cluster, local steps and synchronous steps, gives the same parameters bit
+    for bit (draws keyed by (seed, epoch, step, sample), reductions in shard order), and so does the
+    in-process engine."""
+    import distributed
+
+    atlas = planted_spatial_atlas(n_samples=3, side=6, n_features=12, depth=6, seed=1)
+    from atlasfit.models.topic import MultimodalAmortizedLDA
+
+    def fit(client, steps):
+        m = MultimodalAmortizedLDA.from_data(_anndata(atlas), ["rna"], {"rna": "multinomial"}, sample_key="sample",
+                                             n_topics=3, n_hidden=4, spatial_key="grid", spatial_mode="gcn",
+                                             gcn_n_layers=2, gcn_conv_type="gatv2", gcn_heads=2, gcn_sampling="approx",
+                                             gcn_fan_out=(3, 2))
+        return m.train(max_epochs=2, batch_size=24, lr=0.01, progress=False, client=client, steps_per_round=steps,
+                       max_shards=2)
+
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as c1, \
+            distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None) as c2, \
+            distributed.Client(c1) as k1, distributed.Client(c2) as k2:
+        for steps in (1, 3):
+            one, two = fit(k1, steps), fit(k2, steps)
+            for k, v in one._fit.params.items():
+                np.testing.assert_array_equal(two._fit.params[k], v, err_msg=k)
+            if steps == 1:
+                local = fit(False, 1)
+                for k, v in one._fit.params.items():
+                    np.testing.assert_array_equal(local._fit.params[k], v, err_msg=k)
+    assert "enc/rna/gat1/a" in one._fit.params
