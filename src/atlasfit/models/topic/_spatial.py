@@ -360,9 +360,9 @@ def gcn_minibatch_graph(state: dict, local, key, xp=np) -> dict:
     if fan is not None:
         if key is None:
             raise ValueError("gcn_sampling='approx' needs the step's key (seed, epoch, step) to draw the neighbours")
-        parts = state["parts"]
-        owner = np.repeat(np.arange(len(parts)), [k for _, _, k in parts])
-        kw = {"owner": owner}
+        if "_owner" not in state:  # the sample (position in parts) of every shard row
+            state["_owner"] = np.repeat(np.arange(len(state["parts"])), [k for _, _, k in state["parts"]])
+        kw = {"owner": state["_owner"]}
     adj, x_nbr, done = {}, {}, {}
     for m in cfg.modalities:
         gid = id(state["adj_hat"][m])
