@@ -6,16 +6,20 @@ within one sample. A shard holds whole samples, so both spatial modes are local 
 * **SGC** (``spatial_mode="sgc"``, §4.5): the encoder input of modality :math:`m` is precomputed once
   per shard as :math:`\\log(1 + [X, \\hat AX, \\ldots, \\hat A^LX])` with
   :math:`X = x/\\max(\\ell,1)\\cdot\\mathrm{med}` (:func:`sgc_features`).
-* **GCN** (``spatial_mode="gcn"``, §4.4): the first encoder layer adds the graph convolution
-  :math:`\\hat A_{\\mathcal B,\\mathcal S}(\\hat X_{\\mathcal S}W_g)` where :math:`\\mathcal S` is the exact
-  one-hop neighbourhood of the minibatch cells :math:`\\mathcal B` (:func:`neighbourhood`). Rows of
-  :math:`\\hat A` restricted to :math:`\\mathcal B` use the degrees of the *full* within-sample graph, so the
-  one-layer convolution of a minibatch cell is exactly its full-graph value (no neighbour sampling).
+* **GCN** (``spatial_mode="gcn"``, §4.4): the first encoder layer adds a graph branch, with one
+  layer the convolution :math:`\\hat A_{\\mathcal B,\\mathcal S}(\\hat X_{\\mathcal S}W_g)` where
+  :math:`\\mathcal S` is the exact one-hop neighbourhood of the minibatch cells :math:`\\mathcal B`
+  (:func:`neighbourhood`). Rows of :math:`\\hat A` restricted to :math:`\\mathcal B` use the degrees of
+  the *full* within-sample graph, so the one-layer convolution of a minibatch cell is exactly its
+  full-graph value. Deeper GCN and GATv2 branches (``_gnn.py``) read the ``gcn_n_layers``-hop
+  subgraph of :func:`gcn_minibatch_graph` (``_sampling.py``: exact, or neighbour sampling keyed by
+  (seed, epoch, step, sample) with ``gcn_sampling="approx"``).
 
 Both use :math:`\\hat A = D^{-1/2}(A+I)D^{-1/2}` with :math:`D_{ii} = 1 + \\sum_j A_{ij}`, keeping edge
 weights. This fixes the reference quirks of §11 D: degrees get +1 for the one identity added (not +2),
-zero libraries are guarded, weights are not dropped, the neighbourhood is exact and deterministic
-(also at inference), and every modality uses the graph of its own cells.
+zero libraries are guarded, weights are not dropped, neighbourhoods are exact by default and always
+at inference, sampling is without replacement and re-weighted (unbiased), and every modality uses
+the graph of its own cells.
 """
 
 from __future__ import annotations
