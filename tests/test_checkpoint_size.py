@@ -1,0 +1,78 @@
+"""Issue 12: what MultiGEDI's checkpoints cost on disk next to the store they fit.
+
+One small store (3 samples of the real 5k data: rna 500 genes M, splicing 1,000 events M_list), fitted
+in process (``client=False``, so no cluster) with a checkpoint directory, in float64 and float32.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import atlasfit
+from atlasfit.datasets import multigedi_real_5k
+
+MODS = {"rna": {"obs_type": "M"}, "splicing": {"obs_type": "M_list", "layers": ("M1", "M2")}}
+
+
+def _du(path: Path) -> int:
+    return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(path) for f in fs)
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("cksize")
+    mdata = multigedi_real_5k()
+    keep = mdata["rna"].obs["sample"].isin(["0", "1", "2"]).to_numpy()
+    store = atlasfit.io.convert(mdata[keep].copy(), tmp / "small.zarr", sample_key="sample")
+    store_bytes = _du(store)
+    out = {}
+    for dtype in ("float64", "float32"):
+        ck = tmp / f"ck_{dtype}"
+        # leftovers of a save that crashed half way: an incomplete version and a pointer never renamed
+        (ck / "v000000000-deadbeef" / "local").mkdir(parents=True)
+        (ck / ".LATEST.json.deadbeef").write_text("{}")
+        m = atlasfit.MultiGEDI(modalities=MODS, sample_key="sample", K=3, seed=0, dtype=dtype)
+        m.fit(store, max_iterations=2, client=False, checkpoint_dir=ck, checkpoint_every=1, progress=False)
+        n_cells = int(m._atlas.samples["rna"].sum())
+        m.close()
+        out[dtype] = (ck, m.checkpoint_info_, n_cells)
+    return store, store_bytes, out
+
+
+def test_one_compressed_version_is_kept(fitted):
+    """After a fit with a save every iteration, the directory holds one version (older ones and the
+    crashed leftovers removed); its arrays are compressed (0.87 of the raw bytes measured on the real
+    5k data, benchmarks/results/checkpoint_size.csv) and hold the full dense Y in the fit's dtype
+    (needed for a bit-identical resume)."""
+    _, _, out = fitted
+    for dtype, (ck, info, n_cells) in out.items():
+        entries = sorted(p.name for p in ck.iterdir())
+        assert entries == ["LATEST.json", Path(info.path).name], entries
+        # dir_bytes was measured while the fit held LOCK.json (a few hundred bytes), released since
+        assert info.iteration == 2 and 0 <= info.dir_bytes - _du(ck) < 1024
+        itemsize = np.dtype(dtype).itemsize
+        dense_y = n_cells * (500 + 1000) * itemsize  # Y of rna and splicing: cells x features
+        assert info.raw_bytes >= dense_y
+        assert info.n_bytes <= 0.95 * info.raw_bytes, (dtype, info.n_bytes, info.raw_bytes)
+        with open(Path(info.path) / "manifest.json") as fh:
+            local = json.load(fh)["local"]
+        dtypes = {dt for names in local.values() for name, (shape, dt) in names.items() if name.endswith("~Y")}
+        assert dtypes == {np.dtype(dtype).str}
+    assert out["float32"][1].n_bytes <= 0.6 * out["float64"][1].n_bytes
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "issue 12's target (default checkpoints <= 2x the store) is not met: a bit-identical resume needs the "
+    "dense latent state Y (cells x features, full-entropy floats: lossless compression keeps 0.86 of "
+    "float64, 0.81 of float32), while the store holds sparse counts. Measured on the real 5k data: 12.8x "
+    "(float64), 6.1x (float32); benchmarks/results/checkpoint_size.csv. Strict: passes -> XPASS -> fails, "
+    "so reaching the target flips this test."))
+def test_checkpoint_at_most_twice_the_store(fitted):
+    _, store_bytes, out = fitted
+    for _, (ck, _, _) in out.items():
+        assert _du(ck) <= 2 * store_bytes
