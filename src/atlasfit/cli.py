@@ -316,9 +316,10 @@ def _cmd_fit(args) -> int:
             )
         itemsize = 4 if args.dtype == "float32" else 8
         dense = sum(int(atlas.samples[m].sum()) * int(atlas.var(m).shape[0]) for m in modalities) * itemsize
+        # lossless compression keeps ~0.87 (float64) / ~0.82 (float32) of Y (benchmarks/bench_checkpoint_size.py)
         print(f"atlasfit fit: checkpoints in {ck_dir} every {args.checkpoint_every} iterations (only the last "
-              f"complete one is kept; up to about {_mb(dense)} for the dense latent state Y, compressed; the store "
-              f"is {_mb(store_bytes)}); --checkpoint-every 0 turns them off", flush=True)
+              f"complete one is kept: about {_mb(dense * 0.85)}, mostly the dense latent state Y, cells x features, "
+              f"compressed; the store is {_mb(store_bytes)}); --checkpoint-every 0 turns them off", flush=True)
     else:
         print("atlasfit fit: no checkpoints (--checkpoint-every 0): a lost worker ends the fit", flush=True)
 
@@ -353,6 +354,12 @@ def _cmd_fit(args) -> int:
         print(f"atlasfit fit: checkpoint (iteration {info.iteration}) in {Path(info.path).parent}: "
               f"{_mb(ck_bytes)} ({ck_bytes / max(store_bytes, 1):.1f}x the store's {_mb(store_bytes)}); "
               "atlasfit fit ... --resume continues from it, delete the directory to free the space")
+        beside = Path(args.store).absolute()
+        beside = beside.with_name(beside.name + ".checkpoints")
+        others = [d for d in beside.glob("*") if d.is_dir() and d.resolve() != Path(info.path).parent.resolve()]
+        if others:  # one directory per fit's settings: earlier fits' checkpoints stay until deleted
+            print(f"atlasfit fit: {beside} also holds the checkpoints of {len(others)} other fit(s) of this store "
+                  f"({_mb(sum(_du(d) for d in others))}): {', '.join(sorted(d.name for d in others))}")
     return 0
 
 
