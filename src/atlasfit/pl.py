@@ -185,26 +185,42 @@ def variance_explained(model, *, ax=None, show: bool = True):
     return _finish(ax, show)
 
 
-def topic_heatmap(model, modality: str, n_top: int = 5, *, include_background: bool = False, ax=None,
-                  show: bool = True):
+def topic_heatmap(model, modality: str, n_top: int = 5, *, method: str = "probability", lambda_: float = 0.6,
+                  topic_weights=None, include_background: bool = False, ax=None, show: bool = True):
     """Heatmap of a topic model's feature-topic distributions φ̂ of ``modality`` on the top
     ``n_top`` features of every topic, each feature row scaled to its maximum over topics.
 
-    ``model`` is a trained :class:`atlasfit.MultimodalAmortizedLDA`.
+    ``model`` is a trained :class:`atlasfit.MultimodalAmortizedLDA`. The features of each topic are
+    chosen as :meth:`~atlasfit.MultimodalAmortizedLDA.get_top_features_per_topic` ranks them:
+    ``method="probability"`` (raw φ̂, the default), ``"relevance"`` (LDAvis, weight ``lambda_``) or
+    ``"lift"``; the specific rankings skip features that are frequent in every topic.
+
+    Examples
+    --------
+    >>> import numpy as np, matplotlib
+    >>> matplotlib.use("Agg")
+    >>> from atlasfit import MultimodalAmortizedLDA
+    >>> m = MultimodalAmortizedLDA.from_data({"rna": np.random.default_rng(0).poisson(2, (40, 6))},
+    ...                                      n_topics=3, n_hidden=4).train(1, 20, progress=False)
+    >>> ax = topic_heatmap(m, "rna", 2, method="relevance", show=False)
     """
     phi = model.get_feature_topic_dist(modality, include_background=include_background)  # features x topics
+    top = model.get_top_features_per_topic(modality, n_top, method=method, lambda_=lambda_,
+                                           topic_weights=topic_weights, include_background=include_background)
+    pos = {str(f): i for i, f in enumerate(np.asarray(phi.index).astype(str))}
+    idx = list(dict.fromkeys(pos[f] for k in top.columns for f in top[k]))
     vals = np.asarray(phi.to_numpy(), dtype=float)
-    idx = list(dict.fromkeys(np.argsort(-vals, axis=0)[:n_top].T.ravel().tolist()))
     sub = vals[idx]
-    sub = sub / np.maximum(sub.max(axis=1, keepdims=True), 1e-300)
+    sub = sub / np.maximum(np.abs(sub).max(axis=1, keepdims=True), 1e-300)
     ax = _axes(ax, figsize=(0.5 * vals.shape[1] + 2, 0.18 * len(idx) + 1.5))
-    im = ax.imshow(sub, aspect="auto", cmap="viridis", vmin=0, vmax=1)
+    im = ax.imshow(sub, aspect="auto", cmap="viridis", vmin=min(0.0, float(sub.min())), vmax=1)
     ax.set_yticks(range(len(idx)))
     ax.set_yticklabels(np.asarray(phi.index)[idx], fontsize=6)
     ax.set_xticks(range(vals.shape[1]))
     ax.set_xticklabels([str(c) for c in phi.columns], fontsize=7, rotation=90)
     ax.set_xlabel("topic")
-    ax.set_title(f"{modality}: φ of the top {n_top} features per topic (row-scaled)")
+    rank = method if method != "relevance" else f"relevance (λ={float(lambda_):g})"
+    ax.set_title(f"{modality}: φ of the top {n_top} features per topic by {rank} (row-scaled)")
     ax.figure.colorbar(im, ax=ax, shrink=0.6)
     return _finish(ax, show)
 

@@ -28,6 +28,7 @@ from ._loss import (
     sparse_kernel_ok,
 )
 from ._params import draw_global_noise, softplus
+from ._ranking import DEFAULT_LAMBDA, check_ranking, feature_scores
 from ._sparse import is_sparse, row_ids, sddmm
 from ._train import TopicFit, guide_eval, topic_feature_dist
 
@@ -481,12 +482,22 @@ class _SummariesMixin:
             return {m: out[:, i] for i, m in enumerate(cfg.modalities)}
         return pd.DataFrame(out, index=names, columns=list(cfg.modalities))
 
-    def get_top_features_per_topic(self, modality: str, n_features: int = 10, *, include_background: bool = False,
-                                   return_scores: bool = False) -> pd.DataFrame:
-        """The ``n_features`` features with the largest :math:`\\hat\\phi_{mkf}` per topic, in descending order.
+    def get_top_features_per_topic(self, modality: str, n_features: int = 10, *, method: str = "probability",
+                                   lambda_: float = DEFAULT_LAMBDA, topic_weights=None,
+                                   include_background: bool = False, return_scores: bool = False) -> pd.DataFrame:
+        """The ``n_features`` top features per topic, in descending order of a ranking score.
+
+        ``method="probability"`` (the default, as before) ranks by :math:`\\hat\\phi_{mkf}`: features that
+        are frequent everywhere (MALAT1, MT- and ribosomal genes) top every topic. The specific rankings
+        divide by the marginal feature probability :math:`p_f = \\sum_k w_k\\hat\\phi_{mkf}`:
+        ``"lift"`` ranks by :math:`\\hat\\phi_{mkf}/p_f` and ``"relevance"`` (LDAvis, Sievert & Shirley
+        2014) by :math:`\\lambda\\log\\hat\\phi_{mkf} + (1-\\lambda)\\log(\\hat\\phi_{mkf}/p_f)` with
+        ``lambda_`` (default 0.6; 1 is the probability ranking, 0 the lift). ``topic_weights``: the
+        :math:`w_k` (``None``: uniform; ``lda.get_latent_representation().mean(0)`` weights topics by
+        their mean share of the cells). Count and binary modalities only for lift and relevance.
 
         Returns a DataFrame (rows: rank 0.., columns ``topic_k``) of feature names, or of
-        ``(name, phi)`` pairs with ``return_scores=True``.
+        ``(name, score)`` pairs with ``return_scores=True`` (the score of ``method``: φ, lift or relevance).
 
         Examples
         --------
@@ -495,14 +506,22 @@ class _SummariesMixin:
         ...                                      n_topics=3, n_hidden=4).train(1, 20, progress=False)
         >>> m.get_top_features_per_topic("rna", 2).shape
         (2, 3)
+        >>> m.get_top_features_per_topic("rna", 2, method="relevance", lambda_=0.6).shape
+        (2, 3)
         """
+        where = "get_top_features_per_topic"
+        check_ranking(method, lambda_, where)
         phi = self._phi(modality, include_background)
+        if method != "probability" and self.config.likelihood(modality) == "gaussian":
+            raise ValueError(f"{where}: modality {modality!r} is Gaussian (its topics are loadings, not "
+                             f"probabilities); use method='probability'")
+        scores = feature_scores(phi, method, lambda_, topic_weights)
         n = min(int(n_features), phi.shape[1])
         names = np.asarray(self.feature_names_[modality]).astype(str)
         cols = {}
         for k in range(phi.shape[0]):
-            order = np.argsort(-phi[k], kind="stable")[:n]
-            cols[f"topic_{k}"] = [(names[j], float(phi[k, j])) if return_scores else names[j] for j in order]
+            order = np.argsort(-scores[k], kind="stable")[:n]
+            cols[f"topic_{k}"] = [(names[j], float(scores[k, j])) if return_scores else names[j] for j in order]
         return pd.DataFrame(cols)
 
     def get_topic_diversity(self, modality: str | None = None, *, include_background: bool = False) -> float:
