@@ -187,3 +187,25 @@ def test_fit_progress_bar_shows_sigma2(monkeypatch):
     prog.close()
     drawn = drawn_to.getvalue()
     assert "1/3" in drawn and "sigma2 rna=0.5" in drawn and "atac=" not in drawn
+
+
+def test_fit_topic_prints_the_loss_per_epoch(store, capsys):
+    """Issue 12: the topic model from the command line, one line per epoch with the loss (not a TTY)."""
+    assert main(["fit-topic", str(store), "--modality", "rna:multinomial", "--n-topics", "3", "--epochs", "2",
+                 "--batch-size", "256", "--workers", "1", "--checkpoint-every", "0"]) == 0
+    out = capsys.readouterr().out
+    lines = [ln for ln in out.splitlines() if ln.startswith("atlasfit fit-topic: epoch ")]
+    assert [ln.split()[3] for ln in lines] == ["1/2", "2/2"] and all("loss/cell" in ln for ln in lines), out
+    theta = zarr.open_group(str(store), mode="r")["mod/rna/obsm/X_topic"][...]
+    assert theta.shape[1] == 3 and np.allclose(theta.sum(axis=1), 1.0, atol=1e-4)
+
+
+def test_fit_topic_bad_modality_names_the_flag(store, capsys, monkeypatch):
+    import atlasfit.cluster
+
+    monkeypatch.setattr(atlasfit.cluster, "cluster_session", lambda *a, **k: pytest.fail("cluster started"))
+    assert main(["fit-topic", str(store), "--modality", "foo"]) == 2
+    assert "--modality foo" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["fit-topic", str(store), "--modality", "rna:poisson"])
+    assert "--modality 'rna:poisson'" in capsys.readouterr().err

@@ -1,4 +1,5 @@
-"""The ``atlasfit`` command line: ``convert``, ``synth``, ``info``, ``validate``, ``fit``, ``demo``.
+"""The ``atlasfit`` command line: ``convert``, ``synth``, ``info``, ``validate``, ``fit``, ``fit-topic``,
+``demo``.
 
 Progress bars show on a terminal; in non-interactive logs ``fit`` prints one plain line per
 iteration instead. Arguments are checked before a Dask cluster starts, and errors name the command
@@ -363,6 +364,120 @@ def _cmd_fit(args) -> int:
     return 0
 
 
+def _topic_modality_arg(text: str) -> tuple[str, str | None]:
+    """Parse ``NAME[:LIKELIHOOD]`` of ``atlasfit fit-topic --modality``."""
+    from atlasfit.models.topic._config import LIKELIHOODS
+
+    name, _, lik = text.partition(":")
+    if not name or (lik and lik not in LIKELIHOODS):
+        raise argparse.ArgumentTypeError(
+            f"--modality {text!r}: expected NAME[:LIKELIHOOD] with LIKELIHOOD one of {', '.join(LIKELIHOODS)} "
+            "(e.g. rna:multinomial, atac:bernoulli)"
+        )
+    return name, (lik or None)
+
+
+class _EpochProgress:
+    """One line per topic-model epoch with the loss: a tqdm bar on a terminal, plain lines otherwise."""
+
+    def __init__(self, mode: str, total: int | None):
+        self.total, self.t0, self.bar = total, time.perf_counter(), None
+        if mode == "auto":
+            mode = "bar" if sys.stderr.isatty() else "lines"
+        self.mode = mode
+        if mode == "bar":
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, desc="topic model", unit="epoch", file=sys.stderr)
+
+    def __call__(self, epoch: int, record) -> None:
+        done = int(epoch) + 1  # the callback's epoch counts from 0
+        parts = [f"loss/cell {float(record['train_loss_per_cell']):.6g}"]
+        if record.get("val_loss") is not None:
+            parts.append(f"val_loss {float(record['val_loss']):.6g}")
+        if record.get("val_ll_per_token") is not None:
+            parts.append(f"val_ll/token {float(record['val_ll_per_token']):.5g}")
+        if self.bar is not None:
+            self.bar.n = done
+            self.bar.set_postfix_str("  ".join(parts), refresh=True)
+        elif self.mode == "lines":
+            of = f"/{self.total}" if self.total else ""
+            print(f"atlasfit fit-topic: epoch {done}{of}  {'  '.join(parts)}  "
+                  f"({time.perf_counter() - self.t0:.1f} s)", flush=True)
+        return None
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _cmd_fit_topic(args) -> int:
+    from atlasfit.io import open_atlas
+    from atlasfit.io._txn import check_writable
+
+    if not os.path.isdir(args.store):
+        raise FileNotFoundError(f"{args.store!r} is not a directory; give an atlas store (atlasfit convert or "
+                                "atlasfit synth writes one)")
+    atlas = open_atlas(args.store)
+    chosen = args.modality or [(m, None) for m in atlas.modalities]
+    names = [m for m, _ in chosen]
+    for m in names:
+        if m not in atlas.modalities:
+            raise ValueError(f"--modality {m}: the store has no modality {m!r}; it has {', '.join(atlas.modalities)}")
+        if names.count(m) > 1:
+            raise ValueError(f"--modality {m!r} is given twice; give each modality once")
+    check_writable(args.store, what="write the fit's results into it (atlasfit fit-topic writes them into the store)")
+
+    from atlasfit import MultimodalAmortizedLDA
+
+    likelihoods = {m: lik for m, lik in chosen if lik is not None} or None
+    if likelihoods is not None and len(likelihoods) != len(chosen):
+        raise ValueError("--modality: give a likelihood for every modality (NAME:LIKELIHOOD) or for none")
+    try:  # registration reads the store's metadata only: still before any cluster
+        lda = MultimodalAmortizedLDA.from_data(args.store, modalities=names, likelihoods=likelihoods,
+                                               n_topics=args.n_topics, dtype=args.dtype)
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(_fit_advice(str(err)).replace("n_topics", "--n-topics")) from err
+    cfg = lda.config
+    store_bytes = _du(Path(args.store))
+    print(f"atlasfit fit-topic: {len(names)} modalities ("
+          + ", ".join(f"{m}: {lik}" for m, lik in zip(cfg.modalities, cfg.likelihoods))
+          + f"), {args.n_topics} topics, {args.epochs if args.epochs is not None else 'default'} epochs",
+          flush=True)
+    if args.checkpoint_every == 0 and not args.resume:
+        print("atlasfit fit-topic: no checkpoints (--checkpoint-every 0): a lost worker ends the fit", flush=True)
+
+    from atlasfit.cluster import cluster_session
+
+    progress = _EpochProgress(args.progress, args.epochs)
+    t0 = time.perf_counter()
+    try:
+        with cluster_session(n_workers=args.workers) as client:
+            lda.train(max_epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                      client=client, progress=False, callback=progress, checkpoint_every=args.checkpoint_every,
+                      checkpoint_dir=args.checkpoint_dir, resume_from_checkpoint=args.resume)
+            lda.write(args.store, key=args.key)
+    except (ValueError, FileNotFoundError, KeyError) as err:
+        raise type(err)(_fit_advice(str(err)).replace("max_epochs", "--epochs")) from err
+    except RuntimeError as err:
+        from atlasfit.engine import CheckpointLockedError
+
+        if isinstance(err, CheckpointLockedError):
+            raise CheckpointLockedError(_fit_advice(str(err))) from err
+        raise
+    finally:
+        progress.close()
+    print(f"atlasfit: trained the topic model ({lda.n_epochs_} epochs) in {time.perf_counter() - t0:.1f} s; "
+          f"results written to {args.store} (obsm['X_{args.key}'], varm['{args.key}_loadings'])")
+    info = getattr(lda, "checkpoint_info_", None)
+    if info is not None:
+        ck_bytes = _du(Path(info.path).parent)
+        print(f"atlasfit fit-topic: checkpoint (epoch {info.iteration}) in {Path(info.path).parent}: "
+              f"{_mb(ck_bytes)} ({ck_bytes / max(store_bytes, 1):.2f}x the store's {_mb(store_bytes)}); "
+              "--resume continues from it, delete the directory to free the space")
+    return 0
+
+
 def _cmd_demo(args) -> int:
     from atlasfit._demo import run_demo
 
@@ -482,6 +597,40 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--resume", action="store_true",
                    help="continue a killed fit of the same settings from its last checkpoint")
     f.set_defaults(func=_cmd_fit)
+
+    t = sub.add_parser("fit-topic", formatter_class=_HelpFormatter,
+                       help="train the multimodal topic model on an atlas store, results into it",
+                       description="Train MultimodalAmortizedLDA (one encoder per modality, mixture of experts) "
+                                   "on an atlas store on Dask workers and write topic proportions and loadings "
+                                   "into it.",
+                       epilog="example:\n  atlasfit fit-topic atlas.zarr --modality rna:multinomial "
+                              "--modality atac:bernoulli --n-topics 10 --epochs 25 --batch-size 256 --lr 0.05\n\n"
+                              "progress: one line per epoch with the training loss per cell and the held-out "
+                              "loss (a bar on a terminal).")
+    t.add_argument("store", help="atlas store (atlasfit convert / synth write one)")
+    t.add_argument("--modality", type=_topic_modality_arg, action="append", default=None,
+                   help="NAME[:LIKELIHOOD], once per modality (default: every modality of the store, likelihoods "
+                        "chosen from the data: bernoulli for binary, gamma_poisson for RNA-like names, multinomial "
+                        "for other counts)")
+    t.add_argument("--n-topics", type=_count("--n-topics", 1), default=20, help="topics")
+    t.add_argument("--epochs", type=_count("--epochs", 0), default=None,
+                   help="epochs (default: about 2e7 / cells, between 1 and 1000)")
+    t.add_argument("--batch-size", type=_count("--batch-size", 2), default=128, help="cells per minibatch")
+    t.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
+    t.add_argument("--seed", type=int, default=0, help="random seed")
+    t.add_argument("--dtype", default="float32", choices=["float32", "float64"], help="precision")
+    t.add_argument("--key", default="topic", help="results go to obsm['X_KEY'] and varm['KEY_loadings']")
+    t.add_argument("--workers", type=_count("--workers", 1), default=None,
+                   help="workers of the embedded LocalCluster (default: one per usable core)")
+    t.add_argument("--progress", default="auto", choices=["auto", "bar", "lines", "none"],
+                   help="auto: a bar on a terminal, one plain line per epoch otherwise")
+    t.add_argument("--checkpoint-every", type=_count("--checkpoint-every", 0), default=10,
+                   help="checkpoint every this many epochs; 0: none")
+    t.add_argument("--checkpoint-dir", default=None,
+                   help="where checkpoints go (default: STORE.checkpoints/topic-<digest of the fit's settings>)")
+    t.add_argument("--resume", action="store_true",
+                   help="continue a killed fit of the same settings from its last checkpoint")
+    t.set_defaults(func=_cmd_fit_topic)
 
     d = sub.add_parser("demo", formatter_class=_HelpFormatter,
                        help="real 5k atlas (or synthetic) -> store -> fit -> results + plot")
