@@ -45,6 +45,12 @@ def test_convert_info_fit(h5mu, tmp_path, capsys):
     ck_dir = store.parent / (store.name + ".checkpoints")
     assert f"checkpoints in {ck_dir}" in out and "--checkpoint-every 0" in out, out
     assert "x the store's" in out and "MB" in out, out
+    # --resume continues from that checkpoint: only the new iteration runs
+    assert main(["fit", str(store), "--modality", "rna:M", "--modality", "splicing:M_list:M1,M2",
+                 "--K", "3", "--iterations", "3", "--workers", "1", "--resume"]) == 0
+    out = capsys.readouterr().out
+    assert "resuming from the checkpoint at iteration 2" in out, out
+    assert [ln.split("iteration ")[1].split()[0] for ln in out.splitlines() if "sigma2" in ln] == ["3/3"], out
 
 
 def test_errors_are_clear(tmp_path, capsys):

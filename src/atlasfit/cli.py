@@ -326,8 +326,12 @@ def _cmd_fit(args) -> int:
 
     from atlasfit.cluster import cluster_session
 
-    print(f"atlasfit fit: MultiGEDI K={args.K}, {args.iterations} iterations, {args.dtype}; initialising "
-          "(randomised SVD per sample) ...", flush=True)
+    if args.resume:
+        with open(ck_dir / "LATEST.json") as fh:
+            start = f"resuming from the checkpoint at iteration {json.load(fh)['iteration']}"
+    else:
+        start = "initialising (randomised SVD per sample)"
+    print(f"atlasfit fit: MultiGEDI K={args.K}, {args.iterations} iterations, {args.dtype}; {start} ...", flush=True)
     progress = _FitProgress(args.progress, args.iterations, modalities)
     t0 = time.perf_counter()
     try:
