@@ -24,6 +24,7 @@ from atlasfit.models.topic import (
     loss_and_grad,
     make_buffers,
 )
+from atlasfit.datasets._planted_spatial import completion_ll_per_token, planted_spatial_atlas
 from atlasfit.models.topic._gnn import gat_backward, gat_forward, graph_forward
 from atlasfit.models.topic._sampling import check_fan_out, layered_subgraph, sample_rngs
 from atlasfit.models.topic._spatial import normalized_adjacency
@@ -284,43 +285,6 @@ def test_config_checks_and_reference_spellings():
 # --------------------------------------------------------------------------- planted spatial atlas
 
 
-def planted_spatial_atlas(n_samples=2, side=20, n_topics=4, n_features=60, depth=4, sharpness=1.5, seed=0):
-    """Cells on a ``side`` x ``side`` grid per sample; topic proportions smooth in space
-    (:math:`\\theta_{nk}\\propto\\exp(-s\\,|r_n - c_k|^2 / (2(\\text{side}/4)^2))` around random
-    centres :math:`c_k`, one set per sample); counts multinomial with Poisson(``depth``) + 2 tokens
-    from :math:`\\theta_n\\phi`, :math:`\\phi_k\\sim\\mathrm{Dir}(0.1)`; the king-move grid graph
-    (8 neighbours) within each sample. Tokens are split at random in two halves (binomial
-    thinning): ``x_fit`` to train on, ``x_held`` held out. Returns a dict."""
-    rng = np.random.default_rng(seed)
-    phi = rng.dirichlet(np.full(n_features, 0.1), size=n_topics)
-    yy, xx = np.meshgrid(np.arange(side), np.arange(side), indexing="ij")
-    pos = np.stack([yy.ravel(), xx.ravel()], 1).astype(float)
-    idx = np.arange(side * side).reshape(side, side)
-    r, c = [], []
-    for dy in (-1, 0, 1):
-        for dx in (-1, 0, 1):
-            if dy or dx:
-                a = idx[max(0, -dy):side - max(0, dy), max(0, -dx):side - max(0, dx)]
-                b = idx[max(0, dy):side - max(0, -dy), max(0, dx):side - max(0, -dx)]
-                r.append(a.ravel())
-                c.append(b.ravel())
-    grid = sps.csr_matrix((np.ones(sum(map(len, r))), (np.concatenate(r), np.concatenate(c))), shape=(side * side,) * 2)
-    xs, thetas = [], []
-    for _ in range(n_samples):
-        centres = rng.uniform(0, side, (n_topics, 2))
-        logit = -sharpness * ((pos[:, None, :] - centres[None]) ** 2).sum(-1) / (2 * (side / 4) ** 2)
-        th = np.exp(logit - logit.max(1, keepdims=True))
-        th /= th.sum(1, keepdims=True)
-        lib = rng.poisson(depth, len(pos)) + 2
-        xs.append(np.stack([rng.multinomial(n, q) for n, q in zip(lib, th @ phi)]))
-        thetas.append(th)
-    X = np.vstack(xs)
-    x_fit = rng.binomial(X, 0.5)
-    return {"x_fit": x_fit, "x_held": X - x_fit, "theta": np.vstack(thetas), "phi": phi,
-            "sample": np.repeat([f"s{i}" for i in range(n_samples)], side * side),
-            "graph": sps.block_diag([grid] * n_samples, format="csr")}
-
-
 def _anndata(atlas):
     import anndata as ad
     import pandas as pd
@@ -334,12 +298,10 @@ def heldout_ll_per_token(model, atlas) -> float:
     """Document completion: :math:`\\hat\\theta` from the cells' fitted halves (and, for a spatial
     encoder, their neighbours'), scored on the held-out halves:
     :math:`\\sum x^{\\rm held}\\log(\\hat\\theta\\hat\\phi) / \\sum x^{\\rm held}` (multinomial, no background)."""
-    theta = model.get_latent_representation(n_samples=0)
     Z = model._fit.params["dec/rna/Z_loc"]
     phi = np.exp(Z - Z.max(1, keepdims=True))
-    phi /= phi.sum(1, keepdims=True)
-    x = atlas["x_held"]
-    return float((x * np.log(theta @ phi)).sum() / x.sum())
+    return completion_ll_per_token(model.get_latent_representation(n_samples=0), phi / phi.sum(1, keepdims=True),
+                                   atlas["x_held"])
 
 
 def _fit_planted(atlas, epochs, **spatial):
@@ -365,7 +327,7 @@ def test_planted_spatial_atlas_spatial_encoder_beats_plain():
     one = _fit_planted(atlas, 40, **GAT_SAMPLED)
     two = _fit_planted(atlas, 40, **dict(GAT_SAMPLED, gcn_n_layers=2, gcn_fan_out=(4, 4)))
     ll1, ll2 = heldout_ll_per_token(one, atlas), heldout_ll_per_token(two, atlas)
-    oracle = float((atlas["x_held"] * np.log(atlas["theta"] @ atlas["phi"])).sum() / atlas["x_held"].sum())
+    oracle = completion_ll_per_token(atlas["theta"], atlas["phi"], atlas["x_held"])
     assert max(ll1, ll2) < oracle
     assert ll1 - plain > 0.009, (plain, ll1)
     assert ll2 - plain > 0.0033, (plain, ll2)
