@@ -319,8 +319,8 @@ def test_planted_spatial_atlas_spatial_encoder_beats_plain():
     """800 cells with ~3 fitted tokens each: a cell's own tokens say little about its topics, its
     neighbours' (smooth field) much more. GATv2 with sampled neighbours, one and two layers, must
     beat the plain encoder on the held-out tokens. Measured with these settings on seeds 0-4
-    (``/tmp`` sweep, reproduced by :func:`test_planted_spatial_atlas_slow` at a larger size): one
-    layer +0.018 to +0.032 nats per token, two layers +0.007 to +0.035; the thresholds are half the
+    (``benchmarks/results/topic_spatial.csv``, atlas 2x20x20; also :func:`test_planted_spatial_atlas_slow`):
+    one layer +0.018 to +0.032 nats per token, two layers +0.007 to +0.035; the thresholds are half the
     smallest margins."""
     atlas = planted_spatial_atlas(seed=0)
     plain = heldout_ll_per_token(_fit_planted(atlas, 40), atlas)
@@ -346,8 +346,8 @@ SLOW_VARIANTS = {
 def test_planted_spatial_atlas_slow():
     """The default test's comparison on seeds 0-4 (``-m slow``, ~1 min): one-layer GCN (exact), one-
     and two-layer GATv2 (sampled) beat the plain encoder on the held-out tokens on every seed.
-    Measured margins: +0.016 to +0.040 (GCN), +0.018 to +0.032 (GATv2 1), +0.007 to +0.035 (GATv2 2)
-    nats per token; thresholds: > 0 on every seed, > 0.01 on average. (Not asserted: a two-layer
+    Measured margins (``benchmarks/results/topic_spatial.csv``): +0.016 to +0.040 (GCN), +0.018 to
+    +0.032 (GATv2 1), +0.007 to +0.035 (GATv2 2) nats per token; thresholds: > 0 on every seed, > 0.01 on average. (Not asserted: a two-layer
     exact GCN, worse than plain on seed 2, and longer training on a larger atlas, where the gain
     can vanish: docs/topic_model.md.)"""
     margins = {k: [] for k in SLOW_VARIANTS}
