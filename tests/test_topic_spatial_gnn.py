@@ -395,8 +395,8 @@ def test_sampled_deep_gatv2_same_bits_on_1_and_2_workers():
         return m.train(max_epochs=2, batch_size=24, lr=0.01, progress=False, client=client, steps_per_round=steps,
                        max_shards=2)
 
-    with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as c1, \
-            distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None) as c2, \
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=":0") as c1, \
+            distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=":0") as c2, \
             distributed.Client(c1) as k1, distributed.Client(c2) as k2:
         for steps in (1, 3):
             one, two = fit(k1, steps), fit(k2, steps)

@@ -58,17 +58,27 @@ class _Edges:
         eid = xp.arange(E, dtype=P.indices.dtype)
         self.T = sp.csr_matrix((ones, eid, P.indptr), shape=(n_out, E))
         self.S = sp.csr_matrix((ones, (self.src, eid)), shape=(n_in, E)).tocsr()
-        # padded slot of every edge in its target's row (segment max for a stable softmax)
+        deg = xp.diff(P.indptr)
+        if n_out and int(deg.min()) < 1:
+            raise ValueError("GATv2 layer: every target needs at least its self loop in the layer block "
+                             "(build the blocks with _sampling.layered_subgraph)")
+        self.indptr = P.indptr
+        # padded slot of every edge in its target's row (segment max on the GPU, see _segment_softmax)
         self.slot = eid - P.indptr[self.dst]
-        self.width = int(xp.diff(P.indptr).max()) if n_out else 0
+        self.width = int(deg.max()) if n_out else 0
         self.n_out = n_out
 
 
 def _segment_softmax(e, ed: _Edges, xp):
-    """Softmax of the edge scores ``e`` (E, k) over the in-edges of every target."""
-    pad = xp.full((ed.n_out, max(ed.width, 1), e.shape[1]), -xp.inf, dtype=e.dtype)
-    pad[ed.dst, ed.slot] = e
-    mx = pad.max(axis=1)
+    """Softmax of the edge scores ``e`` (E, k) over the in-edges of every target, shifted by each
+    target's maximum: contiguous segments (CSR order) reduced in place on the CPU, a padded
+    (targets x max in-degree x k) array on the GPU."""
+    if xp.__name__ == "numpy":
+        mx = xp.maximum.reduceat(e, ed.indptr[:-1], axis=0)
+    else:
+        pad = xp.full((ed.n_out, max(ed.width, 1), e.shape[1]), -xp.inf, dtype=e.dtype)
+        pad[ed.dst, ed.slot] = e
+        mx = pad.max(axis=1)
     ex = xp.exp(e - mx[ed.dst])
     den = xp.asarray(ed.T @ ex)
     return ex / den[ed.dst]
