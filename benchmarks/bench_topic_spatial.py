@@ -24,14 +24,17 @@ import os
 for _v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_v, "1")
 
-import argparse  # noqa: E402
-import csv  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
+import argparse
+import csv
+import time
+from pathlib import Path
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from atlasfit.datasets._planted_spatial import completion_ll_per_token, planted_spatial_atlas  # noqa: E402
+from atlasfit.datasets._planted_spatial import (
+    completion_ll_per_token,
+    planted_spatial_atlas,
+)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

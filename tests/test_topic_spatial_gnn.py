@@ -13,7 +13,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import scipy.sparse as sps
+from _fd import check_sampled_gradients, fd
 
+from atlasfit.datasets._planted_spatial import (
+    completion_ll_per_token,
+    planted_spatial_atlas,
+)
 from atlasfit.models.topic import (
     TopicModelConfig,
     draw_cell_noise,
@@ -24,11 +29,9 @@ from atlasfit.models.topic import (
     loss_and_grad,
     make_buffers,
 )
-from atlasfit.datasets._planted_spatial import completion_ll_per_token, planted_spatial_atlas
 from atlasfit.models.topic._gnn import gat_backward, gat_forward, graph_forward
 from atlasfit.models.topic._sampling import check_fan_out, layered_subgraph, sample_rngs
 from atlasfit.models.topic._spatial import normalized_adjacency
-from _fd import check_sampled_gradients, fd
 
 RTOL = 1e-6
 
@@ -66,12 +69,12 @@ def test_gat_layer_gradients(sparse_input):
         hin = sps.csr_matrix(h) if sparse_input else h
         return float((gat_forward(P, hin, WL, WR, bR, a)[0] * R).sum())
 
-    out, cache = gat_forward(P, sps.csr_matrix(h) if sparse_input else h, WL, WR, bR, a)
+    _, cache = gat_forward(P, sps.csr_matrix(h) if sparse_input else h, WL, WR, bR, a)
     dh, dWL, dWR, dbR, da = gat_backward(R, cache, WL, WR, a)
     args = [WL, WR, bR, a, h]
     for i, an in enumerate([dWL, dWR, dbR, da, np.asarray(dh)]):
         for idx in list(np.ndindex(args[i].shape))[::3]:
-            num = fd(lambda v: f(*[v if k == i else args[k] for k in range(5)]), args[i], idx)
+            num = fd(lambda v, i=i: f(*[v if k == i else args[k] for k in range(5)]), args[i], idx)
             assert abs(num - an[idx]) <= RTOL * max(abs(num), abs(an[idx])) + 1e-11, (i, idx, num, an[idx])
 
 
@@ -347,9 +350,9 @@ def test_planted_spatial_atlas_slow():
     """The default test's comparison on seeds 0-4 (``-m slow``, ~1 min): one-layer GCN (exact), one-
     and two-layer GATv2 (sampled) beat the plain encoder on the held-out tokens on every seed.
     Measured margins (``benchmarks/results/topic_spatial.csv``): +0.016 to +0.040 (GCN), +0.018 to
-    +0.032 (GATv2 1), +0.007 to +0.035 (GATv2 2) nats per token; thresholds: > 0 on every seed, > 0.01 on average. (Not asserted: a two-layer
-    exact GCN, worse than plain on seed 2, and longer training on a larger atlas, where the gain
-    can vanish: docs/topic_model.md.)"""
+    +0.032 (GATv2 1), +0.007 to +0.035 (GATv2 2) nats per token; thresholds: > 0 on every seed,
+    > 0.01 on average. (Not asserted: a two-layer exact GCN, worse than plain on seed 2, and longer
+    training on a larger atlas, where the gain can vanish: docs/topic_model.md.)"""
     margins = {k: [] for k in SLOW_VARIANTS}
     for seed in range(5):
         atlas = planted_spatial_atlas(seed=seed)
