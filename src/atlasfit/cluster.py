@@ -123,6 +123,9 @@ def get_client(
         )
         return client
 
+    from ._spawn import check_main_guard  # noqa: PLC0415
+
+    check_main_guard()  # a script's unguarded top level would re-run in every spawned worker
     if gpu is True or gpu == "auto":
         if gpu_available():
             from dask_cuda import LocalCUDACluster  # noqa: PLC0415 - optional GPU dependency

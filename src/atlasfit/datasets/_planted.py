@@ -86,7 +86,10 @@ class PlantedAtlas:
             var = pd.DataFrame(index=[f"{m}_{j}" for j in range(Xm.shape[1])])
             mods[m] = ad.AnnData(sp.csr_matrix(Xm, dtype=np.float32), obs=obs.copy(), var=var,
                                  obsm={"theta": theta})
-        mdata = md.MuData(mods)
+        from ..io._mudata import mudata_options
+
+        with mudata_options():  # no pull_on_update FutureWarning
+            mdata = md.MuData(mods)
         mdata.obs["sample"] = obs["sample"]
         mdata.obs["top_topic"] = obs["top_topic"]
         return mdata

@@ -792,10 +792,9 @@ def synthetic_mudata(
 
 def _new_mudata(md, adatas):
     """MuData from modalities without mudata's FutureWarning about pulling obs on update."""
-    import warnings
+    from ..io._mudata import mudata_options
 
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r".*will not pull obs/var", category=FutureWarning)
+    with mudata_options():
         return md.MuData(adatas)
 
 

@@ -36,6 +36,8 @@ _LAZY = {
     "validate": "._validate",
     "write_atlas": "._write",
     "AtlasReadOnlyError": "._txn",
+    "read_mudata": "._mudata",
+    "mudata_options": "._mudata",
 }
 
 
@@ -57,7 +59,9 @@ __all__ = [
     "AtlasReadOnlyError",
     "AtlasValidationError",
     "convert",
+    "mudata_options",
     "open_atlas",
+    "read_mudata",
     "to_source_order",
     "validate",
     "write_atlas",
