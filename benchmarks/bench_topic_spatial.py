@@ -11,7 +11,7 @@ is the peer, measured in the same run. Writes
   per token, its difference to the plain encoder, the planted-parameter value, seconds;
 * ``benchmarks/results/topic_spatial.png``: the differences per encoder and seed.
 
-Reproduce (about 8 min on 2 cores; the numbers are the same bits on any machine with the same
+Reproduce (13 min on this project's shared 2-core machine; the numbers are the same bits on any machine with the same
 NumPy/BLAS)::
 
     OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 python benchmarks/bench_topic_spatial.py
