@@ -8,9 +8,10 @@ directory every 0.2 s (``peak``: two versions exist while a save runs). Recorded
 * ``store_mb``: the atlas store's bytes on disk before the fit (its data; the fit's results add
   ~1-3%);
 * ``ck_mb``: the checkpoint directory after the fit (the one version kept), ``ck_over_store`` its
-  ratio to the store (issue 12's target: <= 2), ``raw_mb`` the same arrays uncompressed (what the
-  format before issue 12 wrote: raw arrays), ``dense_y_mb`` the part of that which is the dense latent
-  state Y (cells x features of every modality in the fit's dtype);
+  ratio to the store (issue 12's target: <= 2), ``raw_mb`` the arrays it holds uncompressed,
+  ``compressed_over_raw`` the compression ratio, ``dense_y_mb`` the dense latent state Y (cells x
+  features of every modality in the fit's dtype: about what a checkpoint held before issue 12, which
+  wrote every array raw and Y in full);
 * ``peak_ck_mb``: the largest size seen during the fit; ``versions_kept``: versions left.
 
 Data: ``real5k`` (``atlasfit.datasets.multigedi_real_5k``: 5,000 cells, 27 samples, rna 500 genes

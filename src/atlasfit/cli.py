@@ -317,10 +317,12 @@ def _cmd_fit(args) -> int:
             )
         itemsize = 4 if args.dtype == "float32" else 8
         dense = sum(int(atlas.samples[m].sum()) * int(atlas.var(m).shape[0]) for m in modalities) * itemsize
-        # lossless compression keeps ~0.87 (float64) / ~0.82 (float32) of Y (benchmarks/bench_checkpoint_size.py)
+        # an upper bound: Y of every modality compressed (~0.87 of float64, ~0.82 of float32); binary and
+        # paired-count modalities write less (benchmarks/bench_checkpoint_size.py, docs/engine.md)
         print(f"atlasfit fit: checkpoints in {ck_dir} every {args.checkpoint_every} iterations (only the last "
-              f"complete one is kept: about {_mb(dense * 0.85)}, mostly the dense latent state Y, cells x features, "
-              f"compressed; the store is {_mb(store_bytes)}); --checkpoint-every 0 turns them off", flush=True)
+              f"complete one is kept: at most about {_mb(dense * 0.87)}, mostly the latent state Y, cells x "
+              f"features, compressed; the store is {_mb(store_bytes)}); --checkpoint-every 0 turns them off",
+              flush=True)
     else:
         print("atlasfit fit: no checkpoints (--checkpoint-every 0): a lost worker ends the fit", flush=True)
 
@@ -528,8 +530,8 @@ examples:
   atlasfit fit atlas.zarr --modality rna:M --modality atac:X --iterations 50 --dtype float32
 
 progress: one line per iteration with sigma2 per modality (a bar on a terminal).
-checkpoints: beside the store in STORE.checkpoints/ (only the last complete one is kept: about the
-size of the dense latent state Y, cells x features, compressed); --checkpoint-every 0 turns them off,
+checkpoints: beside the store in STORE.checkpoints/ (only the last complete one is kept: at most the
+size of the latent state Y, cells x features, compressed); --checkpoint-every 0 turns them off,
 --resume continues a killed fit from the last one."""
 
 

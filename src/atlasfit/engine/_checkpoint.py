@@ -167,10 +167,17 @@ def _unflatten_shared(tree: dict, arrays) -> dict:
 # --------------------------------------------------------------------------- local (workers)
 
 
-def _write_local(state: dict, spec, local_dir: str, dump_local: Callable) -> dict:
+def needs_shared(fn) -> bool:
+    """Whether a ``dump_local`` / ``restore_local`` takes the driver's shared state as its last argument
+    (``fn.needs_shared = True``): a model can then leave out of a checkpoint what it recomputes exactly
+    from the shared state (MultiGEDI: the entries of Y set from the prediction alone)."""
+    return bool(getattr(fn, "needs_shared", False))
+
+
+def _write_local(state: dict, spec, local_dir: str, dump_local: Callable, shared=None) -> dict:
     import zarr
 
-    dumped = dump_local(state)
+    dumped = dump_local(state, shared) if needs_shared(dump_local) else dump_local(state)
     if not isinstance(dumped, Mapping):
         raise TypeError("checkpoint: dump_local(state) must return {sample_name: {array_name: array}}")
     meta: dict[str, dict] = {}
@@ -239,7 +246,7 @@ def _chunks(a: np.ndarray) -> tuple[int, ...]:
     return (max(1, min(shape[0], (128 * 2**20) // row)),) + shape[1:]
 
 
-def _read_local(state: dict, spec, local_dir: str, manifest: dict, restore_local: Callable) -> None:
+def _read_local(state: dict, spec, local_dir: str, manifest: dict, restore_local: Callable, shared=None) -> None:
     import zarr
 
     data: dict[str, dict[str, np.ndarray]] = {}
@@ -254,7 +261,10 @@ def _read_local(state: dict, spec, local_dir: str, manifest: dict, restore_local
                 data[sample][name] = np.zeros(shape, dtype=np.dtype(dtype))
             else:
                 data[sample][name] = zarr.open_array(os.path.join(base, name), mode="r")[...]
-    restore_local(state, data)
+    if needs_shared(restore_local):
+        restore_local(state, data, shared)
+    else:
+        restore_local(state, data)
 
 
 def _du(path: Path) -> int:
@@ -353,8 +363,9 @@ class Checkpoint:
         shared
             Dict of arrays / scalars / strings / nested dicts (no pickles).
         dump_local
-            ``dump_local(state) -> {sample_name: {array_name: ndarray}}``; ``None`` saves no
-            local state.
+            ``dump_local(state) -> {sample_name: {array_name: ndarray}}`` (with
+            ``dump_local.needs_shared``: ``dump_local(state, shared)``); ``None`` saves no local state.
+            The per-sample values may be any mapping: its arrays are written one at a time.
 
         Returns
         -------
@@ -376,7 +387,8 @@ class Checkpoint:
         np.savez_compressed(vdir / "shared.npz", **arrays)
         local_meta: dict[str, dict] = {}
         if dump_local is not None:
-            parts = engine.map_spec(_write_local, str(vdir / "local"), dump_local)
+            parts = engine.map_spec(_write_local, str(vdir / "local"), dump_local,
+                                    dict(shared) if needs_shared(dump_local) else None)
             for part in parts:
                 local_meta.update(part)
         manifest = {
@@ -430,7 +442,8 @@ class Checkpoint:
         """Restore every shard's local state and return ``(iteration, shared)``.
 
         ``restore_local(state, {sample_name: {array_name: ndarray}})`` runs on each shard's owner
-        with the arrays of the shard's samples (NumPy; convert to CuPy inside if needed).
+        with the arrays of the shard's samples (NumPy; convert to CuPy inside if needed); with
+        ``restore_local.needs_shared`` it gets the checkpoint's shared state as a third argument.
         """
         man = self._manifest()
         shards = [list(s.samples) for s in engine.shards]
@@ -440,9 +453,10 @@ class Checkpoint:
                 f"({len(man['shards'])} shards) than the engine's ({len(shards)} shards); "
                 "re-create the engine with the same plan_shards(...) arguments"
             )
-        if restore_local is not None:
-            engine.map_spec(_read_local, str(self._version_dir() / "local"), man["local"], restore_local)
         it, shared = self.load_shared()
+        if restore_local is not None:
+            engine.map_spec(_read_local, str(self._version_dir() / "local"), man["local"], restore_local,
+                            shared if needs_shared(restore_local) else None)
         self.owned_iteration = it
         return it, shared
 

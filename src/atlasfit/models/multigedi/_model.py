@@ -58,16 +58,21 @@ def _write_pca_rows(state, tmp_dir: str) -> list[str]:
     return written
 
 
-def _dump_local(state) -> dict:
-    from .._factor import dump_local
+def _dump_local(state, shared) -> dict:
+    # Y of binary / paired-count modalities without the entries a restore recomputes exactly (_ckpt.py)
+    from ._ckpt import dump_local
 
-    return dump_local(state)
+    return dump_local(state, shared)
 
 
-def _restore_local(state, data: dict) -> None:
-    from .._factor import restore_local
+def _restore_local(state, data: dict, shared) -> None:
+    from ._ckpt import restore_local
 
-    restore_local(state, data)
+    restore_local(state, data, shared)
+
+
+_dump_local.needs_shared = True  # the checkpoint hands them the driver's shared state (engine._checkpoint)
+_restore_local.needs_shared = True
 
 
 def _check_counts(M, m: str, layer, obs_names, var_names) -> None:
