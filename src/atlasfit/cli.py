@@ -643,7 +643,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="atlasfit_demo", help="output directory (store and plot)")
     d.add_argument("--data", default="real", choices=["real", "synthetic"], help="which atlas")
     d.add_argument("--n-cells", type=_count("--n-cells", 1), default=20_000, help="cells (synthetic data only)")
-    d.add_argument("--iterations", type=_count("--iterations", 0), default=20, help="MultiGEDI iterations")
+    d.add_argument("--iterations", type=_count("--iterations", 0), default=60,
+                   help="MultiGEDI iterations (60: the real 5k data's sigma^2 has flattened)")
     d.add_argument("--K", type=_count("--K", 1), default=10, help="latent factors")
     d.add_argument("--workers", type=_count("--workers", 1), default=None,
                    help="workers of the embedded LocalCluster (default: one per usable core)")
