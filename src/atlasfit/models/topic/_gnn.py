@@ -92,15 +92,16 @@ def gat_forward(P, h, WL, WR, bR, a):
     ed = _Edges(P, xp)
     gl = input_matmul(h, WL)
     gr = input_matmul(_rows(h, P.shape[0]), WR) + bR
-    s = (gr[ed.dst] + gl[ed.src]).reshape(ed.E, heads, c)
-    pos = (s > 0).astype(s.dtype)
-    slope = pos + LEAKY_SLOPE * (1.0 - pos)
+    glj = gl[ed.src].reshape(ed.E, heads, c)  # the source's message, gathered once per edge
+    s = gr[ed.dst].reshape(ed.E, heads, c) + glj
+    dt = s.dtype.type
+    slope = xp.where(s > 0, dt(1.0), dt(LEAKY_SLOPE))
     t = s * slope
     e = (t * a[None]).sum(axis=2)
     al = _segment_softmax(e, ed, xp)
-    msg = al[:, :, None] * gl[ed.src].reshape(ed.E, heads, c)
+    msg = al[:, :, None] * glj
     out = xp.asarray(ed.T @ msg.reshape(ed.E, heads * c))
-    return out, (P, h, ed, gl, t, slope, al)
+    return out, (P, h, ed, glj, t, slope, al)
 
 
 def gat_backward(dout, cache, WL, WR, a, need_dh: bool = True):
@@ -112,11 +113,10 @@ def gat_backward(dout, cache, WL, WR, a, need_dh: bool = True):
     :math:`\\partial g^L_j = \\sum_{e: j\\to\\cdot}(\\alpha\\partial o_i + \\partial s_e)`,
     :math:`\\partial g^R_i = \\sum_{e:\\cdot\\to i}\\partial s_e`.
     """
-    P, h, ed, gl, t, slope, al = cache
+    P, h, ed, glj, t, slope, al = cache
     xp = xp_of(dout)
     heads, c = a.shape
     do = dout.reshape(-1, heads, c)[ed.dst]  # (E, heads, c)
-    glj = gl[ed.src].reshape(ed.E, heads, c)
     dal = (do * glj).sum(axis=2)
     sal = xp.asarray(ed.T @ (al * dal))
     de = al * (dal - sal[ed.dst])
