@@ -87,3 +87,68 @@ def test_multigedi_reference_keywords_map_or_refuse():
             atlasfit.tl.multigedi(mdata, {"gene": {}}, "sample", K=2, max_iterations=0, gpu_output_dir="out",
                                   verbose=False)
     assert sum(issubclass(w.category, atlasfit.ReferenceKeywordWarning) for w in rec) == 1
+
+
+def _rna_atac_mdata(seed=0, n=60):
+    rng = np.random.default_rng(seed)
+    rna = ad.AnnData(rng.poisson(2.0, (n, 12)).astype(np.float32))
+    atac = ad.AnnData((rng.random((n, 15)) < 0.3).astype(np.float32))
+    for a in (rna, atac):
+        a.obs_names = [f"c{i}" for i in range(n)]
+    mdata = md.MuData({"rna": rna, "atac": atac})
+    mdata.obs["batch"] = np.tile(["b1", "b2"], n // 2)
+    return mdata
+
+
+def test_topomics_quickstart_verbatim():
+    # the reference: from topomics import MultimodalAmortizedLDA
+    from atlasfit import MultimodalAmortizedLDA
+
+    mdata = _rna_atac_mdata()
+    model = MultimodalAmortizedLDA.from_mudata(
+        mdata,
+        modality_order=["rna", "atac"],
+        categorical_covariate_keys=["batch"],
+        likelihoods=["gamma_poisson", "bernoulli"],
+        n_topics=3,
+        n_hidden=8,
+        dispersion_rna=1.0,
+        aggregation_type="moe",
+        kl_weight=1.0,
+        weight_mode="cell",
+    )
+    model.train(max_epochs=2, batch_size=32, lr=1e-2, early_stopping=True, early_stopping_monitor="elbo_val",
+                early_stopping_patience=10, train_size=0.9, plan_kwargs={"optim_kwargs": {"lr": 1e-2}})
+    theta = model.get_cell_topic_dist()
+    assert theta.shape == (60, 3) and np.allclose(theta.sum(axis=1), 1.0)
+    assert model.get_feature_topic_dist("rna").shape == (12, 3)
+    assert model.get_top_features_per_topic("rna", n_features=5).shape == (5, 3)
+    assert model.batch_key_ == "batch" and model.config.n_batches == 2
+    assert len(model.validation_indices_) == 6  # train_size=0.9 of 60 cells
+    for v in (model.get_entropy(), model.get_entropy_weight(), model.get_topic_variance_weight(),
+              model.get_last_entropy(), model.get_last_topic_variance()):
+        assert np.isfinite(v)
+
+
+def test_topomics_keywords_give_the_same_bits_as_atlasfit_names():
+    from atlasfit import MultimodalAmortizedLDA
+
+    def fit(train_kw=None, **kw):
+        m = MultimodalAmortizedLDA.from_mudata(_rna_atac_mdata(), n_topics=3, n_hidden=6, **kw)
+        return m.train(1, 20, progress=False, kl_schedule="constant", **(train_kw or {}))
+
+    ref = fit(dispersion_rna=2.0, aggregation_type="attention", categorical_covariate_keys=["batch"], kl_weight=0.5)
+    own = fit({"kl_kwargs": {"kl_weight": 0.5}}, dispersion=2.0, aggregation="attention", batch_key="batch")
+    assert ref.config == own.config
+    assert ref.history_["beta"].tolist() == [0.5]  # kl_weight reaches the schedule (the reference's intent, §1.9)
+    assert np.array_equal(ref.get_latent_representation(), own.get_latent_representation())
+    with pytest.raises(ValueError, match="one categorical covariate"):
+        MultimodalAmortizedLDA.from_mudata(_rna_atac_mdata(), categorical_covariate_keys=["batch", "x"])
+    with pytest.raises(TypeError, match="not both"):
+        MultimodalAmortizedLDA.from_mudata(_rna_atac_mdata(), dispersion_rna=1.0, dispersion=2.0)
+    with pytest.raises(ValueError, match="kl_weight must be a positive number"):
+        MultimodalAmortizedLDA.from_mudata(_rna_atac_mdata(), kl_weight=0)
+    with pytest.raises(ValueError, match="plan_kwargs keys \\['foo'\\]"):
+        ref.train(1, 20, progress=False, plan_kwargs={"foo": 1})
+    with pytest.warns(atlasfit.ReferenceKeywordWarning, match="encoder_scale_factor"):
+        MultimodalAmortizedLDA.from_mudata(_rna_atac_mdata(), encoder_scale_factor=1e6)

@@ -22,7 +22,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from ._config import TopicModelConfig, kl_weight_schedule
-from ._loss import combine_loss
+from ._loss import combine_loss, topic_variance
 from ._optim import AdamWState, adamw_init, adamw_step
 from ._params import (
     background_init,
@@ -290,12 +290,18 @@ def epoch_step(engine, shared: dict, epoch: int, plan: FitPlan) -> dict:
     needs_theta_bar = bool(cfg.topic_variance_weight)
     fwd_kw: dict = {}  # extra keyword arguments of _shard_forward, the same every step
     losses: list = []
+    last = None  # summed statistics of the epoch's last minibatch (get_last_entropy / get_last_topic_variance)
     if plan.steps_per_round > 1:  # local steps with periodic averaging
         for s0 in range(0, n_steps, plan.steps_per_round):
             steps = list(range(s0, min(n_steps, s0 + plan.steps_per_round)))
             res = engine.map(_shard_local_steps, p, opt_state.m, opt_state.v, opt_state.step, steps, seed, epoch,
                              n_steps, buffers, med_arg, depth_arg, N, beta, opt, plan.omega_update, fwd_kw)
             p = _average_round(res, p, opt_state, bn, cfg, N, beta, len(steps), losses)
+            for i in reversed(range(len(steps))):
+                live = [r["steps"][i] for r in res if r["steps"][i] is not None]
+                if live:
+                    last = {k: sum(s[k] for s in live) for k in ("n", "entropy", "theta_sum", "theta_sq_sum")}
+                    break
     else:
         for step in range(n_steps):
             B = _step_size(plan.sizes, step, n_steps)
@@ -318,6 +324,7 @@ def epoch_step(engine, shared: dict, epoch: int, plan: FitPlan) -> dict:
             if tot["n"] != B:
                 raise RuntimeError(f"step {step}: shards used {tot['n']} cells, the plan has {B}")
             theta_prev = tot["theta_sum"] / B
+            last = tot
             grads: dict = {}
             for sg in shard_grads:  # shard order: deterministic
                 for k, v in sg.items():
@@ -328,12 +335,24 @@ def epoch_step(engine, shared: dict, epoch: int, plan: FitPlan) -> dict:
             _update_bn(bn, tot, B, cfg)
     hist = {k: list(v) for k, v in shared["history"].items()}
     loss = float(np.mean(losses)) if losses else float("nan")
-    for k, v in (("epoch", int(epoch)), ("beta", float(beta)), ("loss", loss)):
+    for k, v in (("epoch", int(epoch)), ("beta", float(beta)), ("loss", loss)) + _last_batch(last, cfg):
         hist.setdefault(k, []).append(v)
     out = dict(shared)
     out.update(params=p, opt_m=opt_state.m, opt_v=opt_state.v, opt_step=int(opt_state.step), bn=bn,
                theta_prev=theta_prev, history=hist)
     return out
+
+
+def _last_batch(tot: dict | None, cfg: TopicModelConfig) -> tuple:
+    """``(("last_entropy", H̄), ("last_topic_variance", V̄))`` of a minibatch's summed statistics:
+    H̄ = (1/B) Σ_n H(θ_n) with the training entropy H(θ) = -Σ_k θ_k log(θ_k + 1e-5) (§3.1) and
+    V̄ = (1/K) Σ_k Var_n(θ_nk), the unbiased variance over the minibatch's cells (the regulariser
+    uses the sum, K V̄); θ_n are the training draws. NaN without a minibatch."""
+    if not tot or int(tot["n"]) == 0:
+        return (("last_entropy", math.nan), ("last_topic_variance", math.nan))
+    n = int(tot["n"])
+    return (("last_entropy", float(tot["entropy"]) / n),
+            ("last_topic_variance", topic_variance(tot["theta_sum"], tot["theta_sq_sum"], n) / cfg.n_topics))
 
 
 def fit_from_shared(cfg: TopicModelConfig, shared: dict, n_cells: int) -> TopicFit:
@@ -384,7 +403,7 @@ class _TrainingMixin:
             rec = {"epoch": h["epoch"][i], "beta": h["beta"][i], "train_loss": h["loss"][i],
                    "train_loss_per_cell": h["loss"][i] / N}
             for k, v in h.items():
-                if k.startswith("val_") and i < len(v):
+                if (k.startswith(("val_", "last_"))) and i < len(v):
                     rec[k] = v[i]
             out.append(rec)
         return out
@@ -400,6 +419,8 @@ class _TrainingMixin:
             for k, v in rec.items():
                 if k.startswith("val_"):
                     h.setdefault(k, []).append(v)
+            for k in ("last_entropy", "last_topic_variance"):  # NaN for epochs recorded before they existed
+                h.setdefault(k, []).append(rec.get(k, math.nan))
         return {"params": dict(fit.params), "opt_m": dict(opt.m), "opt_v": dict(opt.v), "opt_step": int(opt.step),
                 "bn": dict(fit.bn_state), "buffers": dict(fit.buffers), "lib_median": dict(fit.lib_median),
                 "bern_depth": dict(fit.bern_depth), "theta_prev": self._theta_prev, "history": h}

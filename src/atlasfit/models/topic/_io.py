@@ -78,6 +78,7 @@ class _PersistenceMixin:
             "bern_depth": {m: float(v) for m, v in fit.bern_depth.items()},
             "n_cells": int(fit.n_cells),
             "best_epoch": getattr(self, "best_epoch_", None),
+            "kl_weight": float(getattr(self, "kl_weight_", 1.0)),
         }
 
     def to_xarray(self):
@@ -240,6 +241,7 @@ class _PersistenceMixin:
         model._train_settings = dict(meta["train_settings"])
         if meta.get("best_epoch") is not None:
             model.best_epoch_ = meta["best_epoch"]
+        model.kl_weight_ = float(meta.get("kl_weight", 1.0))
         groups: dict = {}
         for k, v in arrays.items():
             g, name = k.split("|", 1)

@@ -35,8 +35,10 @@ from ._fit import (
     resolve_max_shards,
     resolve_steps_per_round,
 )
+from ._getters import _GettersMixin
 from ._io import _PersistenceMixin
 from ._optim import AdamWState
+from ._reference import model_kwargs, train_kwargs
 from ._shard import dump_local, load_shard, restore_local
 from ._summaries import _SummariesMixin
 from ._train import TopicFit
@@ -49,7 +51,7 @@ from ._train import TopicFit
 DEFAULT_DTYPE = "float32"
 
 
-class MultimodalAmortizedLDA(_TrainingMixin, _EvalMixin, _SummariesMixin, _PersistenceMixin):
+class MultimodalAmortizedLDA(_TrainingMixin, _EvalMixin, _SummariesMixin, _GettersMixin, _PersistenceMixin):
     """Multimodal amortised LDA: per-modality encoders, a mixture of experts collapsed by moment
     matching, logistic-normal priors and per-modality likelihoods (``specs/topic_model.md``).
 
@@ -112,6 +114,7 @@ class MultimodalAmortizedLDA(_TrainingMixin, _EvalMixin, _SummariesMixin, _Persi
         self._engine = None  # the shards kept after train() for the summaries (close() releases them)
         self._cell_map_cache = None
         self.best_epoch_: int | None = None
+        self.kl_weight_ = 1.0  # the KL weight the warm-up reaches (topomics' kl_weight, §1.9; train's default)
 
     @classmethod
     def from_data(
@@ -165,7 +168,13 @@ class MultimodalAmortizedLDA(_TrainingMixin, _EvalMixin, _SummariesMixin, _Persi
             ``"float32"`` (default, :data:`DEFAULT_DTYPE`) or ``"float64"``.
         **cfg
             Any other :class:`~atlasfit.models.topic.TopicModelConfig` field (``n_hidden``,
-            ``weight_mode``, ``likelihood_weight_mode``, ``learnable_dispersion``, ...).
+            ``weight_mode``, ``likelihood_weight_mode``, ``learnable_dispersion``, ...), or a keyword of
+            the reference (topomics): ``dispersion_rna`` (= ``dispersion``), ``aggregation_type``
+            (= ``aggregation``), ``categorical_covariate_keys`` (one key = ``batch_key``),
+            ``modality_order`` (= ``modalities``), ``layer_dict`` (= ``layers``), ``kl_weight`` (the
+            KL weight the warm-up reaches, :attr:`kl_weight_`; unlike the reference, whose training
+            ignores it (§3.4), :meth:`train` uses it unless ``kl_kwargs`` sets ``kl_weight``) and
+            ``encoder_scale_factor`` (unused by the reference; ignored with a warning).
 
         Returns
         -------
@@ -179,10 +188,13 @@ class MultimodalAmortizedLDA(_TrainingMixin, _EvalMixin, _SummariesMixin, _Persi
         >>> MultimodalAmortizedLDA.from_data(d, n_topics=4).config.likelihoods
         ('gamma_poisson', 'bernoulli')
         """
+        modalities, layers, batch_key, kl_weight = model_kwargs(f"{cls.__name__}.from_data", modalities, layers,
+                                                                batch_key, cfg)
         reg, config = register_config(data, modalities, likelihoods, sample_key, n_topics, layers, spatial_key,
                                       batch_key, continuous_covariate_keys, cfg)
         names = list(config.modalities)
         model = cls(config, reg, dtype=dtype)
+        model.kl_weight_ = kl_weight
         model.layers_ = _as_list(layers, names, "layers")
         model.sample_key_ = sample_key if reg.source is None else None
         model.spatial_key_ = spatial_key
@@ -255,6 +267,12 @@ class MultimodalAmortizedLDA(_TrainingMixin, _EvalMixin, _SummariesMixin, _Persi
         checkpoint_every: int | None = None,
         checkpoint_dir: str | Path | None = None,
         resume_from_checkpoint: bool = False,
+        train_size: float | None = None,
+        early_stopping_monitor: str | None = None,
+        early_stopping_patience: int | None = None,
+        accelerator: str | None = None,
+        plan_kwargs: dict | None = None,
+        check_val_every_n_epoch: int | None = None,
     ) -> MultimodalAmortizedLDA:
         """Train by minibatch AdamW on the engine protocol (spec §3, §6), with held-out tracking.
 
@@ -337,6 +355,13 @@ class MultimodalAmortizedLDA(_TrainingMixin, _EvalMixin, _SummariesMixin, _Persi
             seed) is refused before any work, naming what differs, and a second fit on a directory
             in use fails with ``CheckpointLockedError``.
 
+        train_size, early_stopping_monitor, early_stopping_patience, accelerator, plan_kwargs, check_val_every_n_epoch
+            The reference's (topomics / scvi-tools) keywords: ``validation_fraction = 1 - train_size``;
+            ``early_stopping_monitor="elbo_val"`` = ``monitor="val_loss"``; ``early_stopping_patience`` =
+            ``patience``; ``accelerator`` = ``device``; ``plan_kwargs={"optim_kwargs": {"lr": ...},
+            "n_epochs_kl_warmup": ..., "max_kl_weight": ...}`` = the AdamW arguments and ``kl_kwargs``;
+            ``check_val_every_n_epoch`` is ignored with a warning (every epoch is validated).
+
         Returns
         -------
         self
@@ -351,6 +376,18 @@ class MultimodalAmortizedLDA(_TrainingMixin, _EvalMixin, _SummariesMixin, _Persi
         """
         if self._data is None:
             raise RuntimeError("this model has no data attached; use MultimodalAmortizedLDA.load(path, data=...)")
+        ref = (train_size, early_stopping_monitor, early_stopping_patience, accelerator, plan_kwargs,
+               check_val_every_n_epoch)
+        if any(v is not None for v in ref):
+            names_ = ("validation_fraction", "monitor", "patience", "device", "lr", "weight_decay", "betas", "eps",
+                      "kl_kwargs")
+            o = train_kwargs(f"{type(self).__name__}.train",
+                             dict(zip(names_, (validation_fraction, monitor, patience, device, lr, weight_decay, betas,
+                                               eps, kl_kwargs)), early_stopping=early_stopping),
+                             **dict(zip(("train_size", "early_stopping_monitor", "early_stopping_patience",
+                                         "accelerator", "plan_kwargs", "check_val_every_n_epoch"), ref)))
+            (validation_fraction, monitor, patience, device, lr, weight_decay, betas, eps,
+             kl_kwargs) = (o[k] for k in names_)
         cfg, reg = self.config, self._data
         if monitor not in ("val_loss", "val_ll_per_token"):
             raise ValueError(f"monitor {monitor!r}: use 'val_loss' or 'val_ll_per_token'")
@@ -387,6 +424,8 @@ class MultimodalAmortizedLDA(_TrainingMixin, _EvalMixin, _SummariesMixin, _Persi
         self.device_ = "gpu" if gpu else "cpu"
         start = self.n_epochs_
         kw = dict(kl_kwargs or {})
+        if self.kl_weight_ != 1.0:  # topomics' kl_weight (from_data); the default adds nothing (same fingerprint)
+            kw.setdefault("kl_weight", self.kl_weight_)
         kw.setdefault("max_epochs", start + max_epochs)
         plan = FitPlan(cfg, self.dtype, N, sizes, batch_size, seed, {"lr": lr, "betas": betas, "eps": eps,
                        "weight_decay": weight_decay}, kl_schedule, kw, input_median, bernoulli_depth,
