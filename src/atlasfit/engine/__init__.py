@@ -19,6 +19,7 @@ from ._loop import resume, run_iterations
 from ._protocol import Engine, ShardSpec, plan_shards
 from ._reduce import gather_by_sample, ordered_sum
 from ._serial import SerialEngine
+from ._threaded import ThreadedEngine, resolve_threads
 
 __all__ = [
     "Checkpoint",
@@ -43,6 +44,8 @@ __all__ = [
     "DaskEngine",
     "Engine",
     "SerialEngine",
+    "ThreadedEngine",
+    "resolve_threads",
     "ShardLostError",
     "ShardSpec",
     "StateMissingError",

@@ -4,8 +4,9 @@ A model hands the driver its shard plan, its shard loader, its ``init`` and ``st
 the functions that dump / restore its per-sample state; the driver
 
 * picks the engine: the caller's ``client`` (a :class:`DaskEngine` on its workers), the embedded
-  cluster of :func:`atlasfit.cluster.get_client` for a store fit without a client, or the in-process
-  :class:`SerialEngine` for in-memory data without a client;
+  cluster of :func:`atlasfit.cluster.get_client` for a store fit without a client, or in process for
+  in-memory data without a client (:class:`SerialEngine`, or :class:`ThreadedEngine` with
+  ``threads=None``: one thread per core);
 * resolves the device (NumPy or CuPy kernels, :func:`resolve_device`);
 * owns the checkpoint policy (where, how often, resume) and runs :func:`run_iterations` with
   checkpoints, resume and worker-loss recovery.
@@ -31,6 +32,7 @@ from ._errors import ShardLostError
 from ._guard import CheckpointLock, describe_differences, fingerprint_differences, fingerprint_digest, mismatch_error
 from ._loop import run_iterations
 from ._serial import SerialEngine
+from ._threaded import ThreadedEngine, resolve_threads
 
 logger = logging.getLogger("atlasfit.engine")
 
@@ -42,6 +44,7 @@ def make_engine(
     device: str = "cpu",
     who: str = "atlasfit",
     name: str = "atlasfit",
+    threads: int | None = 1,
 ):
     """The engine a fit runs on, and whether its kernels run on the GPU.
 
@@ -52,8 +55,8 @@ def make_engine(
     client
         A ``distributed.Client``: shards live on its workers. ``None``: the embedded cluster
         (:func:`atlasfit.cluster.get_client`, which reuses an active client) for a store fit,
-        in process (:class:`SerialEngine`) for in-memory data. ``False``: in process for any data
-        (a store's samples are then read by this process).
+        in process for in-memory data. ``False``: in process for any data (a store's samples are
+        then read by this process).
     store
         Whether the fit reads an atlas store (so the workers can read their own samples).
     device
@@ -61,6 +64,13 @@ def make_engine(
         LocalCUDACluster when a cluster has to be started.
     who, name
         The model's name in errors, and the engine's task-key prefix.
+    threads
+        In-process fits: the shard functions of a round run on this many threads
+        (:class:`ThreadedEngine`; ``None``: ``ATLASFIT_THREADS`` when set, else one per usable core);
+        ``1`` (the default): :class:`SerialEngine`, one shard after the other. The same bits either
+        way. MultiGEDI and GEDI pass ``None`` (their rounds are a few long per-sample tasks); the
+        topic model keeps ``1`` (in process it runs one short round per minibatch step). A GPU fit
+        in process runs serially (its kernels queue on one device). Ignored with a Dask client.
 
     Returns
     -------
@@ -70,28 +80,30 @@ def make_engine(
     Examples
     --------
     >>> from atlasfit.engine import make_engine, plan_shards
-    >>> eng, gpu = make_engine(plan_shards(["a"], [3]))
-    >>> type(eng).__name__, gpu
-    ('SerialEngine', False)
-    >>> type(make_engine(plan_shards(["a"], [3]), client=False, store=True)[0]).__name__
+    >>> eng, gpu = make_engine(plan_shards(["a", "b"], [3, 4]), threads=2)
+    >>> type(eng).__name__, eng.n_threads, gpu
+    ('ThreadedEngine', 2, False)
+    >>> type(make_engine(plan_shards(["a"], [3]), client=False, store=True, threads=1)[0]).__name__
     'SerialEngine'
     """
     if client is False or (client is None and not store):
-        engine = SerialEngine(shards)
-    else:
-        from ..cluster import get_client  # noqa: PLC0415 - only when a cluster is needed
-        from ._dask import DaskEngine  # noqa: PLC0415
+        n = resolve_threads(threads, who)
+        gpu = resolve_device(device, who, distributed=False)
+        engine = SerialEngine(shards) if n == 1 or gpu or len(shards) <= 1 else ThreadedEngine(shards, n)
+        return engine, gpu
+    from ..cluster import get_client  # noqa: PLC0415 - only when a cluster is needed
+    from ._dask import DaskEngine  # noqa: PLC0415
 
-        if client is None:
-            client = get_client(gpu=device if device != "cpu" else False)
-        engine = DaskEngine(client, shards, name=name)
-    gpu = resolve_device(device, who, distributed=not isinstance(engine, SerialEngine))
+    if client is None:
+        client = get_client(gpu=device if device != "cpu" else False)
+    engine = DaskEngine(client, shards, name=name)
+    gpu = resolve_device(device, who, distributed=True)
     return engine, gpu
 
 
 def is_distributed(engine) -> bool:
     """Whether ``engine`` runs its shards outside this process."""
-    return not isinstance(engine, SerialEngine)
+    return not isinstance(engine, (SerialEngine, ThreadedEngine))
 
 
 def default_checkpoint_dir(store_path: str | os.PathLike, model: str, fingerprint: Mapping | None = None) -> Path:

@@ -368,6 +368,7 @@ class MultiGEDI(DownstreamMixin):
         resume_from_checkpoint: bool = False,
         progress: Any = None,
         callback=None,
+        threads: int | None = None,
     ) -> MultiGEDI:
         """Fit the model.
 
@@ -409,6 +410,12 @@ class MultiGEDI(DownstreamMixin):
         callback
             ``callback(iteration, shared)`` after every iteration (``shared``: the driver's small
             state); a truthy return stops the fit.
+        threads
+            In-process fits (in-memory data without ``client``): the per-sample work of every round
+            runs on this many threads of this process (``None``: the environment variable
+            ``ATLASFIT_THREADS`` when set, else one per core); ``1`` runs the samples one after the
+            other (:class:`~atlasfit.engine.SerialEngine`, for debugging). The same bits for any
+            value. Ignored on a Dask client.
         """
         from ...io import Atlas
 
@@ -421,6 +428,7 @@ class MultiGEDI(DownstreamMixin):
         plan, config = self.plan_, self.config
         shards = plan_shards(plan.global_samples, [plan.n_cells[g] for g in plan.global_samples],
                              max_shards=self.max_shards)
+        self._threads = threads  # read by _make_engine (its signature is shared with GEDI)
         engine = self._make_engine(shards, client, is_store)
         array_module = "cupy" if self._use_gpu(engine) else None
         # the checkpoint before any work on the data: a resume of another fit is refused, the
@@ -467,8 +475,10 @@ class MultiGEDI(DownstreamMixin):
                 "data": plan_identity(self.plan_, store), "seed": int(c.seed)}
 
     def _make_engine(self, shards, client, is_store):
+        # in process: the samples of a round on one thread per core (ThreadedEngine; same bits as serial)
         engine, self._gpu = make_engine(shards, client=client, store=is_store, device=self.device,
-                                        who=type(self).__name__, name="multigedi")
+                                        who=type(self).__name__, name="multigedi",
+                                        threads=getattr(self, "_threads", None))
         if is_store:  # a tiny task per worker: do they all see the driver's store? (HPC: node-local paths)
             preflight_store(engine, self._atlas.path, type(self).__name__)
         return engine
