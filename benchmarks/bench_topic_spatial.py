@@ -9,7 +9,9 @@ is the peer, measured in the same run. Writes
 
 * ``benchmarks/results/topic_spatial.csv``: one row per (atlas, epochs, seed, encoder): held-out LL
   per token, its difference to the plain encoder, the planted-parameter value, seconds;
-* ``benchmarks/results/topic_spatial.png``: the differences per encoder and seed.
+* ``benchmarks/results/topic_spatial.png``: the differences per encoder and seed;
+* with ``--speed``: ``benchmarks/results/topic_spatial_speed.csv``, seconds per training step of the
+  graph encoders against the plain one (:func:`speed`).
 
 Reproduce (13 min on this project's shared 2-core machine; the numbers are the same bits on any machine with the same
 NumPy/BLAS)::
@@ -76,10 +78,70 @@ def fit_and_score(atlas, epochs: int, **spatial) -> float:
                                    atlas["x_held"])
 
 
+def speed(side: int = 140, n_features: int = 2000, steps: int = 5):
+    """Seconds per training step (forward + backward of one shard, batch 1024, float32, K=20, H=128)
+    on a ``side`` x ``side`` grid of cells with sparse counts (5% stored), plain against the graph
+    encoders (reference fan-out 10 per hop). Writes ``benchmarks/results/topic_spatial_speed.csv``."""
+    import scipy.sparse as sps
+
+    from atlasfit.datasets._planted_spatial import king_grid
+    from atlasfit.engine import plan_shards
+    from atlasfit.models.topic import TopicModelConfig, draw_global_noise, init_params, make_buffers
+    from atlasfit.models.topic._shard import Layout, MemoryBlocks, load_shard
+    from atlasfit.models.topic._train import _shard_backward, _shard_forward
+
+    n = side * side
+    rng = np.random.default_rng(0)
+    X = sps.random(n, n_features, density=0.05, random_state=1, format="csr",
+                   data_rvs=lambda k: rng.poisson(2, k) + 1.0)
+    reader = MemoryBlocks({"rna": X}, {"s0": np.arange(n)}, graphs={"rna": king_grid(side)})
+    layout = Layout(n={"s0": n}, index={"s0": 0}, sid={"s0": 0})
+    spec = plan_shards(["s0"], [n], max_shards=1)[0]
+    opt = {"lr": 0.0, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0}
+    encoders = {"plain": {}, "gcn1-exact": {"spatial_mode": "gcn"},
+                "gat1-exact": {"spatial_mode": "gcn", "gcn_conv_type": "gatv2"},
+                "gcn2-sampled": {"spatial_mode": "gcn", "gcn_n_layers": 2, "gcn_sampling": "approx"},
+                "gat2-sampled": {"spatial_mode": "gcn", "gcn_n_layers": 2, "gcn_conv_type": "gatv2",
+                                 "gcn_sampling": "approx"}}
+    rows = []
+    n_steps = n // 1024
+    for name, kw in encoders.items():
+        cfg = TopicModelConfig(("rna",), (n_features,), ("multinomial",), n_topics=20, n_hidden=128, **kw)
+        state = load_shard(spec, reader, layout, cfg, np.float32)
+        p = {k: v.astype(np.float32) for k, v in init_params(cfg).items()}
+        buf, gn = make_buffers(cfg), draw_global_noise(cfg, (0,), np.float32)
+
+        def step(s, state=state, p=p, buf=buf, gn=gn):
+            st = _shard_forward(state, p, gn, buf, 0, 0, s, n_steps, {"rna": 200.0}, None)
+            _shard_backward(state, float(n_steps), 1.0, int(st["n"]), st["theta_sum"] / st["n"], 1, opt)
+
+        step(0)
+        t0 = time.perf_counter()
+        for s in range(1, steps + 1):
+            step(s)
+        sec = (time.perf_counter() - t0) / steps
+        rows.append({"encoder": name, "cells": n, "features": n_features, "seconds_per_step": sec,
+                     "cells_per_second": 1024 / sec})
+        print(f"{name:13s} {sec * 1e3:8.1f} ms/step ({1024 / sec:,.0f} cells/s)", flush=True)
+    base = rows[0]["seconds_per_step"]
+    for r in rows:
+        r["x_plain"] = r["seconds_per_step"] / base
+    RESULTS.mkdir(exist_ok=True)
+    with open(RESULTS / "topic_spatial_speed.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="first plan entry, seeds 0-1 only (a smoke run)")
+    ap.add_argument("--speed", action="store_true", help="only the step-time comparison (speed())")
     args = ap.parse_args(argv)
+    if args.speed:
+        speed()
+        return
     plan = PLAN[:1] if args.quick else PLAN
     rows = []
     for name, gen, epochs, seeds, encoders in plan:
