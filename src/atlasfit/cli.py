@@ -337,7 +337,7 @@ def _cmd_fit(args) -> int:
     progress = _FitProgress(args.progress, args.iterations, modalities)
     t0 = time.perf_counter()
     try:
-        with cluster_session(gpu=args.gpu, n_workers=args.workers) as client:
+        with cluster_session(gpu=args.gpu, n_workers=args.workers, profile=args.profile) as client:
             model.fit(args.store, max_iterations=args.iterations, client=client, progress=False,
                       callback=progress, checkpoint_every=args.checkpoint_every,
                       checkpoint_dir=args.checkpoint_dir, resume_from_checkpoint=args.resume)
@@ -458,7 +458,7 @@ def _cmd_fit_topic(args) -> int:
     progress = _EpochProgress(args.progress, args.epochs)
     t0 = time.perf_counter()
     try:
-        with cluster_session(n_workers=args.workers) as client:
+        with cluster_session(n_workers=args.workers, profile=args.profile) as client:
             lda.train(max_epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                       client=client, progress=False, callback=progress, checkpoint_every=args.checkpoint_every,
                       checkpoint_dir=args.checkpoint_dir, resume_from_checkpoint=args.resume)
@@ -594,6 +594,10 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--gpu", default=False, choices=[False, True, "auto"], metavar="{false,true,auto}",
                    type=lambda v: {"true": True, "false": False, "auto": "auto"}.get(v.lower(), v),
                    help="true: a LocalCUDACluster (one worker per GPU); auto: GPUs when available; default: false")
+    f.add_argument("--profile", default=None, metavar="PROFILE",
+                   help="run the workers from a cluster profile: a name in deploy/profiles (slurm-cpu, pbs-cpu, ...) "
+                        "or a YAML path; SLURM/PBS jobs are submitted and the fit waits for their workers "
+                        "(the profile's startup_timeout); --workers and --gpu are then ignored")
     f.add_argument("--progress", default="auto", choices=["auto", "bar", "lines", "none"],
                    help="auto: a bar on a terminal, one plain line per iteration otherwise")
     f.add_argument("--checkpoint-every", type=_count("--checkpoint-every", 0), default=10,
@@ -628,6 +632,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--key", default="topic", help="results go to obsm['X_KEY'] and varm['KEY_loadings']")
     t.add_argument("--workers", type=_count("--workers", 1), default=None,
                    help="workers of the embedded LocalCluster (default: one per usable core)")
+    t.add_argument("--profile", default=None, metavar="PROFILE",
+                   help="run the workers from a cluster profile (a name in deploy/profiles or a YAML path), "
+                        "e.g. slurm-cpu; --workers is then ignored")
     t.add_argument("--progress", default="auto", choices=["auto", "bar", "lines", "none"],
                    help="auto: a bar on a terminal, one plain line per epoch otherwise")
     t.add_argument("--checkpoint-every", type=_count("--checkpoint-every", 0), default=10,
@@ -657,7 +664,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, FileExistsError, PermissionError, KeyError) as err:
+    except (ValueError, FileNotFoundError, FileExistsError, PermissionError, KeyError, TimeoutError) as err:
         msg = err.args[0] if isinstance(err, KeyError) and err.args else err  # KeyError's str() adds quotes
         print(f"atlasfit {args.command}: error: {msg}", file=sys.stderr)
         return 2

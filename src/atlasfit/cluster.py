@@ -7,7 +7,10 @@ Three ways to a :class:`distributed.Client`:
   core), or a ``dask_cuda.LocalCUDACluster`` when GPUs are asked for and present;
 * :func:`cluster_session` does the same as a context manager and closes only what it started;
 * :func:`cluster_from_profile` builds a cluster from a YAML profile (SLURM / PBS through
-  dask-jobqueue, or a local CPU / CUDA cluster), see :func:`load_profile`.
+  dask-jobqueue, or a local CPU / CUDA cluster), see :func:`load_profile`; before it submits jobs it
+  checks the job script (memory of the job vs. its workers' ``memory_limit``; ``sbatch --test-only``);
+* :func:`wait_for_workers` waits for the workers of a batch cluster and, when they do not come,
+  says which jobs are pending and why (``squeue``).
 
 Optional dependencies (``dask_cuda``, ``cupy``, ``dask_jobqueue``) are imported inside the
 functions that need them, never at import time.
@@ -24,6 +27,7 @@ from typing import Any
 
 import distributed
 
+from ._jobqueue import check_job_memory, job_ids, job_resources, wait_for_workers
 from .engine._device import gpu_available, resolve_device  # noqa: F401 - re-exported (they live in the engine)
 
 logger = logging.getLogger("atlasfit.cluster")
@@ -33,7 +37,9 @@ logger = logging.getLogger("atlasfit.cluster")
 WORKER_ENV = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 _SCHEDULERS = ("slurm", "pbs", "local", "localcuda")
-_PROFILE_KEYS = {"scheduler", "cluster", "scale", "adapt"}
+_PROFILE_KEYS = {"scheduler", "cluster", "scale", "adapt", "extends", "startup_timeout"}
+#: Seconds :func:`get_client` waits for a profile's workers by default (profile key ``startup_timeout``).
+DEFAULT_STARTUP_TIMEOUT = 600.0
 
 # Clusters started by this module, keyed by id(client): only these are closed by cluster_session.
 _STARTED: dict[int, Any] = {}
@@ -113,14 +119,26 @@ def get_client(
         return client
 
     if profile is not None:
-        cluster = cluster_from_profile(profile)
+        prof = load_profile(profile) if not isinstance(profile, Mapping) else dict(profile)
+        cluster = cluster_from_profile(prof)
         client = distributed.Client(cluster)
-        _STARTED[id(client)] = cluster
+        n = expected_workers(cluster, prof)
+        timeout = float(prof.get("startup_timeout", DEFAULT_STARTUP_TIMEOUT))
+        ids = ", ".join(job_ids(cluster))
         _say(
-            f"atlasfit: started a cluster from profile {str(profile)!r}; "
+            f"atlasfit: started a {type(cluster).__name__} from profile {str(profile)!r}"
+            + (f" (jobs {ids})" if ids else "") + f"; waiting up to {timeout:g} s for {n} worker(s); "
             f"dashboard at {client.dashboard_link}",
             quiet,
         )
+        try:
+            wait_for_workers(client, n, timeout, cluster)
+        except BaseException:
+            client.close()
+            cluster.close()
+            raise
+        _STARTED[id(client)] = cluster
+        _say(f"atlasfit: {n} worker(s) joined", quiet)
         return client
 
     from ._spawn import check_main_guard  # noqa: PLC0415
@@ -224,6 +242,9 @@ def load_profile(path_or_name: str | os.PathLike) -> dict:
     ``cluster`` (keyword arguments of ``dask_jobqueue.SLURMCluster`` / ``PBSCluster`` /
     :class:`distributed.LocalCluster` / ``dask_cuda.LocalCUDACluster``) and at most one of
     ``scale`` (e.g. ``{jobs: 4}``) or ``adapt`` (e.g. ``{minimum_jobs: 1, maximum_jobs: 10}``).
+    Optional: ``extends`` (another profile's name or path: its keys, with this profile's ``cluster``
+    entries merged over its ``cluster``, and this profile's other keys replacing its) and
+    ``startup_timeout`` (seconds :func:`get_client` waits for the workers, default 600).
 
     Parameters
     ----------
@@ -275,12 +296,24 @@ def load_profile(path_or_name: str | os.PathLike) -> dict:
             f"cluster profile {str(p)!r}: unknown key(s) {sorted(unknown)}; "
             f"allowed keys are {sorted(_PROFILE_KEYS)}"
         )
+    if "extends" in prof:
+        base = str(prof.pop("extends"))
+        beside = p.parent / f"{base}.yaml"  # a name is looked up beside the profile first
+        base_path = beside if beside.is_file() else base
+        if Path(base_path).is_file() and Path(base_path).resolve() == p.resolve():
+            raise ValueError(f"cluster profile {str(p)!r}: 'extends: {base}' names the profile itself")
+        prof = merge_profiles(load_profile(base_path), prof)
+    prof["source"] = str(p)
     sched = prof.get("scheduler")
     if sched not in _SCHEDULERS:
         raise ValueError(
             f"cluster profile {str(p)!r}: 'scheduler' must be one of {list(_SCHEDULERS)}, got {sched!r}"
         )
     prof["cluster"] = dict(prof.get("cluster") or {})
+    if "startup_timeout" in prof and not (isinstance(prof["startup_timeout"], (int, float))
+                                          and prof["startup_timeout"] > 0):
+        raise ValueError(f"cluster profile {str(p)!r}: 'startup_timeout' must be a number of seconds > 0, "
+                         f"got {prof['startup_timeout']!r}")
     if "scale" in prof and "adapt" in prof:
         raise ValueError(f"cluster profile {str(p)!r}: give 'scale' or 'adapt', not both")
     for key in ("scale", "adapt"):
@@ -292,7 +325,78 @@ def load_profile(path_or_name: str | os.PathLike) -> dict:
     return prof
 
 
-def cluster_from_profile(path_or_name: str | os.PathLike | Mapping, *, apply_scaling: bool = True):
+def merge_profiles(base: Mapping, over: Mapping) -> dict:
+    """``over`` on top of ``base``: ``cluster`` entries merged, other keys replaced; giving ``scale``
+    drops the base's ``adapt`` and vice versa.
+
+    Examples
+    --------
+    >>> merge_profiles({"scheduler": "slurm", "cluster": {"cores": 16, "memory": "64GB"}, "scale": {"jobs": 4}},
+    ...                {"cluster": {"cores": 1}, "adapt": {"minimum_jobs": 2}})
+    {'scheduler': 'slurm', 'cluster': {'cores': 1, 'memory': '64GB'}, 'adapt': {'minimum_jobs': 2}}
+    """
+    out = {k: v for k, v in base.items() if k != "source"}
+    for key, val in over.items():
+        if key == "cluster":
+            out["cluster"] = {**dict(base.get("cluster") or {}), **dict(val or {})}
+        else:
+            out[key] = val
+            if key in ("scale", "adapt"):
+                out.pop("adapt" if key == "scale" else "scale", None)
+    return out
+
+
+def expected_workers(cluster: Any, profile: Mapping) -> int:
+    """Workers a profile's cluster should reach: its jobs (``scale.jobs`` or ``adapt.minimum_jobs``, at
+    least 1) times the worker processes per job; for a local profile, its ``n_workers``/``scale.n``."""
+    sched = profile.get("scheduler")
+    scale, adapt = dict(profile.get("scale") or {}), dict(profile.get("adapt") or {})
+    if sched in ("slurm", "pbs"):
+        jobs = scale.get("jobs", scale.get("n")) if scale else adapt.get("minimum_jobs", adapt.get("minimum", 1))
+        if scale.get("n") is not None and "jobs" not in scale:  # scale(n=...) counts workers
+            return max(1, int(scale["n"]))
+        return max(1, int(jobs or 1)) * job_resources(cluster.job_script())["processes"]
+    if scale:
+        return max(1, int(scale.get("n", scale.get("jobs", 1))))
+    if adapt:
+        return max(1, int(adapt.get("minimum", adapt.get("minimum_jobs", 1))))
+    return max(1, len(getattr(cluster, "workers", {})) or 1)
+
+
+def _sbatch_test_only(script: str, where: str) -> None:
+    """Ask SLURM whether it would accept the job script (``sbatch --test-only``); raise if it refuses."""
+    import shutil
+    import subprocess
+    import tempfile
+
+    if shutil.which("sbatch") is None:
+        return
+    with tempfile.NamedTemporaryFile("w", suffix=".sh", delete=False) as fh:
+        fh.write(script)
+    try:
+        res = subprocess.run(["sbatch", "--test-only", fh.name], capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        return
+    finally:
+        os.unlink(fh.name)
+    if res.returncode != 0:
+        r = job_resources(script)
+        why = (res.stderr or res.stdout).strip().replace("\n", " ")
+        mem = f"{r['job_memory'] / 2**30:.1f} GiB" if r["job_memory"] else "default memory"
+        raise ValueError(
+            f"{where}: SLURM refuses the job script (sbatch --test-only: {why!r}). It asks for "
+            f"{r['job_cpus'] or 1} CPU(s) and {mem} per job; compare with `sinfo -o '%P %c %m %l'` "
+            "(partition, CPUs and memory per node, time limit) and lower cluster.cores / memory / walltime "
+            "or pick another queue in the profile (a profile can `extends:` the shipped one and override them)."
+        )
+
+
+def cluster_from_profile(
+    path_or_name: str | os.PathLike | Mapping,
+    *,
+    apply_scaling: bool = True,
+    overrides: Mapping | None = None,
+):
     """Build the cluster described by a profile (see :func:`load_profile`).
 
     Parameters
@@ -303,6 +407,16 @@ def cluster_from_profile(path_or_name: str | os.PathLike | Mapping, *, apply_sca
         Apply the profile's ``scale`` / ``adapt`` (for SLURM/PBS this submits jobs). With
         ``False`` the cluster is built but no job is submitted, e.g. to inspect
         ``cluster.job_script()``.
+    overrides
+        A partial profile merged over the loaded one (:func:`merge_profiles`), e.g.
+        ``{"cluster": {"cores": 1, "memory": "2GB"}, "adapt": {"minimum_jobs": 2, "maximum_jobs": 2}}``.
+
+    Raises
+    ------
+    ValueError
+        For SLURM/PBS, before any job is submitted: when the job's memory request is below
+        ``processes x`` the workers' ``memory_limit`` (:func:`check_job_memory`), or when ``sbatch
+        --test-only`` refuses the job script (e.g. more cores or memory than a node has).
 
     Returns
     -------
@@ -327,6 +441,9 @@ def cluster_from_profile(path_or_name: str | os.PathLike | Mapping, *, apply_sca
             )
     else:
         prof = load_profile(path_or_name)
+    if overrides:
+        prof = merge_profiles(prof, overrides)
+    where = f"cluster profile {prof.get('source', str(path_or_name) if not isinstance(path_or_name, Mapping) else '')!r}"
     sched = prof["scheduler"]
     kwargs = dict(prof["cluster"])
     if sched in ("slurm", "pbs"):
@@ -339,6 +456,14 @@ def cluster_from_profile(path_or_name: str | os.PathLike | Mapping, *, apply_sca
             ) from e
         cls = dask_jobqueue.SLURMCluster if sched == "slurm" else dask_jobqueue.PBSCluster
         cluster = cls(**kwargs)
+        try:
+            script = cluster.job_script()
+            check_job_memory(script, where)
+            if apply_scaling and sched == "slurm":
+                _sbatch_test_only(script, where)
+        except BaseException:
+            cluster.close()
+            raise
     elif sched == "localcuda":
         if not gpu_available():
             raise RuntimeError(
@@ -368,9 +493,14 @@ def cluster_from_profile(path_or_name: str | os.PathLike | Mapping, *, apply_sca
 
 __all__ = [
     "WORKER_ENV",
+    "check_job_memory",
     "cluster_from_profile",
     "cluster_session",
+    "expected_workers",
     "get_client",
     "gpu_available",
+    "job_ids",
     "load_profile",
+    "merge_profiles",
+    "wait_for_workers",
 ]

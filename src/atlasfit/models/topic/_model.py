@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 
 from ...engine import check_count, checkpoint_policy, is_distributed, make_engine, plan_shards, run_fit
+from ...engine._preflight import preflight_store
 from ._config import TopicModelConfig
 from ._data import _as_list, _Registered, register_config, training_layout
 from ._evaluate import _EvalMixin
@@ -421,6 +422,8 @@ class MultimodalAmortizedLDA(_TrainingMixin, _EvalMixin, _SummariesMixin, _Gette
         who = type(self).__name__
         self.close()  # a fresh engine for this call; it is kept afterwards for the summaries
         engine, gpu = make_engine(shards, client=client, store=reg.is_store, device=device, who=who, name="topic")
+        if reg.is_store:  # a tiny task per worker: do they all see the driver's store? (HPC: node-local paths)
+            preflight_store(engine, reg.atlas.path, who)
         self.device_ = "gpu" if gpu else "cpu"
         start = self.n_epochs_
         kw = dict(kl_kwargs or {})
