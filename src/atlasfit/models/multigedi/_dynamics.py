@@ -70,7 +70,7 @@ def start_indices(start, n: int) -> np.ndarray:
 
 def start_sums(state, T, positions: dict):
     """Shard function: per sample with start cells, (Σ of their rows B_gᵀ T, count)."""
-    T = np.asarray(T, dtype=np.float64)
+    T = np.ascontiguousarray(T, dtype=np.float64)  # one memory layout, one BLAS path
     out = []
     for g in state["samples"]:
         pos = positions.get(g)
@@ -83,7 +83,7 @@ def start_sums(state, T, positions: dict):
 
 def centroid_distances(state, T, mu, samples):
     """Shard function: per sample of ``samples``, ‖B_gᵀ T − μ‖ for each cell (N_g)."""
-    T = np.asarray(T, dtype=np.float64)
+    T = np.ascontiguousarray(T, dtype=np.float64)
     mu = np.asarray(mu, dtype=np.float64)
     keep = set(samples)
     return [(g, np.linalg.norm(_f64(state["B"][g]).T @ T - mu[None, :], axis=1))

@@ -98,7 +98,8 @@ def modality_svd(engine, shared: dict, plan: SamplePlan, config: FitConfig, moda
 def sample_rows(state, T, samples=None):
     """Shard function: per sample (of ``samples``, default all) the rows B_gᵀ T (N_g x r), float64."""
     keep = None if samples is None else set(samples)
-    return [(g, sh._f64(state["B"][g]).T @ np.asarray(T, dtype=np.float64))
+    T = np.ascontiguousarray(T, dtype=np.float64)  # one memory layout, one BLAS path: the same bits anywhere
+    return [(g, sh._f64(state["B"][g]).T @ T)
             for g in state["samples"] if keep is None or g in keep]
 
 

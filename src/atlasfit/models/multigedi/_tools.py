@@ -94,7 +94,7 @@ class DownstreamMixin:
             n_components = int(n_components)
             if not 1 <= n_components <= T.shape[1]:
                 raise ValueError(f"MultiGEDI.pca: n_components must be in 1..{T.shape[1]}, got {n_components}")
-            T = T[:, :n_components]
+            T = np.ascontiguousarray(T[:, :n_components])
         return self._rows(T, modality)
 
     def cell_embedding(self, modality: str | None = None) -> np.ndarray:
@@ -149,7 +149,7 @@ class DownstreamMixin:
         if representation == "pca":
             T = self.svd(modality)["T"]
             if n_components is not None:
-                T = T[:, : int(n_components)]
+                T = np.ascontiguousarray(T[:, : int(n_components)])
         elif representation == "db":
             if modality is None:
                 raise ValueError("MultiGEDI.pseudotime: representation='db' needs modality= (D is per modality)")
