@@ -100,7 +100,7 @@ def traj():
 def fix3():
     """The 3-modality reference fixture's data (M + M_list + X, partial overlap: chromatin lacks S2
     and S5, interleaved cells, Bl2, K=5), fitted 2 iterations by the model and by tl.multigedi."""
-    d, cfg, mdata, conf = fixture_mudata()
+    _, cfg, mdata, conf = fixture_mudata()
     model = model_for(cfg, conf).fit(mdata, max_iterations=2, progress=False)
     atlasfit.tl.multigedi(mdata, conf, "sample", K=cfg["K"], mode=cfg["mode"], seed=cfg["seed"], max_iterations=2)
     return mdata, model
@@ -117,7 +117,7 @@ def test_modality_svd_matches_the_dense_closed_form(fix3):
         X = model.get_Z(m) * model.get_D(m)[None, :]
         B = model.cell_embedding(m)  # cells x K, the modality's rows
         # closed form (§7.1), formed densely here: SVD of X Bᵀ over the modality's own cells
-        U, d, Vt = np.linalg.svd(X @ B.T, full_matrices=False)
+        _, d, Vt = np.linalg.svd(X @ B.T, full_matrices=False)
         out = model.svd(m)
         K = len(out["d"])
         np.testing.assert_allclose(out["d"], d[:K], rtol=1e-10)
@@ -184,7 +184,7 @@ def test_variance_and_dispersion_match_the_dense_imputation(fix3):
 
 
 def test_pseudotime_follows_a_planted_trajectory(traj):
-    mdata, tau, delta, fisher, model = traj
+    mdata, tau, _, fisher, model = traj
     start = tau < 0.05
     pt = model.pseudotime(start)
     assert pt.min() == 0.0 and pt.max() == 1.0
@@ -197,10 +197,9 @@ def test_pseudotime_follows_a_planted_trajectory(traj):
     assert rho_cr > 0.99 and rho > 0.9, (rho, rho_cr)
     # closed form on the fitted embedding (gathered here): distance to the start centroid, min-max scaled
     np.testing.assert_allclose(pt, pseudotime_dense(model.embedding(), start), rtol=1e-12, atol=1e-14)
-    for rep, m in (("pca", "rna"), ("db", "splicing"), ("B", None)):
+    for rep, m, dense in (("pca", "rna", model.pca("rna")), ("db", "splicing", model.projection("splicing", "db")),
+                          ("B", None, model.cell_embedding())):
         got = model.pseudotime(np.flatnonzero(start), modality=m, representation=rep)
-        dense = {"pca": lambda: model.pca(m), "db": lambda: model.projection(m, "db"),
-                 "B": lambda: model.cell_embedding()}[rep]()
         np.testing.assert_allclose(got, pseudotime_dense(dense, start), rtol=1e-12, atol=1e-14)
     # tl.pseudotime on an AnnData (start cells by obs names) on the same representation
     a = mdata["rna"].copy()
@@ -210,7 +209,7 @@ def test_pseudotime_follows_a_planted_trajectory(traj):
 
 
 def test_vector_field_closed_form_and_planted_sample_shift(traj):
-    mdata, tau, delta, fisher, model = traj
+    mdata, _, delta, _, model = traj
     vf = model.vector_field({"d0": 1.0}, {"d2": 1.0}, "rna", n_steps=5)
     st = model.export_state()
     O = np.stack([st[f"rna/o_i/{g}"] for g in ("d0", "d1", "d2")], axis=1)
