@@ -152,3 +152,20 @@ def test_topomics_keywords_give_the_same_bits_as_atlasfit_names():
         ref.train(1, 20, progress=False, plan_kwargs={"foo": 1})
     with pytest.warns(atlasfit.ReferenceKeywordWarning, match="encoder_scale_factor"):
         MultimodalAmortizedLDA.from_mudata(_rna_atac_mdata(), encoder_scale_factor=1e6)
+
+
+def test_gedi_reference_call_form():
+    import atlasfit as gd  # the reference: import multigedi as gd
+
+    spl = _splicing_mdata()["splicing"].copy()
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        gd.tl.gedi(spl, "sample", n_latent=3, layer=None, layer2="M2", max_iterations=3, track_interval=5,
+                   mode="Bsphere", ortho_Z=True, key_added="gedi", random_state=0, verbose=False, n_jobs=-1)
+    assert sum(issubclass(w.category, atlasfit.ReferenceKeywordWarning) for w in rec) == 2  # track_interval, n_jobs
+    own = _splicing_mdata()["splicing"].copy()
+    atlasfit.tl.gedi(own, "sample", K=3, obs_type="M_list", layers=(None, "M2"), max_iterations=3, seed=0)
+    assert spl.obsm["X_gedi"].shape == (60, 3)
+    assert np.array_equal(spl.obsm["X_gedi"], own.obsm["X_gedi"])
+    with pytest.raises(TypeError, match="n_latent"):
+        gd.tl.gedi(spl, "sample", K=4, n_latent=3)

@@ -131,17 +131,27 @@ def gedi(
     adata,
     sample_key: str,
     *,
-    K: int = 10,
+    K: int | None = None,
     C=None,
     H=None,
     mode: str = "Bsphere",
     max_iterations: int = 30,
-    seed: int = 0,
+    seed: int | None = None,
     dtype: str = "float64",
     layer: str | None = None,
     key_added: str = "gedi",
     client=None,
     copy: bool = False,
+    obs_type: str | None = None,
+    layers: tuple | None = None,
+    orthoZ: bool | None = None,
+    n_latent: int | None = None,
+    layer2: str | None = None,
+    ortho_Z: bool | None = None,
+    random_state: int | None = None,
+    verbose: bool | None = None,
+    track_interval: int | None = None,
+    n_jobs: int | None = None,
 ):
     """Fit single-modality GEDI (optional pathway prior ``C``, sample covariates ``H``) on an in-memory
     AnnData and write the results into it, as :meth:`atlasfit.GEDI.write` does: ``obsm[f"X_{key_added}"]``
@@ -152,26 +162,57 @@ def gedi(
     ----------
     adata
         AnnData of counts (``X`` or ``layer``), with the sample labels in ``obs[sample_key]``.
-    K, C, H, mode, seed, dtype, layer
-        See :class:`atlasfit.GEDI`.
+    K, C, H, mode, seed, dtype, layer, obs_type, layers, orthoZ
+        See :class:`atlasfit.GEDI` (defaults: K=10, seed=0, obs_type ``"M"``: counts).
     max_iterations, client
         See :meth:`atlasfit.GEDI.fit`.
     key_added
         Prefix of the written keys.
     copy
         Return an updated copy instead of updating ``adata``.
+    n_latent, layer2, ortho_Z, random_state, verbose, track_interval, n_jobs
+        The reference's keywords (multigedi 1.1.0 ``tl.gedi``): ``n_latent`` = ``K``, ``ortho_Z`` =
+        ``orthoZ``, ``random_state`` = ``seed``, ``layer2`` = obs type ``"M_list"`` with
+        ``layers=(layer, layer2)`` (``None``: ``.X``), ``verbose`` shows progress; ``track_interval`` and
+        ``n_jobs`` cannot change a result and are ignored with a one-time
+        :class:`atlasfit.ReferenceKeywordWarning`. Unlike the reference, whose single-modal model fits
+        ``log1p`` of its input as a continuous Y, the default here models counts (obs type ``"M"``);
+        ``obs_type="Y"`` on ``log1p`` of the data is the reference's model.
 
     Returns
     -------
     The updated copy if ``copy``, else ``None``.
     """
+    from ._aliases import warn_ignored
     from .models.gedi import GEDI
 
+    who = "atlasfit.tl.gedi"
+
+    def pick(name, value, alias, alias_value, default):
+        if alias_value is not None:
+            if value is not None and value != alias_value:
+                raise TypeError(f"{who}: give {name}= or its reference alias {alias}=, not both")
+            return alias_value
+        return default if value is None else value
+
+    K = pick("K", K, "n_latent", n_latent, 10)
+    seed = pick("seed", seed, "random_state", random_state, 0)
+    orthoZ = pick("orthoZ", orthoZ, "ortho_Z", ortho_Z, True)
+    if layer2 is not None:
+        if obs_type not in (None, "M_list") or layers is not None:
+            raise TypeError(f"{who}: layer2= (the reference's paired counts: layers=(layer, layer2), obs_type "
+                            "'M_list') cannot be combined with obs_type= or layers=")
+        obs_type, layers, layer = "M_list", (layer, layer2), None
+    for key, val, why in (("track_interval", track_interval, "sigma2 and dZ are traced every iteration"),
+                          ("n_jobs", n_jobs, "threads are the Dask workers' or BLAS's; results do not depend on them")):
+        if val is not None:
+            warn_ignored(who, key, why)
     if copy:
         adata = adata.copy()
-    model = GEDI(K=K, C=C, H=H, mode=mode, seed=seed, dtype=dtype, sample_key=sample_key, layer=layer)
+    model = GEDI(K=K, C=C, H=H, mode=mode, seed=seed, dtype=dtype, sample_key=sample_key, layer=layer,
+                 obs_type=obs_type or "M", layers=layers, orthoZ=orthoZ)
     try:
-        model.fit(adata, max_iterations=max_iterations, client=client, progress=False)
+        model.fit(adata, max_iterations=max_iterations, client=client, progress=None if verbose else False)
         model.write(adata, key=key_added)
     finally:
         model.close()
