@@ -138,9 +138,9 @@ def loglik_bernoulli(x, rho, scale, link: str = "clip"):
 
 def sparse_kernel_ok(cfg: TopicModelConfig, m: str) -> bool:
     """Whether modality ``m`` has sparse-exact kernels (a CSR minibatch stays sparse): the
-    multinomial and the ``"cloglog"`` Bernoulli likelihoods without a spatial encoder. The other
-    likelihoods (NB, Gaussian, the reference ``"clip"`` Bernoulli) and ``spatial_mode="sgc"/"gcn"``
-    densify that modality's minibatch rows.
+    multinomial and the ``"cloglog"`` Bernoulli likelihoods, with or without a spatial encoder (the
+    SGC and GCN encoder inputs and the graph branch read CSR rows too). The other likelihoods (NB,
+    Gaussian, the reference ``"clip"`` Bernoulli) densify that modality's minibatch rows.
 
     Examples
     --------
@@ -148,8 +148,6 @@ def sparse_kernel_ok(cfg: TopicModelConfig, m: str) -> bool:
     >>> sparse_kernel_ok(cfg, "rna"), sparse_kernel_ok(cfg, "atac")
     (True, False)
     """
-    if cfg.spatial_mode is not None:
-        return False
     lik = cfg.likelihood(m)
     return lik == "multinomial" or (lik == "bernoulli" and cfg.bernoulli_link == "cloglog")
 

@@ -59,7 +59,7 @@ def rho(fit: TopicFit, m: str, theta, draws: dict, batch, phi=None):
 
 def eval_rows(cfg, x: dict, dtype) -> dict:
     """Rows to score: CSR (``dtype``, duplicates summed) for the modalities with sparse-exact kernels,
-    dense rows for the others (NB, Gaussian, the ``clip`` link, spatial encoders)."""
+    dense rows for the others (NB, Gaussian, the ``clip`` link)."""
     out = {}
     for m in cfg.modalities:
         X = x[m]
