@@ -63,3 +63,12 @@ def test_last_values_follow_training_and_persist(model, tmp_path):
     assert MultimodalAmortizedLDA.from_data({"rna": X}, n_topics=2).get_entropy_weight() == 0.01
     with pytest.raises(RuntimeError, match="train"):
         MultimodalAmortizedLDA.from_data({"rna": X}, n_topics=2).get_last_entropy()
+
+
+def test_last_values_with_local_steps():
+    # steps_per_round > 1 (local steps, periodic averaging): the last step of the last round is recorded
+    X = np.random.default_rng(3).poisson(2.0, (50, 8))
+    m = MultimodalAmortizedLDA.from_data({"rna": X}, n_topics=4, n_hidden=6).train(2, 8, progress=False,
+                                                                                   steps_per_round=3)
+    h = m.history_
+    assert h["last_entropy"].between(0, np.log(4)).all() and (h["last_topic_variance"] >= 0).all()
