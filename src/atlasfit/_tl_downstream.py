@@ -93,6 +93,16 @@ def _svd_core(data, key: str, modality: str | None, what: str) -> dict:
     from .models.multigedi._svd import factorized_svd
 
     entry = _uns_entry(data, key, what)
+    if not hasattr(data, "mod"):  # single-modality GEDI (GEDI.write / tl.gedi): X = Z, the cells' DB in obsm
+        if modality is not None:
+            raise ValueError(f"tl.{what}: modality= is for a MultiGEDI MuData; a GEDI AnnData has one modality")
+        if "Z" not in entry or f"X_{key}" not in data.obsm:
+            raise KeyError(f"tl.{what}: the AnnData has no GEDI fit under key {key!r} (uns[{key!r}]['Z'] and "
+                           f"obsm['X_{key}']); run atlasfit.tl.gedi(..., key_added={key!r}) first")
+        DB = np.asarray(data.obsm[f"X_{key}"], dtype=np.float64)
+        out = factorized_svd(np.asarray(entry["Z"], dtype=np.float64), DB.T @ DB)
+        out["rows"] = DB @ out["T"]
+        return out
     names = _fit_modalities(entry, key, what)
     _check_mod(names, modality, what)
     B = _joint_B(data, names, key, what) if modality is None else _B_rows(data, modality, key, what)
@@ -112,7 +122,8 @@ def svd(data, *, key: str = "multigedi", modality: str | None = None, copy: bool
 
     Writes ``uns[key]["svd"][modality or "joint"] = {"d", "u", "v"}``: singular values, left
     singular vectors (features x r) and right singular vectors (cells x r: the modality's rows in its
-    AnnData order; for ``joint`` the MuData's ``obs_names`` order).
+    AnnData order; for ``joint`` the MuData's ``obs_names`` order). On an AnnData fitted by
+    ``tl.gedi`` (``key="gedi"``): the SVD of Z (DB), written to ``uns[key]["svd"]``.
 
     Examples
     --------
@@ -127,7 +138,11 @@ def svd(data, *, key: str = "multigedi", modality: str | None = None, copy: bool
     d = out["d"]
     v = np.zeros_like(out["rows"])
     np.divide(out["rows"], d[None, :], out=v, where=d[None, :] > 0)
-    data.uns[key].setdefault("svd", {})[modality or "joint"] = {"d": d, "u": out["u"], "v": v}
+    res = {"d": d, "u": out["u"], "v": v}
+    if hasattr(data, "mod"):
+        data.uns[key].setdefault("svd", {})[modality or "joint"] = res
+    else:
+        data.uns[key]["svd"] = res
     return data if copy else None
 
 
@@ -136,7 +151,8 @@ def pca(data, *, n_components: int | None = None, key: str = "multigedi", modali
     """PCA coordinates V diag(d) (spec §7.1) of the joint (``modality=None``: ``obsm[f"X_{key}_pca"]``
     on every modality) or per-modality reconstruction (``obsm[f"X_{key}_{modality}_pca"]`` on that
     modality); ``key_added`` overrides the obsm name; ``n_components`` keeps the first columns.
-    Rows follow each AnnData's own cells."""
+    Rows follow each AnnData's own cells. On an AnnData fitted by ``tl.gedi`` (``key="gedi"``):
+    ``obsm[f"X_{key}_pca"]``, the PCA of Z (DB)."""
     if copy:
         data = data.copy()
     out = _svd_core(data, key, modality, "pca")
@@ -145,6 +161,9 @@ def pca(data, *, n_components: int | None = None, key: str = "multigedi", modali
         if not 1 <= int(n_components) <= T.shape[1]:
             raise ValueError(f"tl.pca: n_components must be in 1..{T.shape[1]}, got {n_components}")
         T = T[:, : int(n_components)]
+    if not hasattr(data, "mod"):  # GEDI AnnData: the rows of its own cells
+        data.obsm[key_added or f"X_{key}_pca"] = np.asarray(data.obsm[f"X_{key}"], dtype=np.float64) @ T
+        return data if copy else None
     entry = data.uns[key]
     names = _fit_modalities(entry, key, "pca")
     for m in (names if modality is None else [modality]):
