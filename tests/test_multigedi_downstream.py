@@ -323,3 +323,28 @@ def test_errors_name_the_input_and_the_fix(traj, fix3):
         atlasfit.tl.dispersion(fix3[0])
     with pytest.raises(KeyError, match="no representation"):
         atlasfit.tl.pseudotime(mdata["rna"].copy(), [0], use_rep="X_none")
+
+
+@pytest.mark.gpu
+def test_downstream_on_gpu_states_follow_the_cpu(fix3):
+    """``pytest -m gpu``: the same outputs from a fit whose shard state lives on the GPU (CuPy)."""
+    cp = pytest.importorskip("cupy")
+    try:
+        if not cp.cuda.is_available():
+            pytest.skip("CuPy is installed but no CUDA device is visible")
+    except Exception as err:  # noqa: BLE001 - CUDA driver errors surface as various exception types
+        pytest.skip(f"CUDA unavailable: {err}")
+    mdata, cpu = fix3
+    _, cfg, _, conf = fixture_mudata()
+    gpu = model_for(cfg, conf)
+    gpu.device = "gpu"
+    gpu.fit(mdata, max_iterations=2, progress=False)
+    for m in cpu.config.names:  # float64 on both; the fits agree to ~1e-12 (tests/test_gpu.py)
+        np.testing.assert_allclose(np.abs(gpu.pca(m)), np.abs(cpu.pca(m)), rtol=1e-7, atol=1e-9)
+        np.testing.assert_allclose(gpu.feature_stats(m).to_numpy(), cpu.feature_stats(m).to_numpy(),
+                                   rtol=1e-7, atol=1e-9)
+        np.testing.assert_allclose(gpu.pseudotime(np.arange(20), modality=m), cpu.pseudotime(np.arange(20), modality=m),
+                                   rtol=1e-7, atol=1e-9)
+    np.testing.assert_allclose(gpu.vector_field([1, 0, 0, 0, 0, 0], [0, 1, 0, 0, 0, 0], "rna")["field"],
+                               cpu.vector_field([1, 0, 0, 0, 0, 0], [0, 1, 0, 0, 0, 0], "rna")["field"],
+                               rtol=1e-7, atol=1e-9)

@@ -76,7 +76,7 @@ def start_sums(state, T, positions: dict):
         pos = positions.get(g)
         if pos is None or len(pos) == 0:
             continue
-        rows = _f64(state["B"][g][:, np.asarray(pos)]).T @ T
+        rows = _f64(state["B"][g])[:, np.asarray(pos)].T @ T  # B on the host first (CuPy states too)
         out.append((g, rows.sum(axis=0), len(pos)))
     return out
 
