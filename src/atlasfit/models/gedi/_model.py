@@ -46,6 +46,9 @@ class _Registration(MultiGEDI):
     _obs_types = SINGLE_OBS_TYPES
 
 
+_Registration.__name__ = "GEDI"  # messages of the registration / engine set-up name the user's class
+
+
 class GEDI(_GediOutputs, _GediPersistence):
     """Single-modality GEDI with an optional pathway prior C and sample covariates H (spec §1–2).
 
