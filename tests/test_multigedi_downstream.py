@@ -246,11 +246,14 @@ def test_gedi_vector_field_is_the_offset_effect_along_the_contrast_path():
     np.testing.assert_allclose(out["velocity"], model.get_diff_O({"dose": 3.0}).to_numpy(), rtol=1e-12, atol=1e-14)
     assert list(out["names"]) == ["dose", "batch"]
     # tl.svd / tl.pca on the GEDI AnnData: the SVD of Z (DB) (§7.1, single-modal form), dense here
-    atlasfit.tl.svd(a, key="gedi")
-    atlasfit.tl.pca(a, key="gedi")
+    atlasfit.tl.svd(a)  # key defaults to "gedi" on an AnnData holding a GEDI fit (the reference's default)
+    atlasfit.tl.pca(a)
     ZDB = model.get_Z().to_numpy() @ model.embedding().T
     np.testing.assert_allclose(a.uns["gedi"]["svd"]["d"], np.linalg.svd(ZDB, compute_uv=False)[:2], rtol=1e-10)
     np.testing.assert_allclose(a.obsm["X_gedi_pca"], ZDB.T @ a.uns["gedi"]["svd"]["u"], rtol=1e-9, atol=1e-12)
+    atlasfit.tl.pseudotime(a, ("sample", "s0"))  # the reference's obs["gedi_pseudotime"], on X_gedi_pca
+    np.testing.assert_allclose(a.obs["gedi_pseudotime"], pseudotime_dense(a.obsm["X_gedi_pca"], a.obs["sample"] == "s0"),
+                               rtol=1e-12, atol=1e-14)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -37,6 +37,16 @@ def write_fit_state(model, mods: dict, uns: dict, key: str) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
+def _key(data, key: str | None) -> str:
+    """The fit's key: given, else ``"multigedi"`` for a MuData and ``"gedi"`` for an AnnData that holds a
+    ``tl.gedi`` fit (the reference's default), else ``"multigedi"``."""
+    if key is not None:
+        return key
+    if hasattr(data, "mod"):
+        return "multigedi"
+    return "gedi" if "gedi" in getattr(data, "uns", {}) or "X_gedi" in getattr(data, "obsm", {}) else "multigedi"
+
+
 def _mods(data):
     return data.mod if hasattr(data, "mod") else {None: data}
 
@@ -116,7 +126,7 @@ def _svd_core(data, key: str, modality: str | None, what: str) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
-def svd(data, *, key: str = "multigedi", modality: str | None = None, copy: bool = False):
+def svd(data, *, key: str | None = None, modality: str | None = None, copy: bool = False):
     """Factorised SVD of a fit's rank-K reconstruction (spec §7.1), joint or of one ``modality``
     (X = Z_m diag(D_m), B of that modality's cells).
 
@@ -134,6 +144,7 @@ def svd(data, *, key: str = "multigedi", modality: str | None = None, copy: bool
     """
     if copy:
         data = data.copy()
+    key = _key(data, key)
     out = _svd_core(data, key, modality, "svd")
     d = out["d"]
     v = np.zeros_like(out["rows"])
@@ -146,7 +157,7 @@ def svd(data, *, key: str = "multigedi", modality: str | None = None, copy: bool
     return data if copy else None
 
 
-def pca(data, *, n_components: int | None = None, key: str = "multigedi", modality: str | None = None,
+def pca(data, *, n_components: int | None = None, key: str | None = None, modality: str | None = None,
         key_added: str | None = None, copy: bool = False):
     """PCA coordinates V diag(d) (spec §7.1) of the joint (``modality=None``: ``obsm[f"X_{key}_pca"]``
     on every modality) or per-modality reconstruction (``obsm[f"X_{key}_{modality}_pca"]`` on that
@@ -155,6 +166,7 @@ def pca(data, *, n_components: int | None = None, key: str = "multigedi", modali
     ``obsm[f"X_{key}_pca"]``, the PCA of Z (DB)."""
     if copy:
         data = data.copy()
+    key = _key(data, key)
     out = _svd_core(data, key, modality, "pca")
     T = out["T"]
     if n_components is not None:
@@ -205,18 +217,19 @@ def _feature_stats(data, key: str, modality: str | None, what: str) -> tuple[str
     return modality, feature_stats(LocalStates(state), shared, samples, modality)
 
 
-def variance(data, *, key: str = "multigedi", modality: str | None = None, key_added: str | None = None,
+def variance(data, *, key: str | None = None, modality: str | None = None, key_added: str | None = None,
              copy: bool = False):
     """Per-feature variance of the imputed latent values Ŷ = (Z + Q_i) D B_i + (o + o_i)1ᵀ + 1 s_iᵀ
     (spec §7.3) over the modality's cells: ``var[key_added or f"{key}_variance"]``."""
     if copy:
         data = data.copy()
+    key = _key(data, key)
     m, st = _feature_stats(data, key, modality, "variance")
     data.mod[m].var[key_added or f"{key}_variance"] = st["variance"]
     return data if copy else None
 
 
-def dispersion(data, *, key: str = "multigedi", modality: str | None = None, key_added: str | None = None,
+def dispersion(data, *, key: str | None = None, modality: str | None = None, key_added: str | None = None,
                copy: bool = False):
     """Per-feature dispersion of the imputed latent values (spec §7.3): variance / mean over the
     modality's cells, 0 where the mean is ≤ 0 (the reference's definition, on the model's latent log /
@@ -231,6 +244,7 @@ def dispersion(data, *, key: str = "multigedi", modality: str | None = None, key
     """
     if copy:
         data = data.copy()
+    key = _key(data, key)
     m, st = _feature_stats(data, key, modality, "dispersion")
     data.mod[m].var[key_added or f"{key}_dispersion"] = st["dispersion"]
     return data if copy else None
@@ -277,7 +291,7 @@ def _start_mask(a, start_cells) -> np.ndarray:
     return mask
 
 
-def pseudotime(data, start_cells, *, key: str = "multigedi", modality: str | None = None,
+def pseudotime(data, start_cells, *, key: str | None = None, modality: str | None = None,
                use_rep: str | None = None, key_added: str | None = None, copy: bool = False):
     """Pseudotime (spec §7.6): the Euclidean distance of every cell to the centroid of the start cells
     in a representation, min–max scaled to [0, 1]: ``obs[key_added or f"{key}_pseudotime"]``.
@@ -288,6 +302,9 @@ def pseudotime(data, start_cells, *, key: str = "multigedi", modality: str | Non
         AnnData (e.g. fitted by ``tl.gedi``) or MuData (``modality`` picks the AnnData).
     start_cells
         Boolean mask, integer row indices, obs names, or ``(obs column, value)``.
+    key
+        The fit's key: default ``"multigedi"`` for a MuData, ``"gedi"`` for an AnnData holding a
+        ``tl.gedi`` fit (then the column is the reference's ``obs["gedi_pseudotime"]``).
     use_rep
         obsm key of the representation; default ``X_{key}_pca`` (joint MultiGEDI PCA), else
         ``X_{key}`` (GEDI's DB).
@@ -304,6 +321,7 @@ def pseudotime(data, start_cells, *, key: str = "multigedi", modality: str | Non
 
     if copy:
         data = data.copy()
+    key = _key(data, key)
     a = _target(data, modality, "pseudotime")
     reps = [use_rep] if use_rep is not None else [f"X_{key}_pca", f"X_{key}"]
     rep = next((r for r in reps if r in a.obsm), None)
@@ -316,7 +334,7 @@ def pseudotime(data, start_cells, *, key: str = "multigedi", modality: str | Non
     return data if copy else None
 
 
-def vector_field(data, start_contrast, end_contrast, *, n_steps: int = 10, key: str = "multigedi",
+def vector_field(data, start_contrast, end_contrast, *, n_steps: int = 10, key: str | None = None,
                  modality: str | None = None, key_added: str | None = None, copy: bool = False):
     """Vector field (spec §7.6): the offset effect diffO at contrasts interpolated linearly between
     ``start_contrast`` and ``end_contrast``: field(t) = E ((1 − t) c₀ + t c₁), t on ``n_steps``
@@ -334,6 +352,7 @@ def vector_field(data, start_contrast, end_contrast, *, n_steps: int = 10, key: 
 
     if copy:
         data = data.copy()
+    key = _key(data, key)
     entry = _uns_entry(data, key, "vector_field")
     if "Ro" in entry:  # single-modality GEDI with covariates (GEDI.write's layout)
         E = np.asarray(entry["Ro"], dtype=np.float64)
