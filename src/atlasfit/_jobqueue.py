@@ -126,7 +126,7 @@ def check_job_memory(script: str, where: str = "cluster profile") -> dict[str, A
             f"{where}: the job asks the batch system for {_fmt(mem)} (--mem / mem=) but starts {n} Dask "
             f"worker(s) with memory_limit {_fmt(lim)} each ({_fmt(n * lim)} in all): the batch system "
             f"would kill the job before Dask spills or pauses, which looks like random worker loss. "
-            f"Lower the worker limit (worker_extra_args: ['--memory-limit', '{_fmt(mem / n * 0.95)}'] or "
+            f"Lower the worker limit (worker_extra_args: ['--memory-limit', '{mem / n * 0.95 / 2**30:.2f}GiB'] or "
             f"less) or raise the job's memory (cluster: memory: ...)."
         )
     return r

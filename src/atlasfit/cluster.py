@@ -442,7 +442,7 @@ def cluster_from_profile(
     else:
         prof = load_profile(path_or_name)
     if overrides:
-        prof = merge_profiles(prof, overrides)
+        prof = {**merge_profiles(prof, overrides), **({"source": prof["source"]} if "source" in prof else {})}
     where = f"cluster profile {prof.get('source', str(path_or_name) if not isinstance(path_or_name, Mapping) else '')!r}"
     sched = prof["scheduler"]
     kwargs = dict(prof["cluster"])
