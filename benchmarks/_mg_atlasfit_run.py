@@ -24,13 +24,20 @@ def main(store, config_path, out_dir):
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     mods = {m["name"]: {k: v for k, v in m.items() if k != "name"} for m in cfg["modalities"]}
-    cluster = distributed.LocalCluster(
-        n_workers=cfg.get("workers", 2), threads_per_worker=1, processes=True, dashboard_address=None,
-        memory_limit=cfg.get("memory_limit", "10GiB"),
-        env={"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"},
-    )
-    client = distributed.Client(cluster)
-    client.wait_for_workers(cfg.get("workers", 2))
+    if cfg.get("profile"):  # workers from a cluster profile (e.g. SLURM jobs), cfg["workers"] of them
+        from atlasfit.cluster import cluster_from_profile, wait_for_workers
+
+        cluster = cluster_from_profile(cfg["profile"], overrides={"scale": {"n": cfg.get("workers", 2)}})
+        client = distributed.Client(cluster)
+        wait_for_workers(client, cfg.get("workers", 2), cfg.get("startup_timeout", 600), cluster)
+    else:
+        cluster = distributed.LocalCluster(
+            n_workers=cfg.get("workers", 2), threads_per_worker=1, processes=True, dashboard_address=None,
+            memory_limit=cfg.get("memory_limit", "10GiB"),
+            env={"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"},
+        )
+        client = distributed.Client(cluster)
+        client.wait_for_workers(cfg.get("workers", 2))
     model = atlasfit.MultiGEDI(mods, K=cfg["K"], mode=cfg.get("mode", "Bsphere"), seed=cfg.get("seed", 0),
                                dtype=cfg.get("dtype", "float64"))
     stamps = []

@@ -22,8 +22,16 @@ YAML::
       dtype: [float64]
 
 A grid point that cannot run here (``device: gpu`` without a GPU) is written with its reason.
-On a SLURM/PBS cluster, submit this script as one job per node size (the fits use a LocalCluster of
-``workers`` processes inside the job); see ``deploy/profiles`` for multi-node dask-jobqueue clusters.
+
+``--profile NAME`` runs every fit on the workers of a cluster profile instead of a LocalCluster: with
+``slurm-cpu`` (or a profile that ``extends:`` it) each fit submits SLURM jobs through dask-jobqueue,
+scaled to ``workers`` Dask workers, and cancels them at its end::
+
+    python deploy/sweep.py deploy/sweeps/tiny.yaml --profile slurm-cpu --out deploy/results/tiny_slurm
+
+The peak RSS column then covers the driver and the Dask scheduler only (``rss_scope``): the workers are
+processes of the batch jobs, not children of the fit. Alternatively submit this script itself as one
+job per node size (the fits then use a LocalCluster inside the job).
 """
 
 from __future__ import annotations
@@ -93,7 +101,9 @@ def make_store(cfg, cells, work: Path):
 def run_point(cfg, point, store, truth, work: Path, profile=None) -> dict:
     cells, workers, K, model, device, dtype = point
     row = {"sweep": cfg.get("name", "sweep"), "cells": cells, "workers": workers, "K": K, "model": model,
-           "device": device, "dtype": dtype, "iterations": cfg["iterations"]}
+           "device": device, "dtype": dtype, "iterations": cfg["iterations"],
+           "cluster": Path(str(profile)).stem if profile else "local",
+           "rss_scope": "driver+scheduler (workers in batch jobs)" if profile else "driver+scheduler+workers"}
     if model != "multigedi":
         return {**row, "status": f"skipped: model {model!r} has no distributed fit in this version"}
     if device == "gpu" and not gpu_here():
@@ -104,7 +114,7 @@ def run_point(cfg, point, store, truth, work: Path, profile=None) -> dict:
     tag = f"{cells}_{workers}_{K}_{model}_{device}_{dtype}"
     fit_cfg = {"K": K, "iterations": cfg["iterations"], "dtype": dtype, "workers": workers,
                "modalities": mods, "memory_limit": cfg.get("memory_limit", "8GiB"),
-               "checkpoint_every": cfg.get("checkpoint_every")}
+               "checkpoint_every": cfg.get("checkpoint_every"), "profile": profile}
     cfgp = work / f"cfg_{tag}.json"
     cfgp.write_text(json.dumps(fit_cfg))
     out = work / f"run_{tag}"
@@ -152,7 +162,15 @@ def main(argv=None) -> int:
     ap.add_argument("config")
     ap.add_argument("--out", required=True, help="output prefix: writes <out>.csv and <out>.png")
     ap.add_argument("--work", default=None, help="scratch folder for stores and runs")
+    ap.add_argument("--profile", default=None,
+                    help="run the fits on the workers of this cluster profile (name in deploy/profiles or a "
+                         "YAML path), e.g. slurm-cpu; default: a LocalCluster per fit")
     args = ap.parse_args(argv)
+    profile = None
+    if args.profile:
+        from atlasfit.cluster import load_profile
+
+        profile = load_profile(args.profile)["source"]  # fails here, naming the profile, when it is wrong
     cfg = yaml.safe_load(Path(args.config).read_text())
     for key in ("iterations", "features", "grid"):
         if key not in cfg:
@@ -169,7 +187,7 @@ def main(argv=None) -> int:
         store, truth = make_store(cfg, cells, work)
         print(f"[{cells} cells] store ready in {time.perf_counter() - t:.1f} s", flush=True)
         for point in grp:
-            row = {**run_point(cfg, point, store, truth, work), **common}
+            row = {**run_point(cfg, point, store, truth, work, profile), **common}
             rows.append(row)
             print("  " + ", ".join(f"{k}={row[k]}" for k in row if k not in common), flush=True)
     fields = list(dict.fromkeys(k for r in rows for k in r))
