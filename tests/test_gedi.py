@@ -428,19 +428,6 @@ def test_kernels_are_block_minimisers():
     assert gedi_dof(10, 100, 4, 3, 5, 2) == 10 * 104 + 4 * 10 * 3 + 4 * 10 * 2 + 3 * 15
 
 
-def test_docs_example_runs():
-    """The example of docs/gedi.md runs as written (so the page cannot rot)."""
-    import re
-    from pathlib import Path
-
-    text = (Path(__file__).resolve().parents[1] / "docs" / "gedi.md").read_text()
-    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
-    assert blocks
-    ns: dict = {}
-    exec(compile(blocks[0], "docs/gedi.md", "exec"), ns)
-    assert ns["de"].shape == (100, 3) and ns["adata"].obsm["X_gedi"].shape == (600, 5)
-
-
 @pytest.mark.gpu
 def test_gpu_matches_cpu(planted):
     """GPU path (``pytest -m gpu``): the same kernels on CuPy arrays; skipped without a device."""
