@@ -5,7 +5,11 @@ paired counts ``splicing`` (M_list); ground-truth cell types) is written to a st
 are exported to an ``.npz`` for the reference. Then, each in its own process while the summed RSS
 of that process tree (driver, scheduler, workers) is sampled every 0.1 s:
 
-* atlasfit on an embedded LocalCluster (2 process workers x 1 thread), float64 and float32;
+* atlasfit on an embedded LocalCluster (2 process workers x 1 thread), float64 and float32
+  (``atlasfit-float64``, ``atlasfit-float32``: the store path);
+* atlasfit's in-memory default (``atlasfit-memory``, float64; ``atlasfit-memory-float32``): the store
+  read into a MuData, then ``MultiGEDI(...).fit(mdata)`` with no client, as a user coming from
+  multigedi would call it (in process, one thread per core: ``ThreadedEngine``);
 * the reference ``MultiGEDIModel`` with ``num_threads=2``, as published (SSE3 flags) and built with
   ``-march=native`` (venvs from ``benchmarks/peers/build_multigedi.sh``).
 
@@ -14,6 +18,8 @@ the ground truth: kNN (k=15) cell-type accuracy and cross-sample mixing (mean en
 among the 15 neighbours / log(#samples)). A run that dies (e.g. out of memory) is recorded as such.
 
     python benchmarks/bench_multigedi.py --cells 20000 50000 100000 --iterations 20 --K 20
+    python benchmarks/bench_multigedi.py --cells 20000 50000 --impls atlasfit-memory ref-sse3 ref-native \
+        --out benchmarks/results/multigedi_in_memory_vs_reference
 
 Writes ``benchmarks/results/multigedi_vs_reference.csv`` and ``.png`` and prints ratios.
 """
@@ -100,11 +106,12 @@ def knn_quality(emb, truth, k=15, max_cells=20000, seed=0):
     return acc, float(np.mean(ent) / np.log(len(scodes)))
 
 
-def run_atlasfit(store, n_cells, dtype, args, work):
-    out = work / f"af_{n_cells}_{dtype}"
+def run_atlasfit(store, n_cells, dtype, args, work, in_memory=False):
+    tag = f"{'mem_' if in_memory else ''}{n_cells}_{dtype}"
+    out = work / f"af_{tag}"
     cfg = {"K": args.K, "iterations": args.iterations, "seed": 0, "mode": "Bsphere", "dtype": dtype,
-           "workers": args.workers, "modalities": MODS}
-    cfgp = work / f"af_{n_cells}_{dtype}.json"
+           "workers": args.workers, "modalities": MODS, "in_memory": in_memory}
+    cfgp = work / f"af_{tag}.json"
     cfgp.write_text(json.dumps(cfg))
     cmd = [sys.executable, str(HERE / "_mg_atlasfit_run.py"), str(store), str(cfgp), str(out)]
     env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
@@ -152,7 +159,8 @@ def plot(rows, png):
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.legend(fontsize=8)
-    fig.suptitle("MultiGEDI: atlasfit (2 workers x 1 thread) vs multigedi 1.1.0 (num_threads=2)")
+    fig.suptitle("MultiGEDI: atlasfit (store: 2 workers x 1 thread; memory: in process, 1 thread per core) vs "
+                 "multigedi 1.1.0 (num_threads=2)", fontsize=10)
     fig.tight_layout()
     fig.savefig(png, dpi=110)
 
@@ -163,8 +171,10 @@ def main():
     ap.add_argument("--iterations", type=int, default=20)
     ap.add_argument("--K", type=int, default=20)
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--impls", nargs="+", default=["atlasfit-float64", "atlasfit-float32", "ref-sse3",
-                                                    "ref-native"])
+    ap.add_argument("--impls", nargs="+", default=["atlasfit-float64", "atlasfit-float32", "atlasfit-memory",
+                                                    "ref-sse3", "ref-native"],
+                    help="atlasfit-float64 / -float32 (store, 2 workers), atlasfit-memory[-float32] (in-memory "
+                         "default), ref-sse3, ref-native")
     ap.add_argument("--timeout", type=float, default=3600)
     ap.add_argument("--work", default=None, help="scratch folder (default: a temp dir)")
     ap.add_argument("--out", default=str(RESULTS / "multigedi_vs_reference"))
@@ -179,7 +189,10 @@ def main():
         store, npz, truth = make_data(n, work)
         print(f"[{n} cells] data ready in {time.perf_counter() - t:.0f} s", flush=True)
         for impl in args.impls:
-            if impl.startswith("atlasfit"):
+            if impl.startswith("atlasfit-memory"):
+                dtype = "float32" if impl.endswith("float32") else "float64"
+                rc, wall, peak, res, emb = run_atlasfit(store, n, dtype, args, work, in_memory=True)
+            elif impl.startswith("atlasfit"):
                 rc, wall, peak, res, emb = run_atlasfit(store, n, impl.split("-")[1], args, work)
             else:
                 if not Path(PEERS[impl]).exists():
@@ -196,24 +209,29 @@ def main():
                    "engine_overhead_fraction": res.get("engine_overhead_fraction", float("nan")),
                    "checkpoint_gb": (res.get("checkpoint_bytes") or float("nan")) / 1e9,
                    "checkpoint_s": res.get("checkpoint_s") or float("nan"),
-                   "sample_mixing": mix, "machine": machine}
+                   "sample_mixing": mix, "machine": machine,
+                   "engine": res.get("engine", "DaskEngine" if impl.startswith("atlasfit") else ""),
+                   "threads": res.get("threads", float("nan")), "load1_after": os.getloadavg()[0]}
             rows.append(row)
             print(f"  {impl:<17} {status:<14} {row['median_iter_s']:.3f} s/it  peak {row['peak_rss_gb']:.2f} GB"
                   f"  kNN acc {acc:.3f}  mixing {mix:.3f}", flush=True)
         ref = {r["impl"]: r for r in rows if r["cells"] == n}
-        if "ref-sse3" in ref and ref["ref-sse3"]["status"] == "ok":
-            for impl in ("atlasfit-float64", "atlasfit-float32"):
+        for peer in ("ref-sse3", "ref-native"):
+            if peer not in ref or ref[peer]["status"] != "ok":
+                continue
+            for impl in (i for i in args.impls if i.startswith("atlasfit")):
                 if impl in ref and ref[impl]["status"] == "ok":
                     r = ref[impl]
-                    print(f"  ratio {impl}/ref-sse3: time {r['median_iter_s'] / ref['ref-sse3']['median_iter_s']:.2f}x"
-                          f"  memory {r['peak_rss_gb'] / ref['ref-sse3']['peak_rss_gb']:.2f}x")
+                    print(f"  ratio {impl}/{peer}: time {r['median_iter_s'] / ref[peer]['median_iter_s']:.2f}x"
+                          f"  memory {r['peak_rss_gb'] / ref[peer]['peak_rss_gb']:.2f}x")
         with open(args.out + ".csv", "w", newline="") as fh:
             w = csv.DictWriter(fh, fieldnames=list(rows[0]))
             w.writeheader()
             w.writerows(rows)
         plot(rows, args.out + ".png")
     print(f"wrote {args.out}.csv and .png\nreproduce: python benchmarks/bench_multigedi.py --cells "
-          f"{' '.join(map(str, args.cells))} --iterations {args.iterations} --K {args.K}")
+          f"{' '.join(map(str, args.cells))} --iterations {args.iterations} --K {args.K} --impls {' '.join(args.impls)}"
+          f" --out {args.out}")
 
 
 if __name__ == "__main__":
