@@ -18,7 +18,8 @@ Data: ``real5k`` (``atlasfit.datasets.multigedi_real_5k``: 5,000 cells, 27 sampl
 M + splicing 1,000 events M_list) and ``synthetic`` (``synthetic_atlas``: 16 samples, rna 2,000 M +
 splicing 1,000 M_list + atac 500 X, ``--n-cells``).
 
-Writes (appends to) ``benchmarks/results/checkpoint_size.csv``.
+Writes (appends to) ``benchmarks/results/checkpoint_size.csv``; ``codec`` names the compression of
+the local arrays (the two lz4 rows: a comparison run with ``_compressor`` switched to lz4, not kept).
 
 Reproduce (from the repository root, in the project venv)::
 
@@ -45,7 +46,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 CSV_NAME = "checkpoint_size.csv"
 FIELDS = ["data", "n_cells", "features", "dtype", "iterations", "store_mb", "ck_mb", "ck_over_store",
           "raw_mb", "dense_y_mb", "compressed_over_raw", "peak_ck_mb", "versions_kept", "last_save_s",
-          "fit_s", "target_2x_met", "workers", "commit", "date_utc"]
+          "fit_s", "target_2x_met", "workers", "codec", "load_avg_1min", "commit", "date_utc"]
 
 
 def du(path: Path) -> int:
@@ -92,6 +93,7 @@ def make_store(data: str, n_cells: int, work: Path) -> tuple[Path, dict]:
 
 def run_one(data: str, store: Path, mods: dict, dtype: str, iterations: int, client) -> dict:
     import atlasfit
+    from atlasfit.engine._checkpoint import CODEC
     from atlasfit.io import open_atlas
 
     atlas = open_atlas(store)
@@ -124,6 +126,7 @@ def run_one(data: str, store: Path, mods: dict, dtype: str, iterations: int, cli
         "versions_kept": sum(1 for d in ck_dir.iterdir() if d.is_dir() and d.name.startswith("v")),
         "last_save_s": round(info.seconds, 2), "fit_s": round(fit_s, 1),
         "target_2x_met": ck_bytes <= 2 * store_bytes, "workers": len(client.scheduler_info()["workers"]),
+        "codec": CODEC, "load_avg_1min": round(os.getloadavg()[0], 2),
     }
 
 

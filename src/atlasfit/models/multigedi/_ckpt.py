@@ -64,7 +64,8 @@ def _bits(a: np.ndarray) -> np.ndarray:
 
 
 def _sha(Y) -> np.ndarray:
-    return np.frombuffer(hashlib.sha256(np.ascontiguousarray(to_numpy(Y)).tobytes()).digest(), dtype=np.uint8)
+    data = memoryview(np.ascontiguousarray(to_numpy(Y))).cast("B")  # no copy of a contiguous NumPy Y
+    return np.frombuffer(hashlib.sha256(data).digest(), dtype=np.uint8)
 
 
 def _params(shared: Mapping, m: str):
