@@ -31,6 +31,15 @@ def fitted(tmp_path_factory):
     store = atlasfit.io.convert(mdata[keep].copy(), tmp / "small.zarr", sample_key="sample")
     store_bytes = _du(store)
     out = {}
+    import logging
+
+    records: list[str] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda r: records.append(r.getMessage())
+    logger = logging.getLogger("atlasfit.engine")
+    old_level = logger.level
+    logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
     for dtype in ("float64", "float32"):
         ck = tmp / f"ck_{dtype}"
         # leftovers of a save that crashed half way: an incomplete version and a pointer never renamed
@@ -41,6 +50,9 @@ def fitted(tmp_path_factory):
         n_cells = int(m._atlas.samples["rna"].sum())
         m.close()
         out[dtype] = (ck, m.checkpoint_info_, n_cells)
+    logger.removeHandler(handler)
+    logger.setLevel(old_level)
+    out["log"] = records
     return store, store_bytes, out
 
 
@@ -52,6 +64,12 @@ def test_one_compact_version_is_kept(fitted):
     tests/test_faults.py). On disk that is about half the dense Y (0.48 on the real 5k data,
     benchmarks/results/checkpoint_size.csv)."""
     store, _, out = fitted
+    out = dict(out)
+    log = out.pop("log")
+    # the Python API says at INFO where the checkpoints go and how big each one is
+    assert any(f"checkpoints go to {out['float64'][0].absolute()}" in r for r in log), log
+    assert any("checkpoint at iteration 2:" in r and "MB" in r and str(out["float64"][0].absolute()) in r
+               for r in log), log
     atlas = atlasfit.io.open_atlas(store)
     n_paired = 0
     for g in atlas.samples["splicing"].index:
@@ -84,5 +102,5 @@ def test_one_compact_version_is_kept(fitted):
     "-> fails, so reaching the target flips this test."))
 def test_checkpoint_at_most_twice_the_store(fitted):
     _, store_bytes, out = fitted
-    for _, (ck, _, _) in out.items():
+    for ck, _, _ in (out["float64"], out["float32"]):
         assert _du(ck) <= 2 * store_bytes
