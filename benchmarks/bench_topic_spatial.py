@@ -13,7 +13,7 @@ is the peer, measured in the same run. Writes
 * with ``--speed``: ``benchmarks/results/topic_spatial_speed.csv``, seconds per training step of the
   graph encoders against the plain one (:func:`speed`).
 
-Reproduce (13 min on this project's shared 2-core machine; the numbers are the same bits on any machine with the same
+Reproduce (13-15 min on this project's shared 2-core machine; the numbers are the same bits on any machine with the same
 NumPy/BLAS)::
 
     OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 python benchmarks/bench_topic_spatial.py
