@@ -316,8 +316,13 @@ def test_plan_orders_and_partial_overlap():
 def test_config_validation():
     with pytest.raises(ValueError, match="unknown mode 'Bsquare'"):
         FitConfig(K=2, mode="Bsquare", modalities=[ModalityConfig("r")])
-    with pytest.raises(ValueError, match="obs_type 'Y'"):
-        ModalityConfig("r", "Y")
+    # 'Y' is a single-modality GEDI type (spec §1.2): the config takes it, MultiGEDI refuses it by name
+    assert ModalityConfig("r", "Y").obs_type == "Y"
+    with pytest.raises(ValueError, match="obs_type 'Z'"):
+        ModalityConfig("r", "Z")
+    import atlasfit
+    with pytest.raises(ValueError, match=r"obs_type 'Y'.*GEDI\(obs_type='Y'\)"):
+        atlasfit.MultiGEDI(K=2, modalities={"r": {"obs_type": "Y"}})
     with pytest.raises(ValueError, match="dtype"):
         FitConfig(K=2, dtype=np.int64, modalities=[ModalityConfig("r")])
 

