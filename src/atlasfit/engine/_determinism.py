@@ -25,8 +25,25 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 
 import numpy as np
+
+#: (len(sys.modules) when built, threadpoolctl.ThreadpoolController): finding the loaded BLAS
+#: libraries walks every shared object of the process (~2 ms); a training step calls
+#: :func:`blas_single_thread` once, so the controller is built once and rebuilt only after an import
+#: (the only way a new BLAS gets loaded in practice).
+_CONTROLLER: tuple | None = None
+
+
+def _blas_controller():
+    global _CONTROLLER
+    key = len(sys.modules)
+    if _CONTROLLER is None or _CONTROLLER[0] != key:
+        from threadpoolctl import ThreadpoolController
+
+        _CONTROLLER = (key, ThreadpoolController())
+    return _CONTROLLER[1]
 
 
 @contextlib.contextmanager
@@ -47,9 +64,7 @@ def blas_single_thread():
     if os.environ.get("ATLASFIT_BLAS_THREADS", "1") == "any":
         yield
         return
-    from threadpoolctl import threadpool_limits
-
-    with threadpool_limits(limits=1, user_api="blas"):
+    with _blas_controller().limit(limits=1, user_api="blas"):
         yield
 
 
