@@ -176,6 +176,25 @@ def test_per_shard_mode_and_scattered_args(client, reference):
         assert_same((shared, final_local(eng)), reference)
 
 
+def test_payload_size_counts_every_array_and_direct_transfers_give_the_same_bits(client, reference, monkeypatch):
+    from atlasfit.engine._dask import payload_nbytes
+
+    # dask.sizeof samples 10 values of a larger dict: a few large arrays among many small ones were
+    # often estimated far below their size (exact total here: 1000*100*8 + 40*4*8 bytes of data)
+    params = {f"b{i}": np.zeros(4) for i in range(40)} | {"W": np.zeros((1000, 100))}
+    assert 800_000 + 1_280 <= payload_nbytes(((params, 3), {})) < 800_000 + 1_280 + 10_000
+    for direct, env in ((None, None), (False, None), (None, "0")):  # auto (local workers: direct), via scheduler
+        if env is None:
+            monkeypatch.delenv("ATLASFIT_DIRECT_TRANSFERS", raising=False)
+        else:
+            monkeypatch.setenv("ATLASFIT_DIRECT_TRANSFERS", env)
+        with DaskEngine(client, shard_plan(), broadcast_threshold=0, direct=direct) as eng:
+            eng.setup(load_toy, D, 7)
+            assert eng._use_direct() is (direct is None and env is None)  # the LocalCluster's workers are local
+            shared = run_iterations(eng, toy_step, init_shared(), start=0, stop=N_ITER, progress=False)
+            assert_same((shared, final_local(eng)), reference)
+
+
 @pytest.mark.parametrize("n_workers", [1, 4])
 def test_same_bits_on_1_and_4_workers(n_workers, reference):
     with distributed.LocalCluster(
