@@ -298,7 +298,7 @@ def _topic(n_topics=3):
 
 @pytest.fixture
 def topic_loads(monkeypatch):
-    import atlasfit.models.topic._model as topic_model
+    import atlasfit.models.topic._training as topic_model  # where train() calls load_shard
 
     calls = []
     real = topic_model.load_shard

@@ -473,3 +473,37 @@ def test_picklable_rounds_give_same_bits():
         outs.append(export_state(e, shared, plan, config))
     for k in outs[0]:
         assert np.array_equal(np.asarray(outs[0][k]), np.asarray(outs[1][k])), k
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_sparse_y_kernels_give_the_dense_bits(dtype):
+    """The CPU Y update reads sparse counts at their stored entries only (no densified block, the
+    log on non-zeros only); it must give the dense kernels' bits (spec §2.10), signed zeros included."""
+    densify, update_Y_counts, update_Y_paired = kn.densify, kn.update_Y_counts, kn.update_Y_paired
+    sparse_y_ok, update_Y_counts_sparse, update_Y_paired_sparse = (
+        kn.sparse_y_ok, kn.update_Y_counts_sparse, kn.update_Y_paired_sparse)
+
+    rng = np.random.default_rng(0)
+    J, n = 300, 200
+    Y = rng.normal(0, 2, (J, n)).astype(dtype)
+    Y[0, :5], Y[1, :3] = 0.0, -0.0
+    Yh = rng.normal(0, 2, (J, n)).astype(dtype)
+    Yh[2, :4], Yh[3, :4] = -0.0, 0.0
+
+    def counts(seed, density):
+        g = np.random.default_rng(seed)
+        return sp.random(J, n, density=density, random_state=seed,
+                         data_rvs=lambda k: g.integers(1, 50, k)).astype(np.float32).tocsc()
+
+    M1, M2 = counts(1, 0.2), counts(2, 0.15)
+    wide1, wide2 = sp.hstack([counts(3, 0.1), M1]).tocsc(), sp.hstack([counts(4, 0.1), M2]).tocsc()
+    sl = slice(n, 2 * n)  # the entries of a block of columns, read from indptr
+    e1, e2 = kn.csc_block_entries(wide1, sl, dtype), kn.csc_block_entries(wide2, sl, dtype)
+    for s2 in (0.7, 2.0):
+        assert sparse_y_ok(Y, s2)
+        dense = update_Y_counts(Y, Yh, densify(M1, np, dtype), s2)
+        np.testing.assert_array_equal(update_Y_counts_sparse(Y, Yh, e1, s2).view(np.uint8), dense.view(np.uint8))
+        dense = update_Y_paired(Y, Yh, densify(M1, np, dtype), densify(M2, np, dtype), s2)
+        np.testing.assert_array_equal(update_Y_paired_sparse(Y, Yh, e1, e2, s2).view(np.uint8), dense.view(np.uint8))
+    # a NumPy float64 sigma2 lifts a float32 block to float64 in the dense kernel: that case stays dense
+    assert sparse_y_ok(Y, np.float64(1.3)) is (dtype == np.float64)

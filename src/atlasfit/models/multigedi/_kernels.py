@@ -299,6 +299,77 @@ def update_Y_paired(Y, Yhat, M1, M2, sigma2):
     return xp.minimum(xp.maximum(y1, alpha), beta)  # alpha <= beta since M1, M2 >= 0, sigma2 > 0
 
 
+def csc_block_entries(csc, sl: slice, dtype):
+    """``(rows, cols, values)`` of the stored entries of columns ``sl`` of a canonical SciPy CSC
+    matrix (cols relative to ``sl.start``), values in ``dtype``; read straight from ``indptr`` (no
+    SciPy slice object per block)."""
+    ip = csc.indptr
+    lo, hi = int(ip[sl.start]), int(ip[sl.stop])
+    counts = np.diff(ip[sl.start:sl.stop + 1])
+    cols = np.repeat(np.arange(sl.stop - sl.start, dtype=np.intp), counts)
+    return csc.indices[lo:hi].astype(np.intp, copy=False), cols, csc.data[lo:hi].astype(dtype, copy=False)
+
+
+def _log_eps_fill(shape, dtype):
+    """log(0 + LOG_EPS) in ``dtype``, evaluated by the same elementwise log as the dense path."""
+    v = np.log(np.full(8, LOG_EPS, dtype=dtype) + np.zeros(8, dtype=dtype))[0]
+    return np.full(shape, v, dtype=dtype)
+
+
+def sparse_y_ok(Y, sigma2) -> bool:
+    """Whether :func:`update_Y_counts_sparse` / :func:`update_Y_paired_sparse` give the dense kernels'
+    bits for this ``Y``: NumPy arrays, and σ² times a ``Y.dtype`` array stays in ``Y.dtype`` (a NumPy
+    float64 σ² would lift a float32 fit's dense temporaries to float64)."""
+    return isinstance(Y, np.ndarray) and (sigma2 * np.ones(1, dtype=Y.dtype)).dtype == Y.dtype
+
+
+def update_Y_counts_sparse(Y, Yhat, M, sigma2):
+    """:func:`update_Y_counts` with the counts ``M`` given by their stored entries ``(rows, cols,
+    values)`` (:func:`csc_block_entries`; values in ``Y.dtype``): the same bits.
+
+    σ²M and log(M + ε) are evaluated only at the stored entries (a zero count contributes
+    ``x − σ²·0 = x`` and log ε, a constant), so the block is never densified and the logarithm, the
+    costliest pass of the step, runs on the non-zeros only. (Halley step and clamps as the dense kernel.)
+    """
+    r, c, d = M
+    a = Y - Yhat
+    a[r, c] -= sigma2 * d
+    pos = Y > 0
+    e = np.exp(-np.abs(Y))
+    c1 = np.where(pos, 1.0, e)
+    c2 = np.where(pos, e, 1.0)
+    s1 = sigma2 * c1
+    f = s1 + c2 * a
+    fp = s1 + c2
+    y1 = Y - _halley(f, fp, s1)
+    ell = _log_eps_fill(Y.shape, Y.dtype)
+    ell[r, c] = np.log(d + LOG_EPS)
+    return np.minimum(np.maximum(y1, np.minimum(ell, Yhat)), np.maximum(ell, Yhat))
+
+
+def update_Y_paired_sparse(Y, Yhat, M1, M2, sigma2):
+    """:func:`update_Y_paired` with ``M1``, ``M2`` as stored entries ``(rows, cols, values)``: the same bits, without
+    densifying either (α = Ŷ − σ²M2 and β = Ŷ + σ²M1 differ from Ŷ only at stored entries; β is
+    first Ŷ + 0, which turns −0 into +0 exactly as the dense sum does)."""
+    r1, c1_, d1 = M1
+    r2, c2_, d2 = M2
+    alpha = Yhat.copy()
+    alpha[r2, c2_] = Yhat[r2, c2_] - sigma2 * d2
+    beta = Yhat + 0.0
+    beta[r1, c1_] = Yhat[r1, c1_] + sigma2 * d1
+    pos = Y > 0
+    e = np.exp(-np.abs(Y))
+    c1 = np.where(pos, 1.0, e)
+    c2 = np.where(pos, e, 1.0)
+    a = Y - alpha
+    b = Y - beta
+    f = c1 * a + c2 * b
+    fp = c1 + c2 * (1.0 - b)
+    fpp = c2 * (b - 2.0)
+    y1 = Y - _halley(f, fp, fpp)
+    return np.minimum(np.maximum(y1, alpha), beta)
+
+
 def update_Y_binary(Yhat, X):
     """Probit Y (§2.10, obs type X): Y := E[Y* | X, Ŷ], Y* ~ N(Ŷ, 1).
 
