@@ -33,6 +33,7 @@ from .._compat import stop_worker_profiler
 from ._determinism import blas_single_thread, realign
 from ._errors import ShardLostError, StateMissingError
 from ._protocol import ShardSpec
+from ._threaded import trim_heap
 
 _REGISTRY_ATTR = "_atlasfit_shard_states"
 # Used only when a task runs outside a Dask worker (never in normal use).
@@ -121,7 +122,7 @@ def tune_driver_allocator(mmap_threshold: int = 256 * 2**10, trim_threshold: int
     (2 workers, 2 epochs, float32, 16 local steps per round): the driver's peak RSS grew by
     400-435 MiB during ``train()`` with glibc's defaults and by 270-340 MiB with a fixed 256 KiB mmap
     threshold (every buffer of a quarter MiB or more in its own mapping, returned when freed) and a
-    ``malloc_trim`` after each round (:func:`trim_driver_heap`); the rest is fragmentation of the
+    ``malloc_trim`` after each round (:func:`~._threaded.trim_heap`); the rest is fragmentation of the
     small objects of each round. Called once when a :class:`DaskEngine` is created; ``ATLASFIT_MALLOC_TUNE=0`` turns it
     off. Returns False where glibc is unavailable.
     """
@@ -135,30 +136,10 @@ def tune_driver_allocator(mmap_threshold: int = 256 * 2**10, trim_threshold: int
     return ok
 
 
-TRIM_AFTER_S = 1.0  # a round at least this long returns its freed heap (see trim_heap)
-
-
-def trim_heap() -> bool:
-    """Return this process's freed heap memory to the system (glibc ``malloc_trim(0)``).
-
-    A worker calls it after loading its shards: reading a sample block, converting it to the model
-    dtype and stacking the samples free ~130 MiB of temporaries per worker on the 100k-cell topic
-    benchmark (2 workers, RNA 2k + peaks 5k), which glibc keeps in the heap below live data unless
-    asked. ``ATLASFIT_MALLOC_TUNE=0`` turns it off; False where glibc is unavailable.
-    """
-    if os.environ.get("ATLASFIT_MALLOC_TUNE", "1") == "0" or not _libc():
-        return False
-    _LIBC.malloc_trim(0)
-    return True
-
-
-def trim_driver_heap() -> bool:
-    """Return the driver's freed heap memory to the system (glibc ``malloc_trim(0)``; about a
-    millisecond). :class:`DaskEngine` calls it after rounds that brought at least 1 MiB of results."""
-    if os.environ.get("ATLASFIT_MALLOC_TUNE", "1") == "0" or not _libc():
-        return False
-    _LIBC.malloc_trim(0)
-    return True
+#: A worker returns its freed heap (glibc ``malloc_trim``, :func:`~._threaded.trim_heap`) after loading its
+#: shards and after rounds at least this long: loading and long rounds free ~130 MiB of temporaries per
+#: worker on the 100k-cell topic benchmark, which glibc keeps in the heap unless asked.
+TRIM_AFTER_S = 1.0
 
 
 @functools.lru_cache(maxsize=256)
@@ -518,7 +499,7 @@ class DaskEngine:
                 out[i] = realign(r)  # arrays out of the message: aligned, as in process
         self._received += payload_nbytes(parts)
         if self._received >= 2**20:  # previous rounds' results are garbage by now: return their memory
-            trim_driver_heap()
+            trim_heap()
             self._received = 0
         return out
 

@@ -257,6 +257,13 @@ def update_Y_counts(Y, Yhat, M, sigma2):
     """
     xp = get_xp(Y)
     a = Y - Yhat - sigma2 * M
+    y1 = _counts_halley(Y, a, sigma2, xp)
+    ell = xp.log(M + LOG_EPS)
+    return xp.minimum(xp.maximum(y1, xp.minimum(ell, Yhat)), xp.maximum(ell, Yhat))
+
+
+def _counts_halley(Y, a, sigma2, xp):
+    """The Halley step of :func:`update_Y_counts` given a = Y − Ŷ − σ²M (shared by the dense and sparse kernels)."""
     pos = Y > 0
     e = xp.exp(-xp.abs(Y))  # e^{-y} if y > 0 else e^{y}; never overflows
     c1 = xp.where(pos, 1.0, e)  # the two branches as one expression (exact: 1*x == x)
@@ -264,9 +271,7 @@ def update_Y_counts(Y, Yhat, M, sigma2):
     s1 = sigma2 * c1
     f = s1 + c2 * a
     fp = s1 + c2
-    y1 = Y - _halley(f, fp, s1)
-    ell = xp.log(M + LOG_EPS)
-    return xp.minimum(xp.maximum(y1, xp.minimum(ell, Yhat)), xp.maximum(ell, Yhat))
+    return Y - _halley(f, fp, s1)
 
 
 def update_Y_paired(Y, Yhat, M1, M2, sigma2):
@@ -286,6 +291,11 @@ def update_Y_paired(Y, Yhat, M1, M2, sigma2):
     xp = get_xp(Y)
     alpha = Yhat - sigma2 * M2
     beta = Yhat + sigma2 * M1
+    return _paired_halley(Y, alpha, beta, xp)
+
+
+def _paired_halley(Y, alpha, beta, xp):
+    """The Halley step and clamp of :func:`update_Y_paired` given α, β (shared by the dense and sparse kernels)."""
     pos = Y > 0
     e = xp.exp(-xp.abs(Y))
     c1 = xp.where(pos, 1.0, e)  # y > 0: (c1, c2) = (1, e^{-y}); else (e^{y}, 1)
@@ -334,14 +344,7 @@ def update_Y_counts_sparse(Y, Yhat, M, sigma2):
     r, c, d = M
     a = Y - Yhat
     a[r, c] -= sigma2 * d
-    pos = Y > 0
-    e = np.exp(-np.abs(Y))
-    c1 = np.where(pos, 1.0, e)
-    c2 = np.where(pos, e, 1.0)
-    s1 = sigma2 * c1
-    f = s1 + c2 * a
-    fp = s1 + c2
-    y1 = Y - _halley(f, fp, s1)
+    y1 = _counts_halley(Y, a, sigma2, np)
     ell = _log_eps_fill(Y.shape, Y.dtype)
     ell[r, c] = np.log(d + LOG_EPS)
     return np.minimum(np.maximum(y1, np.minimum(ell, Yhat)), np.maximum(ell, Yhat))
@@ -351,23 +354,13 @@ def update_Y_paired_sparse(Y, Yhat, M1, M2, sigma2):
     """:func:`update_Y_paired` with ``M1``, ``M2`` as stored entries ``(rows, cols, values)``: the same bits, without
     densifying either (α = Ŷ − σ²M2 and β = Ŷ + σ²M1 differ from Ŷ only at stored entries; β is
     first Ŷ + 0, which turns −0 into +0 exactly as the dense sum does)."""
-    r1, c1_, d1 = M1
-    r2, c2_, d2 = M2
+    r1, c1, d1 = M1
+    r2, c2, d2 = M2
     alpha = Yhat.copy()
-    alpha[r2, c2_] = Yhat[r2, c2_] - sigma2 * d2
+    alpha[r2, c2] = Yhat[r2, c2] - sigma2 * d2
     beta = Yhat + 0.0
-    beta[r1, c1_] = Yhat[r1, c1_] + sigma2 * d1
-    pos = Y > 0
-    e = np.exp(-np.abs(Y))
-    c1 = np.where(pos, 1.0, e)
-    c2 = np.where(pos, e, 1.0)
-    a = Y - alpha
-    b = Y - beta
-    f = c1 * a + c2 * b
-    fp = c1 + c2 * (1.0 - b)
-    fpp = c2 * (b - 2.0)
-    y1 = Y - _halley(f, fp, fpp)
-    return np.minimum(np.maximum(y1, alpha), beta)
+    beta[r1, c1] = Yhat[r1, c1] + sigma2 * d1
+    return _paired_halley(Y, alpha, beta, np)
 
 
 def update_Y_binary(Yhat, X):

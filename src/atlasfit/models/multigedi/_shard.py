@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 
 import numpy as np
+import scipy.sparse
 
 from ..._xp import get_xp, to_numpy
 from ._config import FitConfig, SamplePlan
@@ -585,10 +586,6 @@ def cell_blocks(n: int, J: int, block_bytes: int | None = None, min_cells: int =
     return [slice(a, min(n, a + bs)) for a in range(0, n, bs)]
 
 
-def _is_scipy_sparse(a) -> bool:
-    return type(a).__module__.startswith("scipy.sparse")
-
-
 def y_update_sample(loc, B, p) -> tuple[float, float]:
     """Y update (§2.10) of one (sample, modality) in place, over blocks of cells; returns
     (‖E‖², V): the squared residual Σ(Y_new − Ŷ)² and the variance term of §2.11.
@@ -609,7 +606,7 @@ def y_update_sample(loc, B, p) -> tuple[float, float]:
     V = 0.0
     # CPU with SciPy sparse counts: the kernels read the stored entries only (same bits, no dense M)
     sparse = sparse_y_ok(Y, s2) and ot in ("M", "M_list") and all(
-        _is_scipy_sparse(v) and v.format == "csc" and v.has_canonical_format for v in raw.values())
+        scipy.sparse.issparse(v) and v.format == "csc" and v.has_canonical_format for v in raw.values())
     for sl in cell_blocks(Y.shape[1], Y.shape[0], Y_BLOCK_BYTES, 8):
         Yhat = W @ DB[:, sl]
         Yhat += off  # in place: the same sums as (W DB + off) + s_i, without two temporaries
