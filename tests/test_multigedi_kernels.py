@@ -94,6 +94,41 @@ def test_halley_paired_reaches_stationarity_root():
     assert np.all((y >= alpha - 1e-15) & (y <= beta + 1e-15))
 
 
+@pytest.mark.parametrize("s2", [0.05, 1.0, 3.0])
+def test_solve_Y_reaches_the_root_from_yhat_alone(s2):
+    """Issue 12: the Y solve of every ``solve_Y_every``-th iteration (``MultiGEDI(solve_Y_every=10)``) is the root of the
+    stationarity conditions of §2.10 (closed form: g(y) = y − Ŷ − σ²M + σ²eʸ = 0 for counts;
+    y = (1 − p)β + pα for paired counts) to ~1e-14 relative, inside the safeguard bracket, from wide
+    and collapsed brackets alike (Ŷ up to ±12, counts up to 1000, σ²M2 up to 150); and it is a
+    function of each entry alone: any split into blocks gives the same bits (a restore recomputes it
+    in its own blocks)."""
+    rng = np.random.default_rng(7)
+    n = 20000
+    yhat = rng.uniform(-12, 12, n)
+    M = rng.choice([0, 0, 0, 1, 2, 5, 30, 1000], n).astype(float)
+    y = kn.solve_Y_counts(yhat, M, s2)
+    g = (y - yhat - s2 * M + s2 * np.exp(y)) / (1 + s2 * np.exp(y) + np.abs(yhat) + s2 * M)
+    assert np.max(np.abs(g)) < 1e-14
+    ell = np.log(M + kn.LOG_EPS)
+    assert np.all((y >= np.minimum(ell, yhat)) & (y <= np.maximum(ell, yhat)))
+    M1 = rng.choice([0, 0, 0, 1, 2, 5, 30], n).astype(float)
+    M2 = rng.choice([0, 0, 1, 3, 50], n).astype(float)
+    yp = kn.solve_Y_paired(yhat, M1, M2, s2)
+    alpha, beta = yhat - s2 * M2, yhat + s2 * M1
+    p = 1 / (1 + np.exp(-yp))
+    assert np.max(np.abs(yp - ((1 - p) * beta + p * alpha)) / (1 + beta - alpha + np.abs(yp))) < 1e-14
+    assert np.all((yp >= alpha) & (yp <= beta))
+    both0 = (M1 == 0) & (M2 == 0)
+    assert np.array_equal(yp[both0], yhat[both0])  # collapsed bracket: Ŷ itself
+    for a, b in ((y, lambda sl: kn.solve_Y_counts(yhat[sl], M[sl], s2)),
+                 (yp, lambda sl: kn.solve_Y_paired(yhat[sl], M1[sl], M2[sl], s2))):
+        parts = np.concatenate([b(slice(i, i + 777)) for i in range(0, n, 777)])
+        assert np.array_equal(a.view(np.uint64), parts.view(np.uint64))
+    # float32: computed in float32, the root to float32 precision
+    y32 = kn.solve_Y_counts(yhat.astype(np.float32), M.astype(np.float32), np.float32(s2))
+    assert y32.dtype == np.float32 and np.max(np.abs(y32 - y) / (1 + np.abs(y))) < 1e-5
+
+
 def test_probit_mean_matches_truncnorm():
     """E[Y* | X] for Y* ~ N(Ŷ, 1): X = 1 -> truncation at 0 from below; X = 0 -> from above (scipy)."""
     yhat = np.array([-3.0, -0.7, 0.0, 0.4, 2.5, 1.0])

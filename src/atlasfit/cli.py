@@ -298,7 +298,7 @@ def _cmd_fit(args) -> int:
     try:
         model = MultiGEDI(
             modalities=modalities, sample_key=args.sample_key, K=args.K, mode=args.mode, seed=args.seed,
-            dtype=args.dtype,
+            dtype=args.dtype, solve_Y_every=args.solve_y_every,
         )
         model._register_store(atlas)  # the model's own checks of the data, still before any cluster
     except (ValueError, KeyError) as err:
@@ -316,12 +316,25 @@ def _cmd_fit(args) -> int:
                    "the same --modality, --K, --mode, --dtype and --seed as the fit that wrote one)" if others else "")
             )
         itemsize = 4 if args.dtype == "float32" else 8
-        dense = sum(int(atlas.samples[m].sum()) * int(atlas.var(m).shape[0]) for m in modalities) * itemsize
-        # an upper bound: Y of every modality compressed (~0.87 of float64, ~0.82 of float32); binary and
-        # paired-count modalities write less (benchmarks/bench_checkpoint_size.py, docs/engine.md)
+        n_cells = {m: int(atlas.samples[m].sum()) for m in modalities}
+        n_feat = {m: int(atlas.var(m).shape[0]) for m in modalities}
+        dense = sum(n_cells[m] * n_feat[m] for m in modalities) * itemsize
+        every = args.checkpoint_every
+        if args.solve_y_every and every % args.solve_y_every == 0:
+            # the small state: B (K x cells), per modality s_i, s_i0 (cells) and Q_i, o_i (features x (K + 1)
+            # per sample); Y of every modality is rebuilt on resume (benchmarks/bench_checkpoint_size.py)
+            small = itemsize * (args.K * max(n_cells.values()) + sum(
+                2 * n_cells[m] + int(len(atlas.samples[m])) * n_feat[m] * (args.K + 1) for m in modalities))
+            what = (f"about {_mb(small)}: the small state only, the latent state Y being solved every "
+                    f"{args.solve_y_every} iterations and rebuilt on --resume (a save at another iteration, e.g. "
+                    f"--iterations not a multiple of {args.solve_y_every}, holds Y of count modalities: up to "
+                    f"{_mb(dense * 0.87)})")
+        else:
+            # an upper bound: Y of every modality compressed (~0.87 of float64, ~0.82 of float32); binary and
+            # paired-count modalities write less (benchmarks/bench_checkpoint_size.py, docs/engine.md)
+            what = f"at most about {_mb(dense * 0.87)}, mostly the latent state Y, cells x features, compressed"
         print(f"atlasfit fit: checkpoints in {ck_dir} every {args.checkpoint_every} iterations (only the last "
-              f"complete one is kept: at most about {_mb(dense * 0.87)}, mostly the latent state Y, cells x "
-              f"features, compressed; the store is {_mb(store_bytes)}); --checkpoint-every 0 turns them off",
+              f"complete one is kept: {what}; the store is {_mb(store_bytes)}); --checkpoint-every 0 turns them off",
               flush=True)
     else:
         print("atlasfit fit: no checkpoints (--checkpoint-every 0): a lost worker ends the fit", flush=True)
@@ -530,9 +543,10 @@ examples:
   atlasfit fit atlas.zarr --modality rna:M --modality atac:X --iterations 50 --dtype float32
 
 progress: one line per iteration with sigma2 per modality (a bar on a terminal).
-checkpoints: beside the store in STORE.checkpoints/ (only the last complete one is kept: at most the
-size of the latent state Y, cells x features, compressed); --checkpoint-every 0 turns them off,
---resume continues a killed fit from the last one."""
+checkpoints: beside the store in STORE.checkpoints/ (only the last complete one is kept; with the
+defaults (--checkpoint-every and --solve-y-every 10) it holds the small state only, about the store's
+size or less);
+--checkpoint-every 0 turns them off, --resume continues a killed fit from the last one."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -604,6 +618,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="checkpoint every this many iterations (and at the start and the end); 0: none")
     f.add_argument("--checkpoint-dir", default=None,
                    help="where checkpoints go (default: STORE.checkpoints/multigedi-<digest of the fit's settings>)")
+    f.add_argument("--solve-y-every", type=_count("--solve-y-every", 0), default=10,
+                   help="every this many iterations the latent Y is solved from the small state and the data, so a "
+                        "checkpoint at those iterations holds no Y (about the store's size); 0: multigedi 1.1.0's "
+                        "Y update at every iteration (parity 1e-12) and checkpoints that hold Y (3-9x the store)")
     f.add_argument("--resume", action="store_true",
                    help="continue a killed fit of the same settings from its last checkpoint")
     f.set_defaults(func=_cmd_fit)

@@ -227,7 +227,8 @@ class GEDI(_GediOutputs, _GediPersistence):
         elif self.layer is not None:
             cfg["layer"] = self.layer
         reg = _Registration({name: cfg}, sample_key=self.sample_key, K=self.K, mode=self.mode, seed=self.seed,
-                        dtype=self.dtype, max_shards=self.max_shards, device=self.device)
+                        dtype=self.dtype, max_shards=self.max_shards, device=self.device,
+                        solve_Y_every=None)  # GEDI's own iteration keeps the reference's Y update
         is_store = isinstance(data, (str, Path, Atlas))
         if not is_store and self.sample_key is None:
             raise ValueError("GEDI: give sample_key, the obs column with the sample labels, for in-memory "

@@ -1,21 +1,25 @@
 """MultiGEDI's checkpoint payload without the entries of Y that a restore recomputes exactly.
 
-Round D (§2.10) sets some entries of Y from the prediction Ŷ = (Z + Q_i) D B_g + (o + o_i)1ᵀ + 1 s_iᵀ
-and the data alone, whatever Y was before:
+Some entries of Y are a function of the small state and the data alone, whatever Y was before. Every
+(sample, modality) carries a tag ``y_from`` that says which (set where Y is written: the loader and
+round D, :func:`~._shard.y_update_sample`):
 
-* binary modalities (obs type ``X``): every entry, Y = E[Y* | X, Ŷ];
-* paired counts (``M_list``) where both counts are 0: the safeguard clamps the Halley step to
-  [α, β] = [Ŷ − σ²M2, Ŷ + σ²M1] = [Ŷ, Ŷ], so Y = Ŷ (78 % of the real 5k splicing entries).
+* ``("init",)``: Y is still its starting value (§1.2), a function of the raw data (the checkpoint at
+  iteration 0);
+* ``("solved", σ²)``: round D solved Y to the root of its stationarity condition from the prediction
+  Ŷ = (Z + Q_i) D B_g + (o + o_i)1ᵀ + 1 s_iᵀ, the data and σ² (:func:`~._kernels.solve_Y_counts`,
+  :func:`~._kernels.solve_Y_paired`): MultiGEDI does this every ``solve_Y_every`` iterations (default
+  10, as ``checkpoint_every``), so a checkpoint written then needs no Y of count modalities on disk;
+* ``None``: one Halley step from the previous Y (the reference's update). Then only binary modalities
+  (``X``: Y = E[Y* | X, Ŷ], every entry) and the entries of paired counts (``M_list``) where both counts
+  are 0 (the safeguard clamps the step to [Ŷ − σ²M2, Ŷ + σ²M1] = [Ŷ, Ŷ]) are functions of Ŷ.
 
 At the end of an iteration, Z, D, o (shared) and B_g, Q_i, o_i, s_i (local) are still those round D
 used, so a checkpoint written then can leave those entries out (the others are written as one
 vector, in row-major order) and a restore recomputes them with the same operations, in the same cell
-blocks. Exactness does not rest on that argument: the dump recomputes them and keeps out only the entries whose bits
-equal Y's (the others, e.g. every entry of the checkpoint at iteration 0, where Y is still the
-initial value, are listed in a bit mask and written as they are), and records the SHA-256 of Y,
-which the restore checks (a mismatch is a clear error, never a silently different resume).
-
-Counts (``M``) have no such entries: their Y is a Halley step from the previous Y, written in full.
+blocks. Exactness does not rest on that argument: the dump recomputes them and keeps out only the entries
+whose bits equal Y's (the others are listed in a bit mask and written as they are), and records the
+SHA-256 of Y, which the restore checks (a mismatch is a clear error, never a silently different resume).
 """
 
 from __future__ import annotations
@@ -27,36 +31,87 @@ import numpy as np
 
 from ..._xp import get_xp, to_numpy
 from . import _shard as sh
-from ._kernels import densify, update_Y_binary
-from ._shard import _p, cell_blocks
+from ._kernels import densify, solve_Y_counts, solve_Y_paired, update_Y_binary
+from ._shard import Y_BLOCK_BYTES, _p, cell_blocks, initial_Y_block
 
-_RES, _EXC, _SHA = "~Yval", "~Yexc", "~Ysha"
+_RES, _EXC, _SHA, _FROM = "~Yval", "~Yexc", "~Ysha", "~Yfrom"
+_SUFFIXES = (_RES, _EXC, _SHA, _FROM)
 
 
 def _compact(loc) -> bool:
-    """Whether a (sample, modality) has entries of Y set from Ŷ alone (binary or paired counts)."""
-    return "X" in loc["raw"] or "M1" in loc["raw"]
+    """Whether a (sample, modality) may have entries of Y that a restore recomputes (not obs type Y)."""
+    return bool(set(loc["raw"]) & {"X", "M", "M1"})
 
 
-def _derived_blocks(loc, B, Z, D, o):
-    """``(slice, mask, value)`` per cell block: the entries round D sets from Ŷ and the data alone and
-    their value, computed with the operations of :func:`~._shard.y_update_sample`."""
+def _tag_code(tag) -> np.ndarray:
+    """``y_from`` as a float64 pair (0: a Halley step, 1: the start, 2: solved; σ² of the solve)."""
+    if tag is None:
+        return np.array([0.0, 0.0])
+    if tag[0] == "init":
+        return np.array([1.0, 0.0])
+    return np.array([2.0, float(tag[1])])
+
+
+def _tag(code) -> tuple | None:
+    code = np.asarray(code, dtype=np.float64)
+    return {0: None, 1: ("init",), 2: ("solved", float(code[1]), None)}[int(code[0])]
+
+
+def _yhat_blocks(loc, B, Z, D, o, blocks):
+    """Ŷ block by block, with the operations of :func:`~._shard.y_update_sample`."""
     Y = loc["Y"]
     xp, dt = get_xp(Y), Y.dtype
     DB = _p(xp, D, dt)[:, None] * B
     W = _p(xp, Z, dt) + loc["Q"]
     off = (_p(xp, o, dt) + loc["oi"])[:, None]
     si = loc["si"]
+    for sl in blocks:
+        Yhat = W @ DB[:, sl]
+        Yhat += off
+        Yhat += si[None, sl]
+        yield sl, Yhat
+
+
+def _same_yhat(loc, B, Z, D, o, digest) -> bool:
+    """Whether Ŷ now has the bits round D solved Y from (its SHA-256, recorded by round D): then the
+    solve, a function of Ŷ, the data and σ², gives Y's bits again and need not be rerun here."""
+    if digest is None:
+        return False
+    Y = loc["Y"]
+    h = hashlib.sha256()
+    for _, Yhat in _yhat_blocks(loc, B, Z, D, o, cell_blocks(Y.shape[1], Y.shape[0], Y_BLOCK_BYTES, 8)):
+        h.update(memoryview(np.ascontiguousarray(to_numpy(Yhat))).cast("B"))
+    return h.digest() == digest
+
+
+def _derived_blocks(loc, B, Z, D, o, tag):
+    """``(slice, mask, value)`` per cell block: the entries of Y that follow from the small state and the
+    data (see the module's docstring) and their value, computed with the operations of
+    :func:`~._shard.y_update_sample` (and of the loader for ``("init",)``)."""
+    Y = loc["Y"]
+    xp, dt = get_xp(Y), Y.dtype
     raw = loc["raw"]
-    for sl in cell_blocks(Y.shape[1], Y.shape[0]):
-        Yhat = W @ DB[:, sl] + off
-        Yhat = Yhat + si[None, sl]
+    blocks = cell_blocks(Y.shape[1], Y.shape[0], Y_BLOCK_BYTES, 8)
+    if tag is not None and tag[0] == "init":
+        for sl in blocks:
+            yield sl, xp.ones((Y.shape[0], sl.stop - sl.start), dtype=bool), initial_Y_block(raw, sl, xp, dt)
+        return
+    if tag is None and "M" in raw:
+        return
+    s2 = np.dtype(dt).type(tag[1]) if tag is not None else None
+    for sl, Yhat in _yhat_blocks(loc, B, Z, D, o, blocks):
+        everywhere = xp.ones(Yhat.shape, dtype=bool)
         if "X" in raw:
-            yield sl, xp.ones(Yhat.shape, dtype=bool), update_Y_binary(Yhat, raw["X"][:, sl]).astype(dt, copy=False)
+            yield sl, everywhere, update_Y_binary(Yhat, raw["X"][:, sl]).astype(dt, copy=False)
+        elif "M" in raw:
+            yield sl, everywhere, solve_Y_counts(Yhat, densify(raw["M"][:, sl], xp, dt), s2).astype(dt, copy=False)
         else:
             M1 = densify(raw["M1"][:, sl], xp, dt)
             M2 = densify(raw["M2"][:, sl], xp, dt)
-            yield sl, (M1 == 0) & (M2 == 0), Yhat
+            if s2 is not None:
+                yield sl, everywhere, solve_Y_paired(Yhat, M1, M2, s2).astype(dt, copy=False)
+            else:
+                yield sl, (M1 == 0) & (M2 == 0), Yhat
 
 
 def _bits(a: np.ndarray) -> np.ndarray:
@@ -75,17 +130,20 @@ def _params(shared: Mapping, m: str):
 def compact_Y(loc, B, shared: Mapping, m: str) -> dict:
     """``{"~Yval": the entries of Y a restore cannot recompute (row-major vector), "~Yexc": packed bit mask
     of the entries that should be recomputable but differ (kept in ~Yval; empty when none), "~Ysha":
-    SHA-256 of Y}`` of one (sample, modality)."""
+    SHA-256 of Y, "~Yfrom": how Y was last set (:func:`_tag_code`)}`` of one (sample, modality)."""
     Y = to_numpy(loc["Y"])
+    tag = loc.get("y_from")
+    if tag is not None and tag[0] == "solved" and _same_yhat(loc, B, *_params(shared, m), tag[2]):
+        return {_RES: Y[:0, :0].ravel(), _EXC: np.zeros(0, dtype=np.uint8), _SHA: _sha(Y), _FROM: _tag_code(tag)}
     derived = np.zeros(Y.shape, dtype=bool)
     exc = np.zeros(Y.shape, dtype=bool)
-    for sl, mask, value in _derived_blocks(loc, B, *_params(shared, m)):
+    for sl, mask, value in _derived_blocks(loc, B, *_params(shared, m), tag):
         mask = to_numpy(mask)
         same = _bits(np.ascontiguousarray(Y[:, sl])) == _bits(np.ascontiguousarray(to_numpy(value)))
         derived[:, sl] = mask & same
         exc[:, sl] = mask & ~same
     packed = np.packbits(exc.ravel()) if exc.any() else np.zeros(0, dtype=np.uint8)
-    return {_RES: Y[~derived], _EXC: packed, _SHA: _sha(Y)}
+    return {_RES: Y[~derived], _EXC: packed, _SHA: _sha(Y), _FROM: _tag_code(tag)}
 
 
 class _SamplePayload(Mapping):
@@ -99,7 +157,7 @@ class _SamplePayload(Mapping):
         for k in base:
             m, _, name = k.rpartition("/")
             if name == "Y" and m and _compact(state["mods"][m][g]):
-                for suffix in (_RES, _EXC, _SHA):
+                for suffix in _SUFFIXES:
                     self.keys_.append(m + suffix)
                     self.lazy[m + suffix] = m
             else:
@@ -135,7 +193,7 @@ def restore_local(state, data: dict, shared) -> None:
     for g, d in data.items():
         out = {}
         for k, v in d.items():
-            for suffix in (_RES, _EXC, _SHA):
+            for suffix in _SUFFIXES:
                 if k.endswith(suffix):
                     m = k[: -len(suffix)]
                     if suffix == _RES:  # Y is filled in below; its current array stands in for now
@@ -154,7 +212,9 @@ def restore_local(state, data: dict, shared) -> None:
         exc = (np.unpackbits(exc_bits, count=Y.size).reshape(Y.shape).astype(bool) if exc_bits.size
                else None)
         derived = xp.zeros(Y.shape, dtype=bool)
-        for sl, mask, value in _derived_blocks(loc, state["B"][g], *_params(shared, m)):
+        tag = _tag(data[g][m + _FROM]) if (m + _FROM) in data[g] else None  # older checkpoints: a Halley step
+        loc["y_from"] = tag
+        for sl, mask, value in _derived_blocks(loc, state["B"][g], *_params(shared, m), tag):
             if exc is not None:
                 mask = mask & ~xp.asarray(exc[:, sl])
             Y[:, sl] = xp.where(mask, value, Y[:, sl])

@@ -42,7 +42,8 @@ def dof(plan: SamplePlan, config: FitConfig, m: str) -> int:
     return J * (N + I) + I * J * K + K * J
 
 
-def iterate(engine, shared: dict, it: int | None = None, *, plan: SamplePlan, config: FitConfig) -> dict:
+def iterate(engine, shared: dict, it: int | None = None, *, plan: SamplePlan, config: FitConfig,
+            solve_Y_every: int | None = None) -> dict:
     """One MultiGEDI BCD iteration (§3.2): shared B, normalisation, then every spoke's step.
 
     Round A: B_g (§3.3), Bsphere columns / Bl2 rows (§3.4), D_m (§2.2).
@@ -62,6 +63,13 @@ def iterate(engine, shared: dict, it: int | None = None, *, plan: SamplePlan, co
         Shared state from :func:`initialize` or the previous iteration (not modified).
     it
         Iteration index (informational).
+    solve_Y_every
+        When given, the iterations whose number (``shared["iteration"] + 1``) is a multiple of it solve
+        count and paired-count Y to the root of its stationarity condition from Ŷ and the data
+        (:func:`~._kernels.solve_Y_counts`, :func:`~._kernels.solve_Y_paired`) instead of one Halley
+        step from the previous Y, so that a checkpoint written after them needs no Y (``_ckpt.py``;
+        ``MultiGEDI(solve_Y_every=)``).
+        ``None``: the reference's update at every iteration.
 
     Returns
     -------
@@ -122,6 +130,9 @@ def iterate(engine, shared: dict, it: int | None = None, *, plan: SamplePlan, co
 
     # ---- round D: Y, sigma2, hyperpriors
     pd = _params(shared, config, ("Z", "D", "o", "sigma2"))
+    solve = bool(solve_Y_every) and (int(shared["iteration"]) + 1) % int(solve_Y_every) == 0
+    for m in names:
+        pd[m]["solve_Y"] = solve
     res = gather_by_sample(engine.map(sh.round_D, pd))
     obj = 0.0
     for mc in config.modalities:

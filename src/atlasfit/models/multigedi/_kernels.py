@@ -433,3 +433,100 @@ def update_hyperpriors(o, sigma2, t_sum, N):
     S_o = (float(d @ d) + 2.0) / (sigma2 * (J + 2))
     S_si = (t_sum / sigma2 + 2.0) / (N + 2)
     return np.full(J, obar), float(S_o), float(S_si)
+
+
+# ---------------------------------------------------------------------------------------------
+# Y solved to its conditional optimum (the checkpoint iterations of a compact-checkpoint fit)
+# ---------------------------------------------------------------------------------------------
+
+SOLVE_MAX_STEPS = 80  # safeguarded Halley/bisection steps; 1e-300-wide brackets need ~70 bisections at worst
+
+
+def _bracketed_root(lo, hi, start, params, fgh, xp):
+    """Root of an increasing function in [lo, hi] by Halley steps kept inside a shrinking bracket.
+
+    ``fgh(y, *params) -> (f, f', f'')`` of a positive multiple of the function (so f has its sign),
+    entry by entry (``params``: arrays of the shape of ``lo``). A step that leaves the open bracket
+    is replaced by bisection. An entry whose Halley step leaves it unchanged is a fixed point of the
+    iteration (its next step is the same), as is one whose bracket has collapsed to adjacent floats;
+    such entries leave the working set, and the loop ends when none is left: the result is that of
+    :data:`SOLVE_MAX_STEPS` steps, entry by entry, whatever the other entries of the block.
+    """
+    shape = lo.shape
+    lo, hi = lo.ravel(), hi.ravel()
+    out = xp.minimum(xp.maximum(start.ravel(), lo), hi)
+    idx = xp.nonzero(lo < hi)[0]  # a collapsed bracket (e.g. paired counts both 0: α = β = Ŷ) is the root
+    y, lo, hi = out[idx], lo[idx], hi[idx]
+    params = [p.ravel()[idx] for p in params]
+    for _ in range(SOLVE_MAX_STEPS):
+        if idx.size == 0:
+            break
+        f, fp, fpp = fgh(y, *params)
+        lo = xp.where(f < 0, y, lo)
+        hi = xp.where(f > 0, y, hi)
+        cand = y - _halley(f, fp, fpp)
+        inside = (cand > lo) & (cand < hi)
+        mid = 0.5 * lo + 0.5 * hi  # no overflow
+        y_new = xp.where((cand == y) | (f == 0), y, xp.where(inside, cand, mid))
+        out[idx] = y_new
+        moving = xp.nonzero(y_new != y)[0]
+        idx = idx[moving]
+        y, lo, hi = y_new[moving], lo[moving], hi[moving]
+        params = [p[moving] for p in params]
+    return out.reshape(shape)
+
+
+def solve_Y_counts(Yhat, M, sigma2):
+    """Y = the root of g(y) = y − Ŷ − σ²M + σ²eʸ (§2.10, obs type M) to working precision, from Ŷ and
+    the data alone: the exact minimiser of the Y block for the current Ŷ and σ², where the
+    reference takes one Halley step from the previous Y. Same scaled (f, f′, f″) as
+    :func:`update_Y_counts`; bracket [min(ℓ, Ŷ), max(ℓ, Ŷ)], ℓ = log(M + 1e-10).
+
+    Examples
+    --------
+    >>> y = solve_Y_counts(np.array([1.0, -3.0]), np.array([3.0, 0.0]), 0.5)
+    >>> g = y - np.array([1.0, -3.0]) - 0.5 * np.array([3.0, 0.0]) + 0.5 * np.exp(y)
+    >>> bool(np.all(np.abs(g) < 1e-12))
+    True
+    """
+    xp = get_xp(Yhat)
+    ell = xp.log(M + LOG_EPS)
+    c = Yhat + sigma2 * M
+
+    def fgh(y, c):
+        pos = y > 0
+        e = xp.exp(-xp.abs(y))
+        c1 = xp.where(pos, 1.0, e)
+        c2 = xp.where(pos, e, 1.0)
+        s1 = sigma2 * c1
+        return s1 + c2 * (y - c), s1 + c2, s1
+
+    return _bracketed_root(xp.minimum(ell, Yhat), xp.maximum(ell, Yhat), Yhat, [c], fgh, xp)
+
+
+def solve_Y_paired(Yhat, M1, M2, sigma2):
+    """Y = the root of F(y) = (y − α) + e^{−y}(y − β) in [α, β] (§2.10, obs type M_list; α = Ŷ − σ²M2,
+    β = Ŷ + σ²M1) to working precision, from Ŷ and the data alone. F = (1 + e^{−y})·h with
+    h(y) = y − (1 − p)β − pα increasing (h′ = 1 + p′(β − α) > 0), so F has the sign of an increasing
+    function. Same scaled (f, f′, f″) as :func:`update_Y_paired`.
+
+    Examples
+    --------
+    >>> y = solve_Y_paired(np.array([0.0]), np.array([5.0]), np.array([1.0]), 1.0)
+    >>> a, b = 0.0 - 1.0, 0.0 + 5.0
+    >>> bool(abs((y[0] - a) + np.exp(-y[0]) * (y[0] - b)) < 1e-12)
+    True
+    """
+    xp = get_xp(Yhat)
+    alpha = Yhat - sigma2 * M2
+    beta = Yhat + sigma2 * M1
+
+    def fgh(y, alpha, beta):
+        pos = y > 0
+        e = xp.exp(-xp.abs(y))
+        c1 = xp.where(pos, 1.0, e)
+        c2 = xp.where(pos, e, 1.0)
+        b = y - beta
+        return c1 * (y - alpha) + c2 * b, c1 + c2 * (1.0 - b), c2 * (b - 2.0)
+
+    return _bracketed_root(alpha, beta, Yhat, [alpha, beta], fgh, xp)

@@ -161,6 +161,18 @@ class MultiGEDI(DownstreamMixin):
         number of workers, so fits give the same bits on any cluster size.
     device
         ``"cpu"``, ``"gpu"`` (CuPy arrays on dask-cuda workers) or ``"auto"``.
+    solve_Y_every
+        Every this many iterations (10, 20, ...), round D solves the latent Y of count (``M``) and
+        paired-count (``M_list``) modalities to the root of its stationarity condition given Ŷ and the
+        data (the exact Y-block minimiser) instead of the reference's one Halley step from the
+        previous Y. A checkpoint written at such an iteration (the default ``checkpoint_every`` is
+        10) then holds the small state only (about the store's size, instead of 3-9x for a dense Y)
+        and still resumes to the same bits. It moves the fit off multigedi 1.1.0's trajectory by
+        ~1e-7 relative at iteration 10 (``tests/test_multigedi_model.py``) and ~3e-5 in Z after 30
+        iterations on the real 5k data (``benchmarks/results/checkpoint_size.csv``). ``None`` (or 0):
+        the reference's update at every iteration (parity 1e-12), and checkpoints that hold Y.
+        Part of the fit's settings: the same bits in process, on any number of workers and with
+        any checkpoint schedule.
 
     Attributes
     ----------
@@ -199,6 +211,7 @@ class MultiGEDI(DownstreamMixin):
         *,
         max_shards: int = 64,
         device: str = "cpu",
+        solve_Y_every: int | None = 10,
     ):
         if not modalities:
             raise ValueError(
@@ -230,6 +243,9 @@ class MultiGEDI(DownstreamMixin):
         self.sample_key = sample_key
         self.max_shards = int(max_shards)
         self.device = device
+        if solve_Y_every is not None and (isinstance(solve_Y_every, bool) or int(solve_Y_every) < 0):
+            raise ValueError(f"MultiGEDI: solve_Y_every must be a positive integer, 0 or None, got {solve_Y_every!r}")
+        self.solve_Y_every = int(solve_Y_every) if solve_Y_every else None
         self._engine = None
         self._owned_client = None
         self.plan_ = None
@@ -391,10 +407,9 @@ class MultiGEDI(DownstreamMixin):
             (``None``: run all iterations, as the reference).
         checkpoint_every
             Write a checkpoint every this many iterations (shared state on the driver, every
-            sample's local state, Y included, by its owning worker). Default: only for store fits
-            with a Dask client, every 10 iterations (and at the start and the end). ``0``: none
-            (no fault tolerance; saves the checkpoint I/O, about 2.5 GB per 100k cells x 3,000
-            features in float64).
+            sample's local state by its owning worker). Default: only for store fits with a Dask
+            client, every 10 iterations (and at the start and the end). ``0``: none (no fault
+            tolerance, no checkpoint I/O).
         checkpoint_dir
             Where checkpoints go (default: ``<store>.checkpoints/multigedi-<digest of the fit's
             fingerprint>`` beside the store, one directory per fit;
@@ -451,7 +466,8 @@ class MultiGEDI(DownstreamMixin):
             callback = partial(_converged, names=config.names, tol=float(tol), user=callback)
         shared = run_fit(
             engine, init=partial(initialize, plan=plan, config=config, init_state=init_state),
-            step=partial(iterate, plan=plan, config=config), stop=int(max_iterations), policy=policy,
+            step=partial(iterate, plan=plan, config=config, solve_Y_every=self.solve_Y_every), stop=int(max_iterations),
+            policy=policy,
             dump_local=_dump_local, restore_local=_restore_local,
             progress=progress, callback=callback, desc="MultiGEDI",
             finish=partial(with_joint_svd, plan=plan, config=config),
@@ -469,9 +485,11 @@ class MultiGEDI(DownstreamMixin):
         from .._fingerprint import plain_config, plan_identity
 
         c = self.config
-        return {"model": type(self).__name__,
-                "config": {"K": int(c.K), "mode": c.mode, "dtype": np.dtype(c.dtype).name, "max_shards": self.max_shards,
-                           "modalities": [plain_config(m) for m in c.modalities]},
+        config = {"K": int(c.K), "mode": c.mode, "dtype": np.dtype(c.dtype).name, "max_shards": self.max_shards,
+                  "modalities": [plain_config(m) for m in c.modalities]}
+        if self.solve_Y_every:
+            config["solve_Y_every"] = self.solve_Y_every
+        return {"model": type(self).__name__, "config": config,
                 "data": plan_identity(self.plan_, store), "seed": int(c.seed)}
 
     def _make_engine(self, shards, client, is_store):

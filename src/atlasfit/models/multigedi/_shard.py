@@ -15,7 +15,9 @@ them in global sample order: the same bits whatever the grouping of samples into
 
 from __future__ import annotations
 
+import hashlib
 import os
+from functools import partial
 
 import numpy as np
 import scipy.sparse
@@ -40,6 +42,8 @@ from ._kernels import (
     update_Y_counts_sparse,
     update_Y_paired,
     update_Y_paired_sparse,
+    solve_Y_counts,
+    solve_Y_paired,
     variance_counts,
     variance_paired,
     z_statistics,
@@ -170,15 +174,14 @@ def load_shard(spec, reader, plan: SamplePlan, config: FitConfig, array_module=N
                 blk = _read(reader, m, g, mc.layer, n, J)
                 _check_counts(blk, m, g, "counts")
                 raw = {"M": _transpose_raw(blk, dt)}
-                Y = _blockwise_Y(J, n, xp, dt, lambda sl: xp.log1p(densify(raw["M"][:, sl], xp, dt)))
+                Y = _blockwise_Y(J, n, xp, dt, partial(initial_Y_block, raw, xp=xp, dt=dt))
             elif mc.obs_type == "M_list":
                 b1 = _read(reader, m, g, mc.layers[0], n, J)
                 b2 = _read(reader, m, g, mc.layers[1], n, J)
                 _check_counts(b1, m, g, f"counts in layer {mc.layers[0]!r}")
                 _check_counts(b2, m, g, f"counts in layer {mc.layers[1]!r}")
                 raw = {"M1": _transpose_raw(b1, dt), "M2": _transpose_raw(b2, dt)}
-                Y = _blockwise_Y(J, n, xp, dt, lambda sl: xp.log(
-                    (densify(raw["M1"][:, sl], xp, dt) + 1.0) / (densify(raw["M2"][:, sl], xp, dt) + 1.0)))
+                Y = _blockwise_Y(J, n, xp, dt, partial(initial_Y_block, raw, xp=xp, dt=dt))
             elif mc.obs_type == "Y":  # single-modality GEDI: Y is the given matrix, never updated (§1.2)
                 blk = _read(reader, m, g, mc.layer, n, J)
                 if hasattr(blk, "toarray") and not isinstance(blk, np.ndarray):
@@ -192,8 +195,8 @@ def load_shard(spec, reader, plan: SamplePlan, config: FitConfig, array_module=N
                     blk = blk.toarray()
                 X = xp.ascontiguousarray(densify(blk, xp, dt).T)
                 _check_binary(X, m, g)
-                Y = xp.where(xp.isnan(X), 0.0, xp.where(X == 0, -1.0, 1.0)).astype(dt)
                 raw = {"X": X}
+                Y = initial_Y_block(raw, slice(None), xp, dt)
             if xp is not np and mc.obs_type in ("M", "M_list"):  # pragma: no cover - GPU only
                 import cupyx.scipy.sparse as csp  # noqa: PLC0415
 
@@ -209,6 +212,7 @@ def load_shard(spec, reader, plan: SamplePlan, config: FitConfig, array_module=N
                 "si0": xp.zeros(n, dtype=dt),
                 "lamQ": n / plan.N(m),
                 "lamO": float(n),
+                "y_from": ("init",),  # Y is its starting value, a function of the data (_ckpt.py)
             }
     return state
 
@@ -216,6 +220,17 @@ def load_shard(spec, reader, plan: SamplePlan, config: FitConfig, array_module=N
 # ---------------------------------------------------------------------------------------------
 # helpers
 # ---------------------------------------------------------------------------------------------
+
+
+def initial_Y_block(raw, sl, xp, dt):
+    """The starting Y (§1.2) of the cells ``sl`` from the raw data of a (sample, modality):
+    M: log(1 + M); M_list: log((M1 + 1)/(M2 + 1)); X: +1 / −1 / 0 for 1 / 0 / NaN."""
+    if "M" in raw:
+        return xp.log1p(densify(raw["M"][:, sl], xp, dt))
+    if "M1" in raw:
+        return xp.log((densify(raw["M1"][:, sl], xp, dt) + 1.0) / (densify(raw["M2"][:, sl], xp, dt) + 1.0))
+    X = raw["X"][:, sl]
+    return xp.where(xp.isnan(X), 0.0, xp.where(X == 0, -1.0, 1.0)).astype(dt)
 
 
 def _blockwise_Y(J, n, xp, dt, block_fn):
@@ -591,7 +606,9 @@ def y_update_sample(loc, B, p) -> tuple[float, float]:
     (‖E‖², V): the squared residual Σ(Y_new − Ŷ)² and the variance term of §2.11.
 
     ``loc`` holds ``Y``, ``raw``, ``Q``, ``oi``, ``si``; ``B`` is B_g; ``p`` the modality's
-    ``Z``, ``D``, ``o``, ``sigma2`` and ``obs_type``. Ŷ = (Z + Q_i) D B_g + (o + o_i)1ᵀ + 1 s_iᵀ.
+    ``Z``, ``D``, ``o``, ``sigma2`` and ``obs_type``, and ``solve_Y``: when true, count and paired-count
+    Y is solved to its root from Ŷ and the data (:func:`solve_Y_counts`, :func:`solve_Y_paired`)
+    instead of one Halley step from the previous Y. Ŷ = (Z + Q_i) D B_g + (o + o_i)1ᵀ + 1 s_iᵀ.
     """
     Y = loc["Y"]
     xp, dt = get_xp(Y), Y.dtype
@@ -607,12 +624,26 @@ def y_update_sample(loc, B, p) -> tuple[float, float]:
     # CPU with SciPy sparse counts: the kernels read the stored entries only (same bits, no dense M)
     sparse = sparse_y_ok(Y, s2) and ot in ("M", "M_list") and all(
         scipy.sparse.issparse(v) and v.format == "csc" and v.has_canonical_format for v in raw.values())
+    solve = bool(p.get("solve_Y")) and ot in ("M", "M_list")
+    s2_dt = np.dtype(dt).type(s2)  # σ² in the fit's dtype: a restore recomputes the solve with the same bits
+    yhat_digest = hashlib.sha256() if solve else None  # lets a checkpoint check Ŷ instead of solving again
     for sl in cell_blocks(Y.shape[1], Y.shape[0], Y_BLOCK_BYTES, 8):
         Yhat = W @ DB[:, sl]
         Yhat += off  # in place: the same sums as (W DB + off) + s_i, without two temporaries
         Yhat += si[None, sl]
         Yb = Y[:, sl]
-        if ot == "M" and sparse:
+        if solve:
+            yhat_digest.update(memoryview(np.ascontiguousarray(to_numpy(Yhat))).cast("B"))
+        if solve and ot == "M":  # Y from Ŷ and the data alone (a checkpoint needs none of it)
+            Mb = densify(raw["M"][:, sl], xp, dt)
+            Yn = solve_Y_counts(Yhat, Mb, s2_dt)
+            V += float(_f64(variance_counts(Yn, s2)))
+        elif solve:
+            M1 = densify(raw["M1"][:, sl], xp, dt)
+            M2 = densify(raw["M2"][:, sl], xp, dt)
+            Yn = solve_Y_paired(Yhat, M1, M2, s2_dt)
+            V += float(_f64(variance_paired(Yn, M1, M2, s2)))
+        elif ot == "M" and sparse:
             Yn = update_Y_counts_sparse(Yb, Yhat, csc_block_entries(raw["M"], sl, dt), s2)
             V += float(_f64(variance_counts(Yn, s2)))
         elif ot == "M":
@@ -639,6 +670,8 @@ def y_update_sample(loc, B, p) -> tuple[float, float]:
         E = Yn - Yhat
         esq += float(_f64(xp.sum(E * E)))
         Y[:, sl] = Yn
+    # how a checkpoint can rebuild this Y (models/multigedi/_ckpt.py): from Ŷ, the data and σ² when solved
+    loc["y_from"] = ("solved", float(s2), yhat_digest.digest()) if solve else None
     return esq, V
 
 
