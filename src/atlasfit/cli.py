@@ -544,9 +544,8 @@ examples:
 
 progress: one line per iteration with sigma2 per modality (a bar on a terminal).
 checkpoints: beside the store in STORE.checkpoints/ (only the last complete one is kept; with the
-defaults (--checkpoint-every and --solve-y-every 10) it holds the small state only, about the store's
-size or less);
---checkpoint-every 0 turns them off, --resume continues a killed fit from the last one."""
+defaults, --checkpoint-every and --solve-y-every 10, it holds the small state only: about the store's
+size or less); --checkpoint-every 0 turns them off, --resume continues a killed fit from the last one."""
 
 
 def build_parser() -> argparse.ArgumentParser:
