@@ -141,3 +141,34 @@ def test_solved_checkpoint_resumes_to_the_same_bits(fitted, tmp_path):
     for mod in ("rna", "splicing"):  # the solve at iteration 2 changed the trajectory (after 30 iterations
         # on the real 5k data the two differ by ~3e-5 in Z: benchmarks/results/checkpoint_size.csv)
         assert not np.array_equal(np.asarray(straight[f"{mod}/Z"]), np.asarray(ref[f"{mod}/Z"]))
+
+
+def test_gedi_solved_checkpoint_is_small_and_resumes_to_the_same_bits(fitted, tmp_path):
+    """GEDI (one count modality) shares MultiGEDI's Y solve and compact checkpoint: with Y solved
+    every 2 iterations the checkpoint at 2 holds no entry of Y and is smaller than the store; stopped
+    there and resumed to 4 it gives the bits of a straight 4-iteration fit and of an unchecked one;
+    ``solve_Y_every=None`` saves rna's Y in full."""
+    store, store_bytes, _ = fitted
+
+    def fit(ck, iters, resume=False, solve=2, every=2):
+        g = atlasfit.GEDI(K=3, modality="rna", seed=0, solve_Y_every=solve)
+        g.fit(store, max_iterations=iters, client=False, checkpoint_dir=ck, checkpoint_every=every, progress=False,
+              resume_from_checkpoint=resume)
+        out = {k: np.asarray(v) for k, v in g.shared_.items() if isinstance(v, np.ndarray)}
+        info = g.checkpoint_info_
+        g.close()
+        return out, info
+
+    straight, _ = fit(tmp_path / "a", 4)
+    _, info = fit(tmp_path / "b", 2)
+    local = _local_manifest(info)
+    assert _kept(local, "rna~Yval") == 0 and _kept(local, "~Yexc") == 0
+    assert _du(tmp_path / "b") <= store_bytes
+    resumed, _ = fit(tmp_path / "b", 4, resume=True)
+    unchecked, _ = fit(None, 4, every=0)
+    for st in (resumed, unchecked):
+        assert straight.keys() == st.keys()
+        for k in straight:
+            assert np.array_equal(straight[k], st[k], equal_nan=True), k
+    _, info = fit(tmp_path / "c", 2, solve=None)
+    assert _kept(_local_manifest(info), "rna~Yval") > 0

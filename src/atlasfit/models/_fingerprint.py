@@ -130,6 +130,8 @@ def gedi_fingerprint(gedi, reg, C: tuple, H: tuple, is_store: bool) -> dict:
     pathway prior ``C = (matrix, names)`` and covariates ``H = (matrix, names)`` (``None`` when not given)."""
     fp = reg.fingerprint(reg._atlas if is_store else None)
     fp["model"] = type(gedi).__name__
+    if getattr(gedi, "solve_Y_every", None):
+        fp["config"]["solve_Y_every"] = int(gedi.solve_Y_every)
     fp["config"].update(
         S_Qi=float(gedi.S_Qi), S_oi=float(gedi.S_oi),
         C=None if C[0] is None else digest([np.asarray(C[0], dtype=np.float64), [str(x) for x in C[1]]]),

@@ -135,14 +135,17 @@ def initialize_gedi(engine, plan, config, ctx: GediContext) -> dict:
     return shared
 
 
-def iterate_gedi(engine, shared: dict, it: int | None = None, *, plan, config, ctx: GediContext) -> dict:
+def iterate_gedi(engine, shared: dict, it: int | None = None, *, plan, config, ctx: GediContext,
+                 solve_Y_every: int | None = None) -> dict:
     """One single-modal GEDI iteration (§2, order B → normalise → Z → Q_i → o_i → s_i → o → Y → σ²
     → hyperpriors → A → R_k, R_o). Tracking appends σ², dZ = ‖Z − Z_prev‖/sqrt(JK),
     dA = ‖A − A_prev‖/sqrt(PK) and dR = ‖R − R_prev‖/sqrt(JKL) (NaN when absent).
 
     ``functools.partial(iterate_gedi, plan=plan, config=config, ctx=ctx)`` is a
     ``step(engine, shared, it)`` for :func:`atlasfit.engine.run_iterations`; see
-    :func:`initialize_gedi` for an example.
+    :func:`initialize_gedi` for an example. ``solve_Y_every``: as MultiGEDI's
+    (:func:`atlasfit.models.multigedi.iterate`): the iterations whose number is a multiple of it
+    solve count and paired-count Y from Ŷ and the data, so a checkpoint then needs no Y.
     """
     shared = {k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in shared.items()}
     m = ctx.modality
@@ -183,7 +186,8 @@ def iterate_gedi(engine, shared: dict, it: int | None = None, *, plan, config, c
 
     # ---- round D: Y, sigma2, hyperpriors
     pdd = {"Z": Z, "D": shared["D"], "o": shared["o"], "sigma2": shared["sigma2"],
-           "obs_type": ctx.obs_type}
+           "obs_type": ctx.obs_type,
+           "solve_Y": bool(solve_Y_every) and (int(shared["iteration"]) + 1) % int(solve_Y_every) == 0}
     resD, _ = _per_sample(engine.map(sh.round_D_gedi, pdd), plan, m)
     e_sum = float(ordered_sum([np.float64(resD[g][0]) for g in order]))
     t_sum = float(ordered_sum([np.float64(resD[g][1]) for g in order]))

@@ -26,7 +26,7 @@ from ...engine import (
     resolve_device,
     run_fit,
 )
-from .._factor import SINGLE_OBS_TYPES, MultiGEDI, dump_local, msh, restore_local
+from .._factor import SINGLE_OBS_TYPES, MultiGEDI, msh
 from .._fingerprint import gedi_fingerprint
 from . import _shard as sh
 from ._fit import GediContext, initialize_gedi, iterate_gedi
@@ -37,6 +37,29 @@ from ._persist import _GediPersistence
 
 logger = logging.getLogger("atlasfit.gedi")
 
+
+
+def _as_multigedi_shared(state, shared) -> dict:
+    """GEDI's shared Z, D, o under MultiGEDI's per-modality names (what models/multigedi/_ckpt.py reads)."""
+    (m,) = state["mods"]
+    return {f"{m}/Z": shared["Z"], f"{m}/D": shared["D"], f"{m}/o": shared["o"]}
+
+
+def _gedi_dump_local(state, shared) -> dict:
+    # MultiGEDI's compact payload: Y left out where it follows from the small state and the data
+    from ..multigedi._ckpt import dump_local as compact_dump
+
+    return compact_dump(state, _as_multigedi_shared(state, shared))
+
+
+def _gedi_restore_local(state, data: dict, shared) -> None:
+    from ..multigedi._ckpt import restore_local as compact_restore
+
+    compact_restore(state, data, _as_multigedi_shared(state, shared))
+
+
+_gedi_dump_local.needs_shared = True
+_gedi_restore_local.needs_shared = True
 
 
 class _Registration(MultiGEDI):
@@ -100,6 +123,11 @@ class GEDI(_GediOutputs, _GediPersistence):
         single-modal defaults are 1 (spec §1.4).
     is_si_fixed
         Keep the per-cell offsets s_i at 0.
+    solve_Y_every
+        As :class:`~atlasfit.MultiGEDI`: every this many iterations (default 10) the latent Y of
+        ``"M"`` / ``"M_list"`` data is solved to its root from Ŷ and the data instead of one Halley step,
+        so a checkpoint written then holds no Y and still resumes to the same bits; ``None``: the
+        reference's update at every iteration.
     max_shards
         At most this many shards (groups of whole samples); fixed by the data, not by the workers.
     device
@@ -147,6 +175,7 @@ class GEDI(_GediOutputs, _GediPersistence):
         is_si_fixed: bool = False,
         max_shards: int = 64,
         device: str = "cpu",
+        solve_Y_every: int | None = 10,
     ):
         if mode not in ("Bsphere", "Bl2"):
             raise ValueError(f"GEDI: mode must be 'Bsphere' or 'Bl2', got {mode!r}")
@@ -176,6 +205,9 @@ class GEDI(_GediOutputs, _GediPersistence):
         self.is_si_fixed = bool(is_si_fixed)
         self.max_shards = int(max_shards)
         self.device = device
+        if solve_Y_every is not None and (isinstance(solve_Y_every, bool) or int(solve_Y_every) < 0):
+            raise ValueError(f"GEDI: solve_Y_every must be a positive integer, 0 or None, got {solve_Y_every!r}")
+        self.solve_Y_every = int(solve_Y_every) if solve_Y_every else None
         self.shared_ = None
         self._engine = None
         self._local = None
@@ -278,9 +310,10 @@ class GEDI(_GediOutputs, _GediPersistence):
         self._engine = engine
         self._local = None
         shared = run_fit(engine, init=partial(initialize_gedi, plan=plan, config=config, ctx=ctx),
-                         step=partial(iterate_gedi, plan=plan, config=config, ctx=ctx),
+                         step=partial(iterate_gedi, plan=plan, config=config, ctx=ctx,
+                                      solve_Y_every=self.solve_Y_every),
                          stop=int(max_iterations), policy=policy, progress=progress, callback=callback,
-                         dump_local=dump_local, restore_local=restore_local, desc="GEDI")
+                         dump_local=_gedi_dump_local, restore_local=_gedi_restore_local, desc="GEDI")
         self.checkpoint_info_ = ck.last_info if ck is not None else None
         self.shared_ = shared
         self.n_iter_ = int(shared["iteration"])
