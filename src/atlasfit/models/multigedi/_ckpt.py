@@ -32,7 +32,7 @@ import numpy as np
 from ..._xp import get_xp, to_numpy
 from . import _shard as sh
 from ._kernels import densify, solve_Y_counts, solve_Y_paired, update_Y_binary
-from ._shard import Y_BLOCK_BYTES, _p, cell_blocks, initial_Y_block
+from ._shard import Y_BLOCK_BYTES, cell_blocks, initial_Y_block
 
 _RES, _EXC, _SHA, _FROM = "~Yval", "~Yexc", "~Ysha", "~Yfrom"
 _SUFFIXES = (_RES, _EXC, _SHA, _FROM)
@@ -57,30 +57,14 @@ def _tag(code) -> tuple | None:
     return {0: None, 1: ("init",), 2: ("solved", float(code[1]), None)}[int(code[0])]
 
 
-def _yhat_blocks(loc, B, Z, D, o, blocks):
-    """Ŷ block by block, with the operations of :func:`~._shard.y_update_sample`."""
-    Y = loc["Y"]
-    xp, dt = get_xp(Y), Y.dtype
-    DB = _p(xp, D, dt)[:, None] * B
-    W = _p(xp, Z, dt) + loc["Q"]
-    off = (_p(xp, o, dt) + loc["oi"])[:, None]
-    si = loc["si"]
-    for sl in blocks:
-        Yhat = W @ DB[:, sl]
-        Yhat += off
-        Yhat += si[None, sl]
-        yield sl, Yhat
-
-
 def _same_yhat(loc, B, Z, D, o, digest) -> bool:
     """Whether Ŷ now has the bits round D solved Y from (its SHA-256, recorded by round D): then the
     solve, a function of Ŷ, the data and σ², gives Y's bits again and need not be rerun here."""
     if digest is None:
         return False
-    Y = loc["Y"]
     h = hashlib.sha256()
-    for _, Yhat in _yhat_blocks(loc, B, Z, D, o, cell_blocks(Y.shape[1], Y.shape[0], Y_BLOCK_BYTES, 8)):
-        h.update(memoryview(np.ascontiguousarray(to_numpy(Yhat))).cast("B"))
+    for _, Yhat in sh.yhat_blocks(loc, B, Z, D, o):
+        sh.digest_update(h, Yhat)
     return h.digest() == digest
 
 
@@ -91,15 +75,14 @@ def _derived_blocks(loc, B, Z, D, o, tag):
     Y = loc["Y"]
     xp, dt = get_xp(Y), Y.dtype
     raw = loc["raw"]
-    blocks = cell_blocks(Y.shape[1], Y.shape[0], Y_BLOCK_BYTES, 8)
     if tag is not None and tag[0] == "init":
-        for sl in blocks:
+        for sl in cell_blocks(Y.shape[1], Y.shape[0], Y_BLOCK_BYTES, 8):
             yield sl, xp.ones((Y.shape[0], sl.stop - sl.start), dtype=bool), initial_Y_block(raw, sl, xp, dt)
         return
     if tag is None and "M" in raw:
         return
     s2 = np.dtype(dt).type(tag[1]) if tag is not None else None
-    for sl, Yhat in _yhat_blocks(loc, B, Z, D, o, blocks):
+    for sl, Yhat in sh.yhat_blocks(loc, B, Z, D, o):
         everywhere = xp.ones(Yhat.shape, dtype=bool)
         if "X" in raw:
             yield sl, everywhere, update_Y_binary(Yhat, raw["X"][:, sl]).astype(dt, copy=False)
@@ -119,8 +102,9 @@ def _bits(a: np.ndarray) -> np.ndarray:
 
 
 def _sha(Y) -> np.ndarray:
-    data = memoryview(np.ascontiguousarray(to_numpy(Y))).cast("B")  # no copy of a contiguous NumPy Y
-    return np.frombuffer(hashlib.sha256(data).digest(), dtype=np.uint8)
+    h = hashlib.sha256()
+    sh.digest_update(h, Y)  # no copy of a contiguous NumPy Y
+    return np.frombuffer(h.digest(), dtype=np.uint8)
 
 
 def _params(shared: Mapping, m: str):

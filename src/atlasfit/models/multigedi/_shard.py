@@ -601,6 +601,27 @@ def cell_blocks(n: int, J: int, block_bytes: int | None = None, min_cells: int =
     return [slice(a, min(n, a + bs)) for a in range(0, n, bs)]
 
 
+def yhat_blocks(loc, B, Z, D, o):
+    """``(slice, Ŷ block)`` over round D's cell blocks: Ŷ = (Z + Q_i) D B_g + (o + o_i)1ᵀ + 1 s_iᵀ, the
+    one definition the Y update and a checkpoint restore share (same operations, same blocks, same bits)."""
+    Y = loc["Y"]
+    xp, dt = get_xp(Y), Y.dtype
+    DB = _p(xp, D, dt)[:, None] * B
+    W = _p(xp, Z, dt) + loc["Q"]
+    off = (_p(xp, o, dt) + loc["oi"])[:, None]
+    si = loc["si"]
+    for sl in cell_blocks(Y.shape[1], Y.shape[0], Y_BLOCK_BYTES, 8):
+        Yhat = W @ DB[:, sl]
+        Yhat += off  # in place: the same sums as (W DB + off) + s_i, without two temporaries
+        Yhat += si[None, sl]
+        yield sl, Yhat
+
+
+def digest_update(h, a) -> None:
+    """Feed an array's bytes (host copy for CuPy) to the hash ``h``."""
+    h.update(memoryview(np.ascontiguousarray(to_numpy(a))).cast("B"))
+
+
 def y_update_sample(loc, B, p) -> tuple[float, float]:
     """Y update (§2.10) of one (sample, modality) in place, over blocks of cells; returns
     (‖E‖², V): the squared residual Σ(Y_new − Ŷ)² and the variance term of §2.11.
@@ -613,10 +634,6 @@ def y_update_sample(loc, B, p) -> tuple[float, float]:
     Y = loc["Y"]
     xp, dt = get_xp(Y), Y.dtype
     s2 = p["sigma2"]
-    DB = _p(xp, p["D"], dt)[:, None] * B
-    W = _p(xp, p["Z"], dt) + loc["Q"]
-    off = (_p(xp, p["o"], dt) + loc["oi"])[:, None]
-    si = loc["si"]
     ot = p["obs_type"]
     raw = loc["raw"]
     esq = 0.0
@@ -627,13 +644,10 @@ def y_update_sample(loc, B, p) -> tuple[float, float]:
     solve = bool(p.get("solve_Y")) and ot in ("M", "M_list")
     s2_dt = np.dtype(dt).type(s2)  # σ² in the fit's dtype: a restore recomputes the solve with the same bits
     yhat_digest = hashlib.sha256() if solve else None  # lets a checkpoint check Ŷ instead of solving again
-    for sl in cell_blocks(Y.shape[1], Y.shape[0], Y_BLOCK_BYTES, 8):
-        Yhat = W @ DB[:, sl]
-        Yhat += off  # in place: the same sums as (W DB + off) + s_i, without two temporaries
-        Yhat += si[None, sl]
+    for sl, Yhat in yhat_blocks(loc, B, p["Z"], p["D"], p["o"]):
         Yb = Y[:, sl]
         if solve:
-            yhat_digest.update(memoryview(np.ascontiguousarray(to_numpy(Yhat))).cast("B"))
+            digest_update(yhat_digest, Yhat)
         if solve and ot == "M":  # Y from Ŷ and the data alone (a checkpoint needs none of it)
             Mb = densify(raw["M"][:, sl], xp, dt)
             Yn = solve_Y_counts(Yhat, Mb, s2_dt)
