@@ -57,7 +57,7 @@ def test_float32_and_float64_fits_agree(mdata):
 
 def test_steps_per_round_auto():
     assert resolve_steps_per_round("auto", distributed=False) == 1
-    assert resolve_steps_per_round("auto", distributed=True) == DISTRIBUTED_STEPS_PER_ROUND == 64
+    assert resolve_steps_per_round("auto", distributed=True) == DISTRIBUTED_STEPS_PER_ROUND == 128
     assert resolve_steps_per_round(3, distributed=True) == 3
     with pytest.raises(ValueError, match="steps_per_round"):
         MultimodalAmortizedLDA.from_data({"rna": np.ones((4, 3))}, n_topics=2).train(max_epochs=1, batch_size=2,

@@ -97,6 +97,28 @@ def test_adamw_blocked_update_same_bits(monkeypatch):
             assert a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a, b)
 
 
+
+def test_adamw_inplace_update_same_bits(monkeypatch):
+    # inplace=True overwrites p, m, v with the result of the same operations in the same order:
+    # the bits of the copying update, blocked or not; non-contiguous arrays are refused
+    from atlasfit.models.topic import _optim
+
+    rng = np.random.default_rng(4)
+    for block in (64, 10**9):
+        monkeypatch.setattr(_optim, "UPDATE_BLOCK", block)
+        for shape, dt in (((300, 257), np.float32), ((1000,), np.float64)):
+            p, m, g = (rng.standard_normal(shape).astype(dt) for _ in range(3))
+            v = np.abs(rng.standard_normal(shape)).astype(dt)
+            ref = _optim.adamw_update(p, g, m, v, 7, 1e-2, (0.9, 0.999), 1e-8, 0.01)
+            ids = [id(a) for a in (p, m, v)]
+            out = _optim.adamw_update(p, g, m, v, 7, 1e-2, (0.9, 0.999), 1e-8, 0.01, inplace=True)
+            assert [id(a) for a in out] == ids
+            for a, b in zip(out, ref):
+                assert np.array_equal(a, b)
+    p = np.ones((4, 6))[:, ::2]
+    with pytest.raises(ValueError, match="inplace"):
+        _optim.adamw_update(p, p, p.copy(), p.copy(), 1, 1e-2, (0.9, 0.999), 1e-8, 0.01, inplace=True)
+
 def test_config_errors_name_the_input():
     with pytest.raises(ValueError, match="modality 'atac': unknown likelihood 'poisson'"):
         TopicModelConfig(("rna", "atac"), (5, 5), ("nb", "poisson"), n_topics=3)

@@ -99,7 +99,7 @@ class FitPlan:
 #: store after the blocked AdamW update (benchmarks/bench_topic_atlas.py --side-by-side
 #: --steps-per-round S): 26.7k / 27.8k / 27.9k cells/s at 32 / 64 / 128, the same held-out per-token
 #: likelihood to 0.001 nats (-6.328 for all three; one process -6.323; docs/topic_model.md).
-DISTRIBUTED_STEPS_PER_ROUND = 64
+DISTRIBUTED_STEPS_PER_ROUND = 128
 
 
 #: ``max_shards="auto"``: a shard's part of each step should hold at least this many cells. Every
@@ -303,6 +303,11 @@ def epoch_step(engine, shared: dict, epoch: int, plan: FitPlan) -> dict:
                     last = {k: sum(s[k] for s in live) for k in ("n", "entropy", "theta_sum", "theta_sq_sum")}
                     break
     else:
+        # the epoch's own copies of the parameters and moments, updated in place by every step (the
+        # incoming ``shared`` stays as it was: the fit driver may roll back to it)
+        p = {k: a.copy(order="C") for k, a in p.items()}
+        opt_state.m = {k: a.copy(order="C") for k, a in opt_state.m.items()}
+        opt_state.v = {k: a.copy(order="C") for k, a in opt_state.v.items()}
         for step in range(n_steps):
             B = _step_size(plan.sizes, step, n_steps)
             if B == 0:
@@ -331,7 +336,7 @@ def epoch_step(engine, shared: dict, epoch: int, plan: FitPlan) -> dict:
                     grads[k] = grads[k] + v if k in grads else v
             grads, gval = _full_grads(p, gnoise, grads, beta, cfg, buffers)
             losses.append(combine_loss(tot, cfg, cell_scale=N / B, beta=beta, global_value=gval))
-            p = adamw_step(p, grads, opt_state, **opt)
+            p = adamw_step(p, grads, opt_state, **opt, inplace=True)
             _update_bn(bn, tot, B, cfg)
     hist = {k: list(v) for k, v in shared["history"].items()}
     loss = float(np.mean(losses)) if losses else float("nan")

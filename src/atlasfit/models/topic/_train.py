@@ -176,6 +176,7 @@ def _shard_forward(state, params, gnoise, buffers, seed, epoch, step, n_steps, l
     )
     state["_cache"] = cache
     state["_params"] = p
+    state["_draws"] = draws if xp is np else None  # the local step's _full_grads reuses them (CPU)
     return _np(stats)
 
 
@@ -214,16 +215,19 @@ def _shard_step(state, fwd_args, bwd_args, fwd_kw=None):
     backward needs, ``bwd_args``, are known before the round). Returns ``(stats, grads)``."""
     stats = _shard_forward(state, *fwd_args, **(fwd_kw or {}))
     grads = _shard_backward(state, *bwd_args)
+    state.pop("_draws", None)
     return stats, grads
 
 
-def _full_grads(p, gnoise, cell_grads, beta, cfg, buffers):
+def _full_grads(p, gnoise, cell_grads, beta, cfg, buffers, draws=None):
     """Parameter gradients of the step's loss from the summed per-cell gradients: chain the
     gradients w.r.t. the global draws into the variational parameters and add
-    :math:`\\beta\\nabla\\mathcal G` once. Returns ``(grads, global_value)``."""
+    :math:`\\beta\\nabla\\mathcal G` once (``draws``: :func:`global_draws` of ``p`` and ``gnoise``
+    when the caller has them). Returns ``(grads, global_value)``."""
     grads = dict(cell_grads)
     gval, gkl = global_kl(p, gnoise, cfg, buffers)
-    draws = global_draws(p, gnoise, cfg, buffers)
+    if draws is None:
+        draws = global_draws(p, gnoise, cfg, buffers)
     for k, v in global_draws_backward(p, gnoise, draws, grads, cfg).items():
         grads[k] = grads[k] + v if k in grads else v
     for k, v in gkl.items():
@@ -246,8 +250,10 @@ def _shard_local_steps(
     """
     cfg = state["cfg"]
     dtype = state["dtype"]
-    st = AdamWState(step=int(t0), m=dict(m), v=dict(v))
-    p = params
+    # own copies (the broadcast arrays may be shared with this worker's other shards), updated in place
+    own = lambda d: {k: a.copy(order="C") for k, a in d.items()}  # noqa: E731
+    st = AdamWState(step=int(t0), m=own(m), v=own(v))
+    p = own(params)
     n_used = 0
     per_step = []
     for i, step in enumerate(steps):
@@ -257,12 +263,13 @@ def _shard_local_steps(
         bs = int(stats["n"])
         theta_bar = stats["theta_sum"] / bs if bs else None
         cell = _shard_backward(state, n_total / max(bs, 1), beta, bs, theta_bar, t, opt, omega_update)
+        draws = state.pop("_draws", None)
         if bs == 0:
             per_step.append(None)
             continue
-        grads, gval = _full_grads(p, gnoise, cell, beta, cfg, buffers)
+        grads, gval = _full_grads(p, gnoise, cell, beta, cfg, buffers, draws=draws)
         st.step = t - 1
-        p = adamw_step(p, grads, st, **opt)
+        p = adamw_step(p, grads, st, **opt, inplace=True)
         n_used += bs
         stats["global_value"] = gval
         per_step.append(stats)
