@@ -446,7 +446,7 @@ def test_dask_client_gives_the_serial_result(planted):
     d = {"rna": rna[:300], "atac": atac[:300]}
     serial = MultimodalAmortizedLDA.from_data(d, n_topics=K, n_hidden=8)
     serial._data.samples[:] = np.repeat(["a", "b", "c"], 100)
-    # steps_per_round="auto" is 64 local steps per round on a cluster (1 in process): ask for 16 here
+    # steps_per_round="auto" is 128 local steps per round on a cluster (1 in process): ask for 16 here
     serial.train(max_epochs=2, batch_size=60, progress=False, steps_per_round=16)
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=False,
                                   dashboard_address=None) as cluster, distributed.Client(cluster) as client:

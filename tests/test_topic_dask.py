@@ -245,7 +245,7 @@ def test_workers_get_only_their_rows_with_covariates_graph_and_cell_weights(thre
             mdata, sample_key="sample", batch_key="batch", continuous_covariate_keys=["age"],
             spatial_key="nbr", n_topics=3, n_hidden=6, weight_mode="cell", spatial_mode="gcn",
             encode_covariates=True)
-        # steps_per_round pinned: "auto" is 1 in process and 64 on a cluster
+        # steps_per_round pinned: "auto" is 1 in process and 128 on a cluster
         return m.train(max_epochs=2, batch_size=16, progress=False, client=client, steps_per_round=4)
 
     serial = fit(None)

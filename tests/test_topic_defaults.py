@@ -1,5 +1,5 @@
 """The topic model's defaults (issue 10 item 4): float32 parameters and minibatches, and
-``steps_per_round="auto"`` (synchronous steps in process, 64 local steps per round on a cluster).
+``steps_per_round="auto"`` (synchronous steps in process, 128 local steps per round on a cluster).
 
 Data: the planted RNA + peaks atlas of :func:`atlasfit.datasets.planted_topic_atlas` at 1,200
 training cells, 3 samples (seed 0), K = 4 topics; the assertions are identities (same bits) except

@@ -25,7 +25,7 @@ from _topic_dtype import float64_topic_default  # noqa: F401 - float64 default f
 
 
 N, K = 240, 3
-# steps_per_round pinned: its "auto" default is 1 in process and 64 on a cluster (the in-memory and store fits
+# steps_per_round pinned: its "auto" default is 1 in process and 128 on a cluster (the in-memory and store fits
 # below must train alike)
 TRAIN = {"max_epochs": 2, "batch_size": 40, "lr": 0.05, "progress": False, "validation_fraction": 0.2, "seed": 2,
          "steps_per_round": 4}

@@ -387,8 +387,8 @@ def train_serial(
         parts of ``S`` consecutive minibatches with its own copy of the parameters and Adam moments
         (its gradient scaled by :math:`N/B_s`, its own :math:`\\bar\\theta`), then parameters and
         moments are averaged weighted by the cells each shard used, in shard order. One engine round
-        per ``S`` steps; rounds do not cross epochs. ``"auto"`` (default): 1 in process and 32 with an
-        ``engine_factory`` (:func:`~atlasfit.models.topic._fit.resolve_steps_per_round`: it depends on the
+        per ``S`` steps; rounds do not cross epochs. ``"auto"`` (default): 1 in process and
+        :data:`~atlasfit.models.topic._fit.DISTRIBUTED_STEPS_PER_ROUND` (128) with an ``engine_factory`` (:func:`~atlasfit.models.topic._fit.resolve_steps_per_round`: it depends on the
         kind of engine, never on the number of workers, so a fit on Dask gives the same bits on any
         number of workers); with a single shard (one sample) local steps are the synchronous steps.
     decoder_init

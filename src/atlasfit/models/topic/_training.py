@@ -125,8 +125,8 @@ class _TrainMethod:
             ``max_shards`` to use more workers. It depends on the batch size, never on the workers.
         omega_update, input_median, bernoulli_depth, theta_bar_sync, steps_per_round
             As in :func:`~atlasfit.models.topic.train_serial`. ``steps_per_round="auto"`` (default):
-            synchronous steps in process (no client: a round costs nothing there) and 64 local steps
-            with periodic averaging per engine round on a Dask cluster (one round per 64 steps; the
+            synchronous steps in process (no client: a round costs nothing there) and 128 local steps
+            with periodic averaging per engine round on a Dask cluster (one round per 128 steps; the
             same bits on any number of workers, since shards are fixed by the data). An integer sets
             it everywhere (``1``: synchronous steps); ``theta_bar_sync="lagged"``: one round per step
             with the topic-variance regulariser on.
