@@ -17,10 +17,10 @@ from ._real import multigedi_real_5k, real_data_path
 from ._synthetic import (
     SyntheticParams,
     iter_synthetic_atlas,
-    synthetic_atlas,
     synthetic_mudata,
     synthetic_truth,
 )
+from ._synthetic_store import synthetic_atlas
 
 __all__ = [
     "PlantedAtlas",

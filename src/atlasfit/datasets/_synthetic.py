@@ -43,16 +43,16 @@ import zlib
 from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from ._rows import _collect_blocks, _RowAppender
+
 __all__ = [
     "SyntheticParams",
     "iter_synthetic_atlas",
-    "synthetic_atlas",
     "synthetic_mudata",
     "synthetic_truth",
 ]
@@ -448,77 +448,6 @@ def _var_names(mod: str, J: int) -> pd.Index:
     return pd.Index([f"{prefix}{j}" for j in range(J)])
 
 
-class _RowAppender:
-    """Builds one sample's cells x features matrix from consecutive row blocks, in place.
-
-    Each block is copied into the final arrays as soon as it arrives and then dropped, so a sample
-    never holds its blocks and their concatenation at the same time (which, with the allocator
-    keeping freed small blocks, doubled the resident memory). Dense: one preallocated array.
-    CSR: int32 data / indices buffers sized from the density seen so far (+10%), grown rarely;
-    the unused tail of a buffer is never written, so it is virtual memory only.
-    """
-
-    def __init__(self, n_rows: int, n_cols: int):
-        self.n_rows, self.n_cols = n_rows, n_cols
-        self.rows = 0
-        self.nnz = 0
-        self.dense = None
-        self.data = self.indices = None
-        self.indptr = None
-
-    def add(self, piece) -> None:
-        n = piece.shape[0]
-        if not sp.issparse(piece):
-            if self.dense is None:
-                self.dense = np.empty((self.n_rows, self.n_cols), piece.dtype)
-            self.dense[self.rows:self.rows + n] = piece
-            self.rows += n
-            return
-        if self.indptr is None:
-            self.indptr = np.zeros(self.n_rows + 1, np.int64)
-        need = self.nnz + piece.nnz
-        if self.data is None or need > self.data.shape[0]:
-            rows_after = self.rows + n
-            cap = max(need, int(need / rows_after * self.n_rows * 1.1) + 1024)
-            for name in ("data", "indices"):
-                new = np.empty(cap, np.int32)
-                old = getattr(self, name)
-                if old is not None:
-                    new[:self.nnz] = old[:self.nnz]
-                setattr(self, name, new)
-        self.data[self.nnz:need] = piece.data
-        self.indices[self.nnz:need] = piece.indices
-        self.indptr[self.rows + 1:self.rows + n + 1] = piece.indptr[1:] + self.nnz
-        self.rows += n
-        self.nnz = need
-
-    def finish(self):
-        if self.rows != self.n_rows:  # internal invariant: every block was appended
-            raise RuntimeError(f"row appender got {self.rows} of {self.n_rows} rows")
-        if self.dense is not None:
-            return self.dense
-        if self.indptr is None:  # no sparse block at all (cannot happen for n_rows >= 1)
-            return sp.csr_matrix((self.n_rows, self.n_cols), dtype=np.int32)
-        ip_dtype = np.int32 if self.nnz < 2**31 else np.int64
-        return sp.csr_matrix(
-            (self.data[:self.nnz], self.indices[:self.nnz], self.indptr.astype(ip_dtype)),
-            shape=(self.n_rows, self.n_cols),
-        )
-
-
-def _collect_blocks(results, types, latent, parts, offsets, n_i, n_cols) -> None:
-    for lo, n, t_b, lat_b, mod_out in results:
-        types[lo:lo + n] = t_b
-        latent[lo:lo + n] = lat_b
-        for m, arrs, off in mod_out:
-            for k, v in arrs.items():
-                if k not in parts[m]:
-                    parts[m][k] = _RowAppender(n_i, n_cols[m])
-                parts[m][k].add(v)
-            if off is not None:
-                offsets.setdefault(m, np.empty(n_i, np.float32))[lo:lo + n] = off
-
-
 def _sample_item(d: _Design, i: int, var_cache: dict, n_threads: int = 1):
     import anndata as ad
 
@@ -798,83 +727,6 @@ def _new_mudata(md, adatas):
         return md.MuData(adatas)
 
 
-def synthetic_atlas(
-    store: str | Path,
-    n_cells: int = 100_000,
-    n_samples: int = 16,
-    features: Mapping[str, int] | None = None,
-    n_cell_types: int = 8,
-    K_true: int = 10,
-    overlap: Mapping[str, float] | None = None,
-    seed: int = 0,
-    *,
-    obs_types: Mapping[str, str] | None = None,
-    params: SyntheticParams | None = None,
-    overwrite: bool = False,
-    n_threads: int = 1,
-) -> Path:
-    """Write a synthetic atlas straight into an atlas store, sample by sample.
-
-    Equivalent to ``atlasfit.io.write_atlas(store, iter_synthetic_atlas(...), sample_key="sample",
-    kinds=...)`` with kinds ``"counts"`` for ``"M"`` / ``"M_list"`` modalities and ``"binary"`` for
-    ``"X"``; the small ground truth (:func:`synthetic_truth`) is added to the store's root
-    ``uns["synthetic_truth"]``. Peak memory is about one sample's data.
-
-    Parameters
-    ----------
-    store
-        Path of the atlas store (a Zarr directory) to create.
-{common}
-    overwrite
-        Replace an existing store at ``store``.
-    n_threads
-        Threads generating the cell blocks of a sample (see :func:`iter_synthetic_atlas`).
-
-    Returns
-    -------
-    pathlib.Path
-        The store path.
-
-    Examples
-    --------
-    >>> import tempfile, os
-    >>> from atlasfit.datasets import synthetic_atlas
-    >>> from atlasfit.io import open_atlas
-    >>> tmp = tempfile.mkdtemp()
-    >>> path = synthetic_atlas(os.path.join(tmp, "a.zarr"), n_cells=500, n_samples=3,
-    ...                        features={{"rna": 40, "atac": 20}})
-    >>> open_atlas(path).samples.index.tolist()
-    ['S00', 'S01', 'S02']
-    """
-    from atlasfit.io import write_atlas
-
-    n_threads = _check_threads(n_threads)
-    d = _design(n_cells, n_samples, features, n_cell_types, K_true, overlap, seed, obs_types, params)
-    kinds = {m: STORE_KINDS[info["obs_type"]] for m, info in d.modalities.items()}
-    path = write_atlas(
-        store,
-        _iterate(d, list(range(len(d.sample_names))), n_threads),
-        sample_key="sample",
-        kinds=kinds,
-        overwrite=overwrite,
-    )
-    path = Path(path)
-    _write_truth(path, _truth_dict(d))
-    return path
-
-
-def _write_truth(path: Path, truth: dict) -> None:
-    """Add ``uns["synthetic_truth"]`` to the root of a MuData-layout Zarr store."""
-    import zarr
-    from anndata.io import write_elem
-
-    root = zarr.open_group(str(path), mode="r+")
-    uns = root["uns"] if "uns" in root else root.create_group("uns")
-    if "encoding-type" not in uns.attrs:
-        uns.attrs.update({"encoding-type": "dict", "encoding-version": "0.1.0"})
-    write_elem(uns, "synthetic_truth", truth)
-
-
-for _f in (synthetic_truth, iter_synthetic_atlas, synthetic_mudata, synthetic_atlas):
+for _f in (synthetic_truth, iter_synthetic_atlas, synthetic_mudata):
     _f.__doc__ = _f.__doc__.replace("{common}", _COMMON_DOC).replace("{{", "{").replace("}}", "}")
 del _f
