@@ -579,7 +579,7 @@ def run_side_by_side(a) -> None:
     if a.repeats > 1:
         print("\nrepeats (cells/s): " + "; ".join(
             f"{x}: " + ", ".join(_fmt(r.get("cells_per_s"), "{:,.0f}") for r in runs if r["run"] == x) for x in by))
-        runs = list(by.values())
+    runs = list(by.values())
     print("\n| run | s/epoch (median 2..E) | cells/s | peak RSS MiB | LL rna DC | LL rna recon | LL atac | rna r | atac r |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in runs:

@@ -727,6 +727,12 @@ def _new_mudata(md, adatas):
         return md.MuData(adatas)
 
 
+def _with_common_doc(f):
+    """Fill ``{common}`` in ``f``'s docstring with the parameters every generator shares."""
+    f.__doc__ = f.__doc__.replace("{common}", _COMMON_DOC).replace("{{", "{").replace("}}", "}")
+    return f
+
+
 for _f in (synthetic_truth, iter_synthetic_atlas, synthetic_mudata):
-    _f.__doc__ = _f.__doc__.replace("{common}", _COMMON_DOC).replace("{{", "{").replace("}}", "}")
+    _with_common_doc(_f)
 del _f

@@ -9,13 +9,13 @@ from pathlib import Path
 __all__ = ["synthetic_atlas"]
 
 from ._synthetic import (
-    _COMMON_DOC,
     STORE_KINDS,
     SyntheticParams,
     _check_threads,
     _design,
     _iterate,
     _truth_dict,
+    _with_common_doc,
 )
 
 
@@ -96,4 +96,4 @@ def _write_truth(path: Path, truth: dict) -> None:
     write_elem(uns, "synthetic_truth", truth)
 
 
-synthetic_atlas.__doc__ = synthetic_atlas.__doc__.replace("{common}", _COMMON_DOC).replace("{{", "{").replace("}}", "}")
+_with_common_doc(synthetic_atlas)

@@ -150,7 +150,8 @@ def _step_rows(state, seed, epoch, step, n_steps):
     return out
 
 
-def _shard_forward(state, params, gnoise, buffers, seed, epoch, step, n_steps, lib_median, bern_depth):
+def _shard_forward(state, params, gnoise, buffers, seed, epoch, step, n_steps, lib_median, bern_depth, draws=None):
+    """``draws``: :func:`global_draws` of ``params`` and ``gnoise`` when the caller has them (used on the CPU)."""
     cfg = state["cfg"]
     dtype = state["dtype"]
     chunks = _step_rows(state, seed, epoch, step, n_steps)
@@ -167,7 +168,8 @@ def _shard_forward(state, params, gnoise, buffers, seed, epoch, step, n_steps, l
     cnoise = {k: xp.asarray(np.concatenate([nz[k] for nz in noises])) for k in noises[0]}
     p = _to_xp(params, xp)
     buf = _to_xp(buffers, xp)
-    draws = global_draws(p, _to_xp(gnoise, xp), cfg, buf)
+    if draws is None or xp is not np:
+        draws = global_draws(p, _to_xp(gnoise, xp), cfg, buf)
     omega = xp.asarray(state["omega"][local]) if "omega" in state else None
     # batch codes, covariates, SGC inputs, GCN graph (neighbour sampling keyed by (seed, epoch, step, sample))
     extra = minibatch_extras(state, local, lib_median, xp, key=(seed, epoch, step))
@@ -176,7 +178,6 @@ def _shard_forward(state, params, gnoise, buffers, seed, epoch, step, n_steps, l
     )
     state["_cache"] = cache
     state["_params"] = p
-    state["_draws"] = draws if xp is np else None  # the local step's _full_grads reuses them (CPU)
     return _np(stats)
 
 
@@ -215,7 +216,6 @@ def _shard_step(state, fwd_args, bwd_args, fwd_kw=None):
     backward needs, ``bwd_args``, are known before the round). Returns ``(stats, grads)``."""
     stats = _shard_forward(state, *fwd_args, **(fwd_kw or {}))
     grads = _shard_backward(state, *bwd_args)
-    state.pop("_draws", None)
     return stats, grads
 
 
@@ -259,11 +259,12 @@ def _shard_local_steps(
     for i, step in enumerate(steps):
         t = int(t0) + i + 1
         gnoise = draw_global_noise(cfg, (seed, epoch, step), dtype)
-        stats = _shard_forward(state, p, gnoise, buffers, seed, epoch, step, n_steps, lib_median, bern_depth, **(fwd_kw or {}))
+        draws = global_draws(p, gnoise, cfg, buffers)  # for the forward (on the CPU) and the gradient
+        stats = _shard_forward(state, p, gnoise, buffers, seed, epoch, step, n_steps, lib_median, bern_depth,
+                               draws=draws, **(fwd_kw or {}))
         bs = int(stats["n"])
         theta_bar = stats["theta_sum"] / bs if bs else None
         cell = _shard_backward(state, n_total / max(bs, 1), beta, bs, theta_bar, t, opt, omega_update)
-        draws = state.pop("_draws", None)
         if bs == 0:
             per_step.append(None)
             continue
@@ -388,9 +389,10 @@ def train_serial(
         (its gradient scaled by :math:`N/B_s`, its own :math:`\\bar\\theta`), then parameters and
         moments are averaged weighted by the cells each shard used, in shard order. One engine round
         per ``S`` steps; rounds do not cross epochs. ``"auto"`` (default): 1 in process and
-        :data:`~atlasfit.models.topic._fit.DISTRIBUTED_STEPS_PER_ROUND` (128) with an ``engine_factory`` (:func:`~atlasfit.models.topic._fit.resolve_steps_per_round`: it depends on the
-        kind of engine, never on the number of workers, so a fit on Dask gives the same bits on any
-        number of workers); with a single shard (one sample) local steps are the synchronous steps.
+        :data:`~atlasfit.models.topic._fit.DISTRIBUTED_STEPS_PER_ROUND` (128) with an ``engine_factory``
+        (:func:`~atlasfit.models.topic._fit.resolve_steps_per_round`: it depends on the kind of engine,
+        never on the number of workers, so a fit on Dask gives the same bits on any number of workers);
+        with a single shard (one sample) local steps are the synchronous steps.
     decoder_init
         ``"kmeans"`` (default, :func:`~atlasfit.models.topic.kmeans_decoder_init`) or ``"zeros"``
         (the reference); ignored when ``params`` is given.
