@@ -29,7 +29,10 @@ Three modes (run them on a quiet machine; every run records the 1-minute load av
     3. ``topomics``: topomics 0.0.1 ``MultimodalAmortizedLDA`` on rna + atac, its defaults,
        batch 256, torch threads ``--threads`` (``benchmarks/peers/topomics_lda_runner.py``);
     4. ``scvi``: scvi-tools ``AmortizedLDA`` on rna only, batch 256, torch threads ``--threads``
-       (``benchmarks/peers/scvi_lda_runner.py``).
+       (``benchmarks/peers/scvi_lda_runner.py``);
+    5. (ask with ``--runs``) the paths a user gets without choosing: ``atlasfit-default``, the store
+       with ``train()`` and no client (the embedded LocalCluster), and ``atlasfit-memory``, the same
+       cells as an in-memory MuData (``obs["sample"]``) with ``train()`` and no client (this process).
 
     ``--repeats N`` runs the list N times, interleaved (serial, 2 workers, serial, ...): every fit is a
     row of the CSV (column ``repeat``); the table, the ratios and the PNG use each run's median repeat.
@@ -304,6 +307,24 @@ def export(a, train: bool) -> str:
 # --------------------------------------------------------------------------- atlasfit fit (own process)
 
 
+def memory_mudata(store: str):
+    """The store's cells (every modality, store order) as an in-memory MuData with ``obs["sample"]``."""
+    import anndata as ad
+    import mudata as md
+    import pandas as pd
+
+    from atlasfit.datasets._planted_store import read_store_matrix
+    from atlasfit.io import open_atlas
+
+    counts = open_atlas(store).samples["rna"]
+    labels = pd.Categorical(np.repeat(counts.index.astype(str), counts.to_numpy()))
+    mods = {}
+    for m in ("rna", "atac"):
+        x = read_store_matrix(store, m)
+        mods[m] = ad.AnnData(x, obs=pd.DataFrame({"sample": labels}, index=[f"c{i}" for i in range(x.shape[0])]))
+    return md.MuData(mods)
+
+
 def worker_atlasfit(a) -> None:
     """One atlasfit fit on the store: timings, driver/tree RSS by phase, held-out theta and phi."""
     rss = RSSThread().start()
@@ -315,10 +336,14 @@ def worker_atlasfit(a) -> None:
     rec["rss_driver_start_mib"] = rss.set_phase("load") / MIB
     t0 = time.perf_counter()
     dkw = {} if a.dtype is None else {"dtype": a.dtype}  # None: the model's default dtype
-    model = atlasfit.MultimodalAmortizedLDA.from_data(
-        a.store, n_topics=a.n_topics, likelihoods={"rna": "multinomial", "atac": "bernoulli"}, **dkw)
+    liks = {"rna": "multinomial", "atac": "bernoulli"}
+    if a.in_memory:  # the store's training cells as an in-memory MuData (obs "sample"), as a user's
+        model = atlasfit.MultimodalAmortizedLDA.from_mudata(
+            memory_mudata(a.store), n_topics=a.n_topics, likelihoods=liks, sample_key="sample", **dkw)
+    else:
+        model = atlasfit.MultimodalAmortizedLDA.from_data(a.store, n_topics=a.n_topics, likelihoods=liks, **dkw)
     rec["load_s"] = time.perf_counter() - t0
-    client = cluster = None
+    client = cluster = None  # --workers -1: the default (store: the embedded LocalCluster; in memory: this process)
     import atlasfit.engine
 
     if a.workers == 0 and hasattr(atlasfit.engine, "make_engine"):
@@ -416,9 +441,10 @@ def run_fit(label, cmd, env, out_json, a) -> dict:
     return res
 
 
-def atlasfit_cmd(a, store, export_dir, out, workers, epochs, batch_size):
+def atlasfit_cmd(a, store, export_dir, out, workers, epochs, batch_size, in_memory=False):
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", "atlasfit", "--store", store, "--out", out,
            "--workers", str(workers), "--epochs", str(epochs), "--batch-size", str(batch_size),
+           *(["--in-memory"] if in_memory else []),
            "--eval-samples", str(a.eval_samples), "--seed", str(a.seed),
            "--n-topics", str(a.n_topics), "--steps-per-round", str(a.steps_per_round)]
     if a.dtype is not None:
@@ -533,6 +559,14 @@ def run_side_by_side(a) -> None:
             cmd, env, meta = (atlasfit_cmd(a, store, exp, out, 2, a.epochs, a.batch_size_atlasfit),
                               thread_env(1), dict(tool="atlasfit", engine="dask-2w", threads="2x1",
                                                   batch_size=a.batch_size_atlasfit))
+        elif label == "atlasfit-default":  # the store, train() without a client: the embedded LocalCluster
+            cmd, env, meta = (atlasfit_cmd(a, store, exp, out, -1, a.epochs, a.batch_size_atlasfit),
+                              thread_env(a.threads), dict(tool="atlasfit", engine="default (embedded LocalCluster)",
+                                                  threads="default", batch_size=a.batch_size_atlasfit))
+        elif label == "atlasfit-memory":  # in-memory MuData, train() without a client: this process
+            cmd, env, meta = (atlasfit_cmd(a, store, exp, out, -1, a.epochs, a.batch_size_atlasfit, in_memory=True),
+                              thread_env(a.threads), dict(tool="atlasfit", engine="default (in process, in memory)",
+                                                          threads=a.threads, batch_size=a.batch_size_atlasfit))
         elif label == "atlasfit-dff5f1b":  # the code before issue 10, serial, its own defaults (float64)
             if not a.baseline_src or not os.path.isdir(os.path.join(a.baseline_src, "atlasfit")):
                 raise SystemExit("run atlasfit-dff5f1b needs --baseline-src DIR/src of a checkout of dff5f1b "
@@ -755,6 +789,7 @@ def main(argv=None) -> None:
     p.add_argument("--store", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
     p.add_argument("--export", help=argparse.SUPPRESS)
+    p.add_argument("--in-memory", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--batch-size", type=int, default=1024, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.worker == "generate":
