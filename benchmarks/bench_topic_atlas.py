@@ -504,15 +504,16 @@ COLUMNS = ["run", "tool", "engine", "n_train", "n_heldout", "epochs", "batch_siz
            "generate_s", "generate_peak_rss_mib", "load_before", "load_after", "rc", "error", "repeat"]
 
 
-def write_csv(path, rows):
+def write_csv(path, rows, columns=COLUMNS):
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=COLUMNS, extrasaction="ignore")
+        w = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
         w.writeheader()
         for r in rows:
             r = dict(r)
-            if isinstance(r.get("epoch_s"), list):
-                r["epoch_s"] = ";".join(f"{v:.3f}" for v in r["epoch_s"])
+            for k in ("epoch_s", "per_repeat"):
+                if isinstance(r.get(k), list):
+                    r[k] = ";".join(f"{v:.3f}" for v in r[k])
             for k, v in r.items():
                 if isinstance(v, float):
                     r[k] = f"{v:.6g}"
@@ -613,7 +614,7 @@ def run_side_by_side(a) -> None:
     if a.repeats > 1:
         print("\nrepeats (cells/s): " + "; ".join(
             f"{x}: " + ", ".join(_fmt(r.get("cells_per_s"), "{:,.0f}") for r in runs if r["run"] == x) for x in by))
-    runs = list(by.values())
+    all_runs, runs = runs, list(by.values())
     print("\n| run | s/epoch (median 2..E) | cells/s | peak RSS MiB | LL rna DC | LL rna recon | LL atac | rna r | atac r |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in runs:
@@ -624,23 +625,62 @@ def run_side_by_side(a) -> None:
     print(f"| planted | | | | {_fmt(orc['oracle_ll_rna_dc'])} | {_fmt(orc['oracle_ll_rna_recon'])} | "
           f"{_fmt(orc['oracle_ll_atac_recon'])} | | |")
 
-    def ratio(x, y, key):
-        try:
-            return by[x][key] / by[y][key]
-        except (KeyError, TypeError, ZeroDivisionError):
-            return float("nan")
-
-    print("\nratios:")
-    if "atlasfit-dff5f1b" in by:
-        print(f"  atlasfit-serial / atlasfit@dff5f1b serial: throughput "
-              f"{_fmt(ratio('atlasfit-serial', 'atlasfit-dff5f1b', 'cells_per_s'), '{:.2f}')}x")
-    for x in ("atlasfit-serial", "atlasfit-2w"):
-        print(f"  {x} / topomics: throughput {_fmt(ratio(x, 'topomics', 'cells_per_s'), '{:.2f}')}x, "
-              f"peak RSS {_fmt(ratio(x, 'topomics', 'peak_rss_tree_mib'), '{:.2f}')}x; "
-              f"/ scvi: throughput {_fmt(ratio(x, 'scvi', 'cells_per_s'), '{:.2f}')}x")
-    print(f"  atlasfit 2 workers / serial: throughput "
-          f"{_fmt(ratio('atlasfit-2w', 'atlasfit-serial', 'cells_per_s'), '{:.2f}')}x")
+    pairs = ratio_rows(all_runs, by)
+    write_csv(os.path.join(a.results_dir, f"{tag}_ratios.csv"), pairs, RATIO_COLUMNS)
+    print("\nratios (of the median-throughput repeats; per repeat, repeat r over repeat r, in brackets):")
+    for q in pairs:
+        per = " / ".join(_fmt(x, "{:.2f}") for x in q["per_repeat"])
+        print(f"  {q['numerator']} / {q['denominator']}: {q['quantity']} {_fmt(q['ratio'], '{:.2f}')}x"
+              + (f" ({per})" if len(q["per_repeat"]) > 1 else ""))
     plot_side(runs, orc, os.path.join(a.results_dir, f"{tag}.png"), a)
+
+
+#: The ratios the side-by-side run reports, where both runs are in it: (numerator, denominator, quantity).
+RATIO_PAIRS = (
+    ("atlasfit-serial", "atlasfit-dff5f1b", "cells_per_s"),
+    ("atlasfit-serial", "topomics", "cells_per_s"),
+    ("atlasfit-serial", "topomics", "peak_rss_tree_mib"),
+    ("atlasfit-serial", "scvi", "cells_per_s"),
+    ("atlasfit-2w", "topomics", "cells_per_s"),
+    ("atlasfit-2w", "topomics", "peak_rss_tree_mib"),
+    ("atlasfit-2w", "scvi", "cells_per_s"),
+    ("atlasfit-2w", "atlasfit-serial", "cells_per_s"),
+    ("atlasfit-default", "atlasfit-memory", "cells_per_s"),
+    ("atlasfit-default", "atlasfit-serial", "cells_per_s"),
+    ("atlasfit-memory", "atlasfit-serial", "cells_per_s"),
+    ("atlasfit-memory", "topomics", "cells_per_s"),
+    ("atlasfit-default", "topomics", "cells_per_s"),
+    ("atlasfit-default", "topomics", "peak_rss_tree_mib"),
+)
+
+
+RATIO_COLUMNS = ["numerator", "denominator", "quantity", "ratio", "median_of_per_repeat", "per_repeat"]
+
+
+def ratio_rows(runs: list, by: dict) -> list:
+    """One row per :data:`RATIO_PAIRS` entry whose two runs were measured: the ratio of their
+    median-throughput repeats (``by``) and, repeat by repeat, of the same repeat's two fits
+    (interleaved, so they ran under the same conditions)."""
+    rows = []
+    for x, y, key in RATIO_PAIRS:
+        if x not in by or y not in by:
+            continue
+
+        def val(r):
+            v = r.get(key)
+            return float(v) if isinstance(v, (int, float)) else float("nan")
+
+        reps = sorted({r["repeat"] for r in runs if r["run"] in (x, y)})
+        per = []
+        for rep in reps:
+            num = [val(r) for r in runs if r["run"] == x and r["repeat"] == rep]
+            den = [val(r) for r in runs if r["run"] == y and r["repeat"] == rep]
+            per.append(num[0] / den[0] if num and den and den[0] else float("nan"))
+        med = val(by[y])
+        rows.append({"numerator": x, "denominator": y, "quantity": key,
+                     "ratio": val(by[x]) / med if med else float("nan"), "per_repeat": per,
+                     "median_of_per_repeat": float(np.nanmedian(per)) if per else float("nan")})
+    return rows
 
 
 def plot_side(runs, orc, path, a) -> None:
