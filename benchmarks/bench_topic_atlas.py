@@ -683,6 +683,49 @@ def ratio_rows(runs: list, by: dict) -> list:
     return rows
 
 
+def pool_results(paths: list, results_dir: str, tag: str) -> list:
+    """Pool the fits of several side-by-side CSVs (each an interleaved run): for every
+    :data:`RATIO_PAIRS` entry, over the repeats that measured both runs, the ratio of the two runs'
+    median values and the ratios fit by fit within one CSV and repeat (the two fits ran back to back). Writes ``<tag>.csv`` (the pooled
+    ratios, column ``n`` = paired repeats). Returns the rows."""
+    runs = []
+    for i, path in enumerate(paths):
+        with open(path, newline="") as fh:
+            for r in csv.DictReader(fh):
+                row = {"run": r["run"], "repeat": f"{i}:{r.get('repeat') or 0}"}
+                for k in ("cells_per_s", "peak_rss_tree_mib"):
+                    try:
+                        row[k] = float(r[k])
+                    except (KeyError, TypeError, ValueError):
+                        row[k] = float("nan")
+                runs.append(row)
+    keys = ("cells_per_s", "peak_rss_tree_mib")
+
+    def medians(rs):
+        return {x: {k: float(np.nanmedian([r[k] for r in rs if r["run"] == x])) for k in keys}
+                for x in dict.fromkeys(r["run"] for r in rs)}
+
+    rows = []
+    for x, y, key in RATIO_PAIRS:  # each pair over the repeats that measured both (never across files)
+        both = {r["repeat"] for r in runs if r["run"] == x} & {r["repeat"] for r in runs if r["run"] == y}
+        paired = [r for r in runs if r["repeat"] in both and r["run"] in (x, y)]
+        for q in ratio_rows(paired, medians(paired)) if paired else []:
+            if q["quantity"] == key and (q["numerator"], q["denominator"]) == (x, y):
+                q["n"] = int(np.isfinite(q["per_repeat"]).sum())
+                rows.append(q)
+    by = medians(runs)
+    write_csv(os.path.join(results_dir, f"{tag}.csv"), rows, RATIO_COLUMNS + ["n"])
+    print(f"pooled {len(runs)} fits from {len(paths)} files:")
+    for x, v in by.items():
+        print(f"  {x}: median {_fmt(v['cells_per_s'], '{:,.0f}')} cells/s over "
+              f"{sum(r['run'] == x for r in runs)} fits")
+    for q in rows:
+        print(f"  {q['numerator']} / {q['denominator']}: {q['quantity']} {_fmt(q['ratio'], '{:.3f}')}x "
+              f"(median of {q['n']} paired repeats {_fmt(q['median_of_per_repeat'], '{:.3f}')}x, "
+              f"min {_fmt(float(np.nanmin(q['per_repeat'])), '{:.2f}')}, max {_fmt(float(np.nanmax(q['per_repeat'])), '{:.2f}')})")
+    return rows
+
+
 def plot_side(runs, orc, path, a) -> None:
     import matplotlib
 
@@ -797,6 +840,8 @@ def main(argv=None) -> None:
     g.add_argument("--atlas", action="store_true", help="atlas-size fit on a 2-worker LocalCluster (default mode)")
     g.add_argument("--side-by-side", action="store_true", help="atlasfit serial / 2 workers vs topomics vs scvi")
     g.add_argument("--driver-rss", action="store_true", help="driver RSS growth during train() on a 60k store")
+    g.add_argument("--pool", metavar="CSV,CSV,...", help="pool the fits of several --side-by-side CSVs: per-run medians "
+                   "and paired per-repeat ratios, written to <tag>.csv (default tag topic_pooled_ratios)")
     g.add_argument("--worker", choices=["generate", "atlasfit"], help=argparse.SUPPRESS)
     p.add_argument("--cells", type=int, default=None, help="cells drawn (training + held out)")
     p.add_argument("--samples", type=int, default=None)
@@ -836,6 +881,9 @@ def main(argv=None) -> None:
         return worker_generate(a)
     if a.worker == "atlasfit":
         return worker_atlasfit(a)
+    if a.pool:
+        pool_results(a.pool.split(","), a.results_dir, a.tag or "topic_pooled_ratios")
+        return
     mode = "side" if a.side_by_side else "driver" if a.driver_rss else "atlas"
     for k, v in MODES[mode].items():
         if k != "tag" and getattr(a, k.replace("-", "_")) is None:

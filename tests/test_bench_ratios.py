@@ -36,3 +36,30 @@ def test_ratio_rows_missing_value_is_nan():
     runs[1]["cells_per_s"] = None  # a failed fit of repeat 0
     q = ratio_rows(runs, _median_runs(runs))[0]
     assert math.isnan(q["per_repeat"][0]) and q["per_repeat"][1] == 2.0
+
+
+def test_pool_results_pairs_only_shared_repeats(tmp_path):
+    import csv
+
+    from benchmarks.bench_topic_atlas import pool_results
+
+    def write(name, rows):
+        path = tmp_path / name
+        with open(path, "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=["run", "repeat", "cells_per_s", "peak_rss_tree_mib"])
+            w.writeheader()
+            w.writerows(rows)
+        return str(path)
+
+    # file a: default and memory; file b: default only (must not enter the default/memory ratio)
+    a = write("a.csv", [{"run": "atlasfit-default", "repeat": 0, "cells_per_s": 30, "peak_rss_tree_mib": 1},
+                        {"run": "atlasfit-memory", "repeat": 0, "cells_per_s": 20, "peak_rss_tree_mib": 1},
+                        {"run": "atlasfit-default", "repeat": 1, "cells_per_s": 40, "peak_rss_tree_mib": 1},
+                        {"run": "atlasfit-memory", "repeat": 1, "cells_per_s": 20, "peak_rss_tree_mib": 1}])
+    b = write("b.csv", [{"run": "atlasfit-default", "repeat": 0, "cells_per_s": 1000, "peak_rss_tree_mib": 1}])
+    rows = pool_results([a, b], str(tmp_path), "pooled")
+    q = [r for r in rows if (r["numerator"], r["denominator"]) == ("atlasfit-default", "atlasfit-memory")][0]
+    assert q["n"] == 2
+    assert q["ratio"] == 35.0 / 20.0  # medians over the two paired repeats only: (30+40)/2 over 20
+    assert q["per_repeat"] == [1.5, 2.0]
+    assert (tmp_path / "pooled.csv").is_file()
