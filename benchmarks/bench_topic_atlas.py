@@ -51,6 +51,8 @@ Commands (real runs; ``--tag`` / ``--results-dir`` rename the outputs)::
     python benchmarks/bench_topic_atlas.py --atlas
     python benchmarks/bench_topic_atlas.py --side-by-side
     python benchmarks/bench_topic_atlas.py --driver-rss
+    python benchmarks/bench_topic_atlas.py --pool benchmarks/results/a.csv,benchmarks/results/b.csv
+        # several --side-by-side runs pooled: paired ratios per pair -> topic_pooled_ratios.csv
     python benchmarks/bench_topic_atlas.py --side-by-side --cells 4000 --epochs 2 \\
         --results-dir /tmp/tiny --tag tiny      # a smoke test of every runner (timings meaningless)
 
