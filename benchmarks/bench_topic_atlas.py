@@ -659,12 +659,12 @@ RATIO_PAIRS = (
 RATIO_COLUMNS = ["numerator", "denominator", "quantity", "ratio", "median_of_per_repeat", "per_repeat"]
 
 
-def ratio_rows(runs: list, by: dict) -> list:
-    """One row per :data:`RATIO_PAIRS` entry whose two runs were measured: the ratio of their
-    median-throughput repeats (``by``) and, repeat by repeat, of the same repeat's two fits
-    (interleaved, so they ran under the same conditions)."""
+def ratio_rows(runs: list, by: dict, pairs=RATIO_PAIRS) -> list:
+    """One row per ``pairs`` entry (``(numerator, denominator, quantity)``) whose two runs were
+    measured: the ratio of their median-throughput repeats (``by``) and, repeat by repeat, of the
+    same repeat's two fits (interleaved, so they ran under the same conditions)."""
     rows = []
-    for x, y, key in RATIO_PAIRS:
+    for x, y, key in pairs:
         if x not in by or y not in by:
             continue
 
@@ -711,10 +711,9 @@ def pool_results(paths: list, results_dir: str, tag: str) -> list:
     for x, y, key in RATIO_PAIRS:  # each pair over the repeats that measured both (never across files)
         both = {r["repeat"] for r in runs if r["run"] == x} & {r["repeat"] for r in runs if r["run"] == y}
         paired = [r for r in runs if r["repeat"] in both and r["run"] in (x, y)]
-        for q in ratio_rows(paired, medians(paired)) if paired else []:
-            if q["quantity"] == key and (q["numerator"], q["denominator"]) == (x, y):
-                q["n"] = int(np.isfinite(q["per_repeat"]).sum())
-                rows.append(q)
+        for q in ratio_rows(paired, medians(paired), pairs=[(x, y, key)]):
+            q["n"] = int(np.isfinite(q["per_repeat"]).sum())
+            rows.append(q)
     by = medians(runs)
     write_csv(os.path.join(results_dir, f"{tag}.csv"), rows, RATIO_COLUMNS + ["n"])
     print(f"pooled {len(runs)} fits from {len(paths)} files:")

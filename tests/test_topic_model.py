@@ -97,7 +97,6 @@ def test_adamw_blocked_update_same_bits(monkeypatch):
             assert a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a, b)
 
 
-
 def test_adamw_inplace_update_same_bits(monkeypatch):
     # inplace=True overwrites p, m, v with the result of the same operations in the same order:
     # the bits of the copying update, blocked or not; non-contiguous arrays are refused
@@ -118,6 +117,7 @@ def test_adamw_inplace_update_same_bits(monkeypatch):
     p = np.ones((4, 6))[:, ::2]
     with pytest.raises(ValueError, match="inplace"):
         _optim.adamw_update(p, p, p.copy(), p.copy(), 1, 1e-2, (0.9, 0.999), 1e-8, 0.01, inplace=True)
+
 
 def test_config_errors_name_the_input():
     with pytest.raises(ValueError, match="modality 'atac': unknown likelihood 'poisson'"):

@@ -23,7 +23,7 @@ import scipy.sparse as sp
 
 from ._config import TopicModelConfig, kl_weight_schedule
 from ._loss import combine_loss, topic_variance
-from ._optim import AdamWState, adamw_init, adamw_step
+from ._optim import AdamWState, adamw_init, adamw_step, owned_copies
 from ._params import (
     background_init,
     draw_global_noise,
@@ -308,9 +308,8 @@ def epoch_step(engine, shared: dict, epoch: int, plan: FitPlan) -> dict:
     else:
         # the epoch's own copies of the parameters and moments, updated in place by every step (the
         # incoming ``shared`` stays as it was: the fit driver may roll back to it)
-        p = {k: a.copy(order="C") for k, a in p.items()}
-        opt_state.m = {k: a.copy(order="C") for k, a in opt_state.m.items()}
-        opt_state.v = {k: a.copy(order="C") for k, a in opt_state.v.items()}
+        p = owned_copies(p)
+        opt_state.m, opt_state.v = owned_copies(opt_state.m), owned_copies(opt_state.v)
         for step in range(n_steps):
             B = _step_size(plan.sizes, step, n_steps)
             if B == 0:

@@ -16,6 +16,21 @@ class AdamWState:
     v: dict = field(default_factory=dict)
 
 
+def owned_copies(arrays: dict) -> dict:
+    """C-contiguous copies of a dict's arrays, for a caller that then updates them in place
+    (``adamw_step(..., inplace=True)``) while the originals stay as they were.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> a = {"w": np.ones(2)}
+    >>> b = owned_copies(a)
+    >>> b["w"] += 1; a["w"].tolist()
+    [1.0, 1.0]
+    """
+    return {k: a.copy(order="C") for k, a in arrays.items()}
+
+
 def adamw_init(params: dict) -> AdamWState:
     """Zero moments for every entry of ``params``.
 

@@ -49,7 +49,7 @@ from ._loss import (
     topic_feature_logits,
 )
 from ._nn import encoder_eval
-from ._optim import AdamWState, adamw_step, adamw_update
+from ._optim import AdamWState, adamw_step, adamw_update, owned_copies
 from ._params import draw_cell_noise, draw_global_noise, softplus
 from ._spatial import minibatch_extras
 from ._sparse import minibatch_rows, row_sums, xp_of
@@ -251,9 +251,8 @@ def _shard_local_steps(
     cfg = state["cfg"]
     dtype = state["dtype"]
     # own copies (the broadcast arrays may be shared with this worker's other shards), updated in place
-    own = lambda d: {k: a.copy(order="C") for k, a in d.items()}  # noqa: E731
-    st = AdamWState(step=int(t0), m=own(m), v=own(v))
-    p = own(params)
+    st = AdamWState(step=int(t0), m=owned_copies(m), v=owned_copies(v))
+    p = owned_copies(params)
     n_used = 0
     per_step = []
     for i, step in enumerate(steps):
